@@ -1,0 +1,5 @@
+import sys
+
+from udpmux.cli import main
+
+sys.exit(main())
