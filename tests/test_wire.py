@@ -1,0 +1,270 @@
+"""The wire format, the replay window and sessions, as pure functions."""
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from udpmux import auth, wire
+from udpmux.session import Acceptor, Drop, Initiator, Session
+
+PEER = bytes.fromhex("020015be" "c0000201" + "00" * 8)     # 192.0.2.1:5566
+
+REASONS = {wire.R_SHORT, wire.R_VERSION, wire.R_TYPE, wire.R_FLAGS, wire.R_LENGTH, wire.R_KEYED,
+           wire.R_TOO_LARGE, auth.R_MAC, auth.R_REPLAY, auth.R_OLD, auth.R_NONCE,
+           "role", "unexpected", "session"}
+
+
+def pair(psk, role=wire.ROLE_EXPOSE):
+    """An initiator's and a responder's Session after a real handshake."""
+    initiator = Initiator(psk, role)
+    acceptor = Acceptor(psk, [role])
+    welcome, _pending = acceptor.hello(initiator.hello(), PEER, 0.0)
+    mine = initiator.welcome(welcome)
+    first = mine.seal(wire.T_KEEPALIVE, 0, wire.KEEPALIVE.pack(0, 0, 0))
+    _t, sid, _tag, nonce = wire.parse_header(first, mine.keyed)
+    theirs = acceptor.confirm(sid, first, nonce)
+    return mine, theirs
+
+
+def receive(session, msg):
+    """What a receiver does with msg: (type, tag, body), or the reason it is dropped."""
+    try:
+        mtype, sid, tag, nonce = wire.parse_header(msg, session.keyed)
+        if sid != session.local_id:
+            return "session"
+        session.open(msg, nonce)
+    except (wire.Malformed, Drop) as exc:
+        return exc.reason
+    return mtype, tag, bytes(wire.body_of(msg, session.keyed))
+
+
+KEY = auth.generate_key()
+messages = st.one_of(
+    st.tuples(st.just(wire.T_DATA), st.integers(1, 2**32 - 1), st.binary(max_size=2048)),
+    st.tuples(st.just(wire.T_CLOSE), st.integers(1, 2**32 - 1),
+              st.integers(0, 4).map(wire.REASON.pack)),
+    st.tuples(st.just(wire.T_KEEPALIVE), st.just(0),
+              st.tuples(st.integers(0, 1), st.integers(0, 2**32 - 1),
+                        st.integers(0, 2**32 - 1)).map(lambda t: wire.KEEPALIVE.pack(*t))),
+    st.tuples(st.just(wire.T_BYE), st.just(0), st.integers(0, 4).map(wire.REASON.pack)),
+)
+
+
+@given(messages, st.sampled_from([KEY, None]))
+def test_every_message_round_trips(message, psk):
+    mine, theirs = pair(psk)
+    mtype, tag, body = message
+    assert receive(theirs, mine.seal(mtype, tag, body)) == (mtype, tag, body)
+    assert receive(mine, theirs.seal(mtype, tag, body)) == (mtype, tag, body)
+
+
+@given(messages, st.data())
+def test_every_truncation_is_refused(message, data):
+    mine, theirs = pair(KEY)
+    msg = mine.seal(*message)
+    cut = data.draw(st.integers(0, len(msg) - 1))
+    assert receive(theirs, msg[:cut]) in REASONS
+
+
+@given(messages, st.data())
+def test_every_bit_flip_is_refused(message, data):
+    mine, theirs = pair(KEY)
+    msg = bytearray(mine.seal(*message))
+    bit = data.draw(st.integers(0, len(msg) * 8 - 1))
+    msg[bit // 8] ^= 1 << (bit % 8)
+    assert receive(theirs, bytes(msg)) in REASONS
+
+
+@given(messages)
+def test_a_wrong_key_is_refused(message):
+    mine, _ = pair(KEY)
+    _, stranger = pair(auth.generate_key())
+    msg = mine.seal(*message)
+    stranger.local_id = mine.peer_id            # even naming the right session
+    assert receive(stranger, msg) == auth.R_MAC
+
+
+@given(messages, st.integers(0, 255).filter(lambda v: v != wire.VERSION))
+def test_a_wrong_version_is_refused(message, version):
+    mine, theirs = pair(KEY)
+    msg = bytearray(mine.seal(*message))
+    msg[0] = version
+    assert receive(theirs, bytes(msg)) == wire.R_VERSION
+
+
+def test_unknown_type_and_flags_are_refused():
+    mine, theirs = pair(None)
+    msg = bytearray(mine.seal(wire.T_DATA, 1, b"x"))
+    msg[1] = 0x7f
+    assert receive(theirs, bytes(msg)) == wire.R_TYPE
+    msg = bytearray(mine.seal(wire.T_DATA, 1, b"x"))
+    msg[3] |= 0x80
+    assert receive(theirs, bytes(msg)) == wire.R_FLAGS
+
+
+def test_a_missing_or_unexpected_mac_is_refused():
+    keyed, keyed_peer = pair(KEY)
+    plain, plain_peer = pair(None)
+    keyed_peer.keyed = False                    # a receiver that expects no MAC
+    assert receive(keyed_peer, keyed.seal(wire.T_DATA, 1, b"x")) == wire.R_KEYED
+    plain_peer.keyed = True                     # a receiver that expects a MAC
+    assert receive(plain_peer, plain.seal(wire.T_DATA, 1, b"x" * 40)) == wire.R_KEYED
+
+
+def test_replays_are_refused_and_counted():
+    mine, theirs = pair(KEY)
+    msg = mine.seal(wire.T_DATA, 5, b"once")
+    assert receive(theirs, msg) == (wire.T_DATA, 5, b"once")
+    assert receive(theirs, msg) == auth.R_REPLAY
+
+
+@given(st.permutations(range(1, 300)))
+def test_reordering_within_the_window_is_accepted_once(order):
+    mine, theirs = pair(KEY)
+    theirs.window = auth.ReplayWindow()         # forget the handshake's first message
+    mine.send_nonce = 0
+    sealed = [mine.seal(wire.T_DATA, 1, n.to_bytes(2, "big")) for n in range(1, 300)]
+    for n in order:
+        assert receive(theirs, sealed[n - 1])[2] == n.to_bytes(2, "big")
+    for n in order[:20]:
+        assert receive(theirs, sealed[n - 1]) == auth.R_REPLAY
+
+
+def test_a_nonce_behind_the_window_is_refused():
+    mine, theirs = pair(KEY)
+    old = mine.seal(wire.T_DATA, 1, b"late")
+    mine.send_nonce += auth.WINDOW
+    assert receive(theirs, mine.seal(wire.T_DATA, 1, b"new")) == (wire.T_DATA, 1, b"new")
+    assert receive(theirs, old) == auth.R_OLD
+
+
+@settings(max_examples=300)
+@given(st.lists(st.integers(0, 5000), max_size=300))
+def test_replay_window_matches_a_model(nonces):
+    window = auth.ReplayWindow()
+    seen, top = set(), 0
+    for n in nonces:
+        expect = n != 0 and n not in seen and (n > top or top - n < auth.WINDOW)
+        assert (window.check(n) is None) == expect
+        if expect:
+            window.accept(n)
+            seen.add(n)
+            top = max(top, n)
+
+
+def test_sealing_in_place_equals_sealing_a_copy():
+    mine, theirs = pair(KEY)
+    buf = bytearray(200)
+    buf[40 + wire.HEADER_SIZE:40 + wire.HEADER_SIZE + 5] = b"hello"
+    size = mine.seal_into(buf, 40, 5, wire.T_DATA, 77)
+    assert size == wire.HEADER_SIZE + 5 + wire.MAC_SIZE
+    assert receive(theirs, bytes(buf[40:40 + size])) == (wire.T_DATA, 77, b"hello")
+
+
+def test_a_datagram_too_large_for_any_carrier_is_refused():
+    mine, theirs = pair(None)
+    msg = mine.seal(wire.T_DATA, 1, bytes(wire.MAX_UDP_PAYLOAD + 1))
+    assert receive(theirs, msg) == wire.R_TOO_LARGE
+    msg = mine.seal(wire.T_DATA, 1, bytes(wire.MAX_UDP_PAYLOAD))
+    assert receive(theirs, msg)[0] == wire.T_DATA
+
+
+# -- the handshake
+
+def test_handshake_reports_the_observed_address():
+    initiator, acceptor = Initiator(KEY, wire.ROLE_EXPOSE), Acceptor(KEY, [wire.ROLE_EXPOSE])
+    welcome, _ = acceptor.hello(initiator.hello(), PEER, 0.0)
+    assert initiator.welcome(welcome).observed == "192.0.2.1:5566"
+
+
+def test_a_replayed_hello_is_refused():
+    initiator, acceptor = Initiator(KEY, wire.ROLE_EXPOSE), Acceptor(KEY, [wire.ROLE_EXPOSE])
+    hello = initiator.hello()
+    acceptor.hello(hello, PEER, 0.0)
+    with pytest.raises(Drop, match="replay"):
+        acceptor.hello(hello, PEER, 1.0)
+
+
+def test_a_replayed_welcome_is_refused():
+    initiator, acceptor = Initiator(KEY, wire.ROLE_EXPOSE), Acceptor(KEY, [wire.ROLE_EXPOSE])
+    welcome, _ = acceptor.hello(initiator.hello(), PEER, 0.0)
+    initiator.welcome(welcome)
+    with pytest.raises(Drop, match="unexpected"):
+        initiator.welcome(welcome)
+
+
+def test_hello_with_a_wrong_key_or_role_is_refused():
+    acceptor = Acceptor(KEY, [wire.ROLE_EXPOSE])
+    with pytest.raises(Drop, match="mac"):
+        acceptor.hello(Initiator(auth.generate_key(), wire.ROLE_EXPOSE).hello(), PEER, 0.0)
+    with pytest.raises(Drop, match="role"):
+        acceptor.hello(Initiator(KEY, wire.ROLE_LINK).hello(), PEER, 0.0)
+    assert not acceptor.pending
+
+
+def test_pending_sessions_are_bounded_and_expire():
+    acceptor = Acceptor(KEY, [wire.ROLE_EXPOSE], pending_max=4, pending_ttl=10.0)
+    for now in range(10):
+        acceptor.hello(Initiator(KEY, wire.ROLE_EXPOSE).hello(), PEER, float(now))
+    assert len(acceptor.pending) == 4
+    acceptor.expire(100.0)
+    assert not acceptor.pending
+
+
+def test_a_forged_confirmation_leaves_the_pending_session():
+    initiator, acceptor = Initiator(KEY, wire.ROLE_EXPOSE), Acceptor(KEY, [wire.ROLE_EXPOSE])
+    welcome, pending = acceptor.hello(initiator.hello(), PEER, 0.0)
+    forged = Session(1, pending.local_id, auth.generate_key(), None, wire.ROLE_EXPOSE)
+    msg = forged.seal(wire.T_KEEPALIVE, 0, wire.KEEPALIVE.pack(0, 0, 0))
+    with pytest.raises(Drop, match="mac"):
+        acceptor.confirm(pending.local_id, msg, 1)
+    mine = initiator.welcome(welcome)
+    msg = mine.seal(wire.T_KEEPALIVE, 0, wire.KEEPALIVE.pack(0, 0, 0))
+    assert acceptor.confirm(pending.local_id, msg, 1) is pending
+
+
+def test_stale_is_believed_only_for_the_current_session_and_a_recent_nonce():
+    mine, theirs = pair(KEY)
+    initiator = Initiator(KEY, wire.ROLE_EXPOSE)
+    restarted = Acceptor(KEY, [wire.ROLE_EXPOSE])
+    mine.seal(wire.T_KEEPALIVE, 0, wire.KEEPALIVE.pack(0, 0, 0))   # the message STALE answers
+    sid, nonce = mine.peer_id, mine.send_nonce
+    assert initiator.stale(restarted.stale(sid, nonce), mine)
+    with pytest.raises(Drop, match="unexpected"):
+        initiator.stale(restarted.stale(sid + 1, nonce), mine)
+    with pytest.raises(Drop, match="old"):
+        initiator.stale(restarted.stale(sid, nonce + 1), mine)
+    with pytest.raises(Drop, match="mac"):
+        initiator.stale(Acceptor(auth.generate_key(), [1]).stale(sid, nonce), mine)
+
+
+def test_no_handshake_message_is_larger_than_what_it_answers():
+    initiator, acceptor = Initiator(KEY, wire.ROLE_EXPOSE), Acceptor(KEY, [wire.ROLE_EXPOSE])
+    hello = initiator.hello()
+    welcome, _ = acceptor.hello(hello, PEER, 0.0)
+    assert len(welcome) <= len(hello)
+    mine, _ = pair(KEY)
+    keepalive = mine.seal(wire.T_KEEPALIVE, 0, wire.KEEPALIVE.pack(0, 0, 0))
+    assert len(acceptor.stale(1, 1)) <= len(keepalive)
+
+
+# -- the TCP carrier's framing
+
+@given(st.lists(st.binary(min_size=wire.HEADER_SIZE, max_size=3000), max_size=20), st.data())
+def test_deframer_cuts_any_split_of_the_stream_into_the_messages(msgs, data):
+    stream = b"".join(wire.frame(m) for m in msgs)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    deframer, got, start = wire.Deframer(), [], 0
+    for cut in cuts + [len(stream)]:
+        deframer.feed(stream[start:cut])
+        start = cut
+        got.extend(deframer.messages())
+    assert got == msgs
+    assert deframer.pending() == 0
+
+
+@pytest.mark.parametrize("size, reason", [(3, wire.R_SHORT), (wire.MAX_FRAME + 1, wire.R_TOO_LARGE)])
+def test_deframer_refuses_impossible_lengths(size, reason):
+    deframer = wire.Deframer()
+    deframer.feed(wire.FRAME.pack(size) + b"GET / HTTP/1.0\r\n")
+    with pytest.raises(wire.Malformed, match=reason):
+        list(deframer.messages())

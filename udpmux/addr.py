@@ -1,0 +1,122 @@
+"""Socket addresses: parsing what users type, and the raw form the data path keys on.
+
+How we name things:
+  hostport   what a user types: "relay.example:5566", "[2001:db8::1]:5566", "0.0.0.0:5566"
+  endpoint   a resolved (family, sockaddr tuple) pair, ready for bind() or sendto()
+  peer key   the raw struct sockaddr bytes, as recvmmsg() returns them: 16 bytes for
+             IPv4, 28 for IPv6.  Dict keys, tag-table keys and sendmmsg() names are peer
+             keys, so the data path never builds a Python tuple per datagram.
+"""
+
+import socket
+import struct
+
+# struct sockaddr_in / sockaddr_in6: sa_family_t is in host byte order, the port,
+# address and flow label are in network byte order, scope_id in host byte order.
+_SIN = struct.Struct("=H2s4s8x")
+_SIN6 = struct.Struct("=H2s4s16sI")
+SOCKADDR_IN_LEN = _SIN.size      # 16
+SOCKADDR_IN6_LEN = _SIN6.size    # 28
+SOCKADDR_MAX = SOCKADDR_IN6_LEN
+
+
+def split_hostport(text, default_host=None):
+    """Split "host:port", "[v6]:port" or (with default_host) a bare "port".
+
+    Raises ValueError with a message that names what is wrong.
+    """
+    text = text.strip()
+    if not text:
+        raise ValueError("empty address")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"{text!r}: expected [IPv6]:PORT")
+        port = rest[1:]
+    elif text.isdigit() and default_host is not None:
+        host, port = default_host, text
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{text!r}: expected HOST:PORT")
+        if ":" in host:
+            raise ValueError(f"{text!r}: write IPv6 addresses in brackets, as [::1]:PORT")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
+    return host, int(port)
+
+
+def resolve(host, port, kind=socket.SOCK_DGRAM, passive=False):
+    """Resolve to the first (family, sockaddr) that getaddrinfo() offers.
+
+    Raises ValueError naming the host when it cannot be resolved.
+    """
+    flags = socket.AI_PASSIVE if passive else 0
+    try:
+        infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, kind, 0, flags)
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot resolve {host!r}: {exc.strerror}") from None
+    for family, _type, _proto, _canon, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6):
+            return family, sockaddr
+    raise ValueError(f"{host!r} has no IPv4 or IPv6 address")
+
+
+def parse_endpoint(text, kind=socket.SOCK_DGRAM, passive=False):
+    """Parse and resolve user text to (family, sockaddr); ValueError on failure."""
+    host, port = split_hostport(text, default_host="0.0.0.0" if passive else None)
+    return resolve(host, port, kind, passive)
+
+
+def parse_port_range(text):
+    """Parse "PORT" or "MIN-MAX" into an inclusive (low, high) pair."""
+    low, sep, high = text.partition("-")
+    try:
+        low = int(low)
+        high = int(high) if sep else low
+    except ValueError:
+        raise ValueError(f"{text!r}: expected PORT or MIN-MAX") from None
+    if not 1 <= low <= high <= 65535:
+        raise ValueError(f"{text!r}: expected ports from 1 to 65535, MIN not above MAX")
+    return low, high
+
+
+def peer_key(family, sockaddr):
+    """Pack a sockaddr tuple into the raw bytes the kernel uses (a peer key)."""
+    if family == socket.AF_INET:
+        host, port = sockaddr[:2]
+        return _SIN.pack(socket.AF_INET, port.to_bytes(2, "big"),
+                         socket.inet_pton(socket.AF_INET, host))
+    host, port = sockaddr[:2]
+    flowinfo = sockaddr[2] if len(sockaddr) > 2 else 0
+    scope_id = sockaddr[3] if len(sockaddr) > 3 else 0
+    return _SIN6.pack(socket.AF_INET6, port.to_bytes(2, "big"), flowinfo.to_bytes(4, "big"),
+                      socket.inet_pton(socket.AF_INET6, host.partition("%")[0]), scope_id)
+
+
+def from_peer_key(key):
+    """Unpack a peer key into (family, sockaddr tuple); ValueError if it is neither form."""
+    if len(key) == SOCKADDR_IN_LEN:
+        family, port, host, = _SIN.unpack(key)
+        if family == socket.AF_INET:
+            return family, (socket.inet_ntop(family, host), int.from_bytes(port, "big"))
+    elif len(key) == SOCKADDR_IN6_LEN:
+        family, port, flowinfo, host, scope_id = _SIN6.unpack(key)
+        if family == socket.AF_INET6:
+            return family, (socket.inet_ntop(family, host), int.from_bytes(port, "big"),
+                            int.from_bytes(flowinfo, "big"), scope_id)
+    raise ValueError(f"not a sockaddr_in or sockaddr_in6: {key.hex()}")
+
+
+def format_peer(key):
+    """A peer key as people write it: 192.0.2.1:5566 or [2001:db8::1]:5566."""
+    try:
+        family, sockaddr = from_peer_key(key)
+    except ValueError:
+        return "?" + key.hex()
+    return format_endpoint(family, sockaddr)
+
+
+def format_endpoint(family, sockaddr):
+    host, port = sockaddr[:2]
+    return f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"

@@ -1,0 +1,232 @@
+"""Every message that crosses a carrier: byte layouts, packing and parsing.
+
+Pure code: bytes in, values or a counted reason out.  man/udpmux-protocol.7 is the
+same description for people; change both together.
+
+Every message starts with one fixed header, in network byte order::
+
+     0               1               2               3
+     0 1 2 3 4 5 6 7 0 1 2 3 4 5 6 7 0 1 2 3 4 5 6 7 0 1 2 3 4 5 6 7
+    +---------------+---------------+-------------------------------+
+  0 |    version    |     type      |             flags             |
+    +---------------+---------------+-------------------------------+
+  4 |                 session (the receiver's id)                   |
+    +---------------------------------------------------------------+
+  8 |                   tag (the flow, 0 = none)                    |
+    +---------------------------------------------------------------+
+ 12 |                                                               |
+    +                 nonce (64-bit sender counter)                 +
+ 16 |                                                               |
+    +---------------------------------------------------------------+
+ 20 |                   body (layout by type) ...                   |
+    +---------------------------------------------------------------+
+    |           MAC, 16 bytes (only when flags has KEYED)           |
+    +---------------------------------------------------------------+
+
+The MAC covers everything before it, header included.  On the UDP carrier each
+datagram is one message.  On the TCP carrier each message is preceded by its
+length as a 32-bit unsigned integer in network byte order::
+
+    +-------------------------------+------------------------------+
+    |        length (32 bits)       |  message (header, body, MAC) |
+    +-------------------------------+------------------------------+
+
+Bodies by type (offsets from the start of the body):
+
+    HELLO (56)    0 initiator id u32 | 4 initiator random 16B | 20 role u8 | 21 zero 35B
+    WELCOME (56)  0 responder id u32 | 4 initiator random 16B | 20 responder random 16B |
+                  36 family u8 (4|6) | 37 zero u8 | 38 port u16 | 40 address 16B
+                  (the initiator's address as the responder saw it)
+    KEEPALIVE(12) 0 flags u8 (1 = reply, please) | 1 zero 3B | 4 stamp u32 | 8 echo u32
+    STALE (12)    0 session id the sender does not know u32 | 4 nonce of that message u64
+    BYE (1)       0 reason u8
+    DATA (0..)    the datagram, whole
+    CLOSE (1)     0 reason u8
+
+How we name things:
+  message   one header + body (+ MAC): a UDP datagram, or one frame of a TCP stream
+  datagram  what an application sent; the body of a DATA message
+  session   an authenticated association between two agents; each end picks an id
+            and the other end writes it in the header's session field
+  tag       a flow's 32-bit number, the same at both ends of a carrier
+  nonce     the sender's message counter within a session, never reused
+  reason    a short word naming why a message was dropped; it is what gets counted
+"""
+
+import struct
+
+VERSION = 1
+
+HEADER = struct.Struct("!BBHIIQ")       # version, type, flags, session, tag, nonce
+HEADER_SIZE = HEADER.size               # 20
+MAC_SIZE = 16
+FRAME = struct.Struct("!I")             # TCP carrier: message length
+FRAME_SIZE = FRAME.size
+
+FLAG_KEYED = 0x0001                     # a MAC follows the body
+FLAGS_KNOWN = FLAG_KEYED
+
+# The largest UDP payload IPv4 can carry; no datagram of any size up to it is ever cut.
+MAX_UDP_PAYLOAD = 65507
+# The largest datagram a DATA message carries on a UDP carrier, keyed or not, so that
+# setting a key never changes what fits.
+MAX_DATAGRAM = MAX_UDP_PAYLOAD - HEADER_SIZE - MAC_SIZE
+# The largest message on a TCP carrier: any UDP datagram, whole.
+MAX_FRAME = HEADER_SIZE + MAX_UDP_PAYLOAD + MAC_SIZE
+
+# Message types.  Numbers are grouped so that each family has room to grow.
+# 0x01-0x0f: session
+T_HELLO = 0x01          # initiator -> responder: start a session
+T_WELCOME = 0x02        # responder -> initiator: the session's ids and randoms
+T_KEEPALIVE = 0x03      # either way: the session is alive; holds NAT mappings open
+T_STALE = 0x04          # "I know no session with this id": start again
+T_BYE = 0x05            # the sender ends the session
+# 0x10-0x1f: datagram flows
+T_DATA = 0x10           # one datagram of the flow named by the tag
+T_CLOSE = 0x11          # the flow named by the tag is gone at the sender
+# 0x20-0x2f: stream flows (reserved for the reliable stream)
+# 0x30-0x3f: hole punching and rendezvous (reserved)
+
+TYPE_NAMES = {
+    T_HELLO: "HELLO",
+    T_WELCOME: "WELCOME",
+    T_KEEPALIVE: "KEEPALIVE",
+    T_STALE: "STALE",
+    T_BYE: "BYE",
+    T_DATA: "DATA",
+    T_CLOSE: "CLOSE",
+}
+
+# Roles an initiator asks for in HELLO; a responder refuses roles it does not serve.
+ROLE_EXPOSE = 1         # an exposer registering with a relay's tunnel
+ROLE_LINK = 2           # a reliable-stream client
+ROLE_UOT = 3            # a UDP-over-TCP client
+ROLE_PUNCH = 4          # a hole-punching peer
+ROLE_NAMES = {ROLE_EXPOSE: "expose", ROLE_LINK: "link", ROLE_UOT: "uot", ROLE_PUNCH: "punch"}
+
+HELLO = struct.Struct("!I16sB35x")
+WELCOME = struct.Struct("!I16s16sBxH16s")
+KEEPALIVE = struct.Struct("!B3xII")
+STALE = struct.Struct("!IQ")
+REASON = struct.Struct("!B")
+RANDOM_SIZE = 16
+
+KEEPALIVE_REPLY = 0x01
+
+# Why a flow or a session ended (CLOSE and BYE bodies).
+CLOSE_IDLE = 0
+CLOSE_EVICTED = 1
+CLOSE_REFUSED = 2
+CLOSE_ERROR = 3
+CLOSE_SHUTDOWN = 4
+CLOSE_NAMES = {CLOSE_IDLE: "idle", CLOSE_EVICTED: "evicted", CLOSE_REFUSED: "refused",
+               CLOSE_ERROR: "error", CLOSE_SHUTDOWN: "shutdown"}
+
+# Fixed body sizes; DATA is the only type whose body size varies.
+BODY_SIZES = {
+    T_HELLO: HELLO.size,
+    T_WELCOME: WELCOME.size,
+    T_KEEPALIVE: KEEPALIVE.size,
+    T_STALE: STALE.size,
+    T_BYE: REASON.size,
+    T_CLOSE: REASON.size,
+}
+
+# Reasons a message is dropped, as counted by every receiver.  auth adds its own.
+R_SHORT = "short"               # shorter than a header (+ MAC)
+R_VERSION = "version"           # a version this build does not speak
+R_TYPE = "type"                 # an unknown message type
+R_FLAGS = "flags"               # unknown flag bits set
+R_LENGTH = "length"             # the body's size does not fit the type
+R_KEYED = "keyed"               # MAC present where none is expected, or missing where one is
+R_TOO_LARGE = "too-large"       # a datagram too large for the carrier
+
+
+class Malformed(Exception):
+    """A message that cannot be parsed; .reason is the counted reason."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def pack_header(mtype, session, tag, nonce, keyed):
+    return HEADER.pack(VERSION, mtype, FLAG_KEYED if keyed else 0, session, tag, nonce)
+
+
+def parse_header(msg, keyed):
+    """Check the fixed header of `msg` and return (type, session, tag, nonce).
+
+    `keyed` says whether this receiver expects a MAC.  The body size is checked
+    against the type; a DATA body may have any size up to MAX_UDP_PAYLOAD.
+    Raises Malformed with the reason to count.
+    """
+    trailer = MAC_SIZE if keyed else 0
+    if len(msg) < HEADER_SIZE + trailer:
+        raise Malformed(R_SHORT)
+    version, mtype, flags, session, tag, nonce = HEADER.unpack_from(msg)
+    if version != VERSION:
+        raise Malformed(R_VERSION)
+    if flags & ~FLAGS_KNOWN:
+        raise Malformed(R_FLAGS)
+    if bool(flags & FLAG_KEYED) != keyed:
+        raise Malformed(R_KEYED)
+    body_size = len(msg) - HEADER_SIZE - trailer
+    expected = BODY_SIZES.get(mtype)
+    if expected is None:
+        if mtype != T_DATA:
+            raise Malformed(R_TYPE)
+        if body_size > MAX_UDP_PAYLOAD:
+            raise Malformed(R_TOO_LARGE)
+    elif body_size != expected:
+        raise Malformed(R_LENGTH)
+    return mtype, session, tag, nonce
+
+
+def body_of(msg, keyed):
+    """The body of a message whose header parse_header() accepted."""
+    end = len(msg) - MAC_SIZE if keyed else len(msg)
+    return msg[HEADER_SIZE:end]
+
+
+def frame(msg):
+    """A message as it travels on the TCP carrier."""
+    return FRAME.pack(len(msg)) + msg
+
+
+class Deframer:
+    """Cut a TCP carrier's byte stream into messages.
+
+    feed() takes whatever recv() returned; messages() yields each complete one.
+    A frame whose length is below a header or above MAX_FRAME raises Malformed:
+    the stream cannot be resynchronised, so the caller closes the connection.
+    """
+
+    def __init__(self, max_frame=MAX_FRAME):
+        self.max_frame = max_frame
+        self.buf = bytearray()
+
+    def feed(self, data):
+        self.buf += data
+
+    def messages(self):
+        buf = self.buf
+        start = 0
+        try:
+            while len(buf) - start >= FRAME_SIZE:
+                (size,) = FRAME.unpack_from(buf, start)
+                if size < HEADER_SIZE:
+                    raise Malformed(R_SHORT)
+                if size > self.max_frame:
+                    raise Malformed(R_TOO_LARGE)
+                end = start + FRAME_SIZE + size
+                if end > len(buf):
+                    break
+                yield bytes(buf[start + FRAME_SIZE:end])
+                start = end
+        finally:
+            del buf[:start]
+
+    def pending(self):
+        """Bytes received that do not yet make a whole message."""
+        return len(self.buf)
