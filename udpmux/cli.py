@@ -1,0 +1,337 @@
+"""The command line: one docopt usage text per mode, which is also the man page's synopsis.
+
+`udpmux MODE --help` prints that mode's text; `udpmux --help` prints every mode's
+usage lines.  tests/test_docs.py fails when an option here is missing from man/udpmux.8.
+"""
+
+import importlib
+import logging
+import re
+import sys
+
+from docopt import DocoptExit, docopt
+
+from udpmux import __version__
+from udpmux.errors import (
+    EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE, Fatal,
+)
+
+RELAY = """\
+udpmux relay: the public end of reverse tunnels.  Outside clients send UDP to a
+tunnel's public port; the relay passes each client's datagrams, tagged, to the
+exposer registered on that tunnel, and the exposer's replies back to the client.
+
+Usage:
+  udpmux relay -c FILE [--debug]
+  udpmux relay --public ADDR [--register ADDR] (--key-file FILE | --insecure) [options]
+  udpmux relay -h | --help
+
+Options:
+  -c FILE, --config FILE      Tunnels from a TOML file (see udpmux.conf(5)).
+  --public ADDR               One tunnel: the UDP address clients send to, e.g. 0.0.0.0:51820.
+  --register ADDR             Where the exposer registers; the public socket if not given.
+  --key-file FILE             The tunnel's key, shared with the exposer ("-": standard input).
+  --insecure                  No key: any host may register as the exposer.
+  --name NAME                 The tunnel's name in logs and status [default: tunnel].
+  --max-flows N               Flows kept at once; the idlest goes first [default: 1024].
+  --flow-idle SECONDS         A flow without datagrams this long ends [default: 180].
+  --exposer-timeout SECONDS   Without a word from the exposer this long, the tunnel is down [default: 90].
+  --new-flows-rate N          New flows accepted per second on the tunnel [default: 500].
+  --new-flows-per-source N    New flows accepted per second from one client IP address [default: 50].
+  --control-socket PATH       Where `udpmux status` finds the relay (default: see udpmux(8)).
+  --debug                     Log every flow and session event.
+  -h, --help                  Show this text.
+"""
+
+EXPOSE = """\
+udpmux expose: make a UDP service behind NAT reachable through a relay.  Registers
+with the relay (authenticated keepalives hold the NAT mapping open) and opens one UDP
+socket towards the service for each outside client, so the service sees one source
+port per client.
+
+Usage:
+  udpmux expose --relay HOST:PORT --service HOST:PORT (--key-file FILE | --insecure) [options]
+  udpmux expose -h | --help
+
+Options:
+  --relay HOST:PORT           The relay's register address.
+  --service HOST:PORT         The UDP service to expose, e.g. 127.0.0.1:51820.
+  --key-file FILE             The tunnel's key, shared with the relay ("-": standard input).
+  --insecure                  No key (the relay must run with --insecure too).
+  --carrier KIND              udp, or tcp where UDP to the relay is blocked [default: udp].
+  --keepalive SECONDS         Keepalive interval; below the NAT's UDP timeout [default: 25].
+  --flow-idle SECONDS         A flow without datagrams this long ends [default: 180].
+  --max-flows N               Flows (service sockets) kept at once [default: 1024].
+  --debug                     Log every flow and session event.
+  -h, --help                  Show this text.
+"""
+
+LINK = """\
+udpmux link: a reliable stream over UDP that survives loss, roaming and sleep.  Made
+for ssh's ProxyCommand: starts its server end over ssh, then carries standard input and
+output to a TCP target on the server's side.
+
+Usage:
+  udpmux link [options] DEST
+  udpmux link -h | --help
+
+Options:
+  -t HOST:PORT, --target HOST:PORT   The TCP service, as the server sees it [default: 127.0.0.1:22].
+  -b RANGE, --bind RANGE      The server's UDP port, or a MIN-MAX range to pick from [default: 40000-40999].
+  --listen-tcp ADDR           Accept local TCP connections here instead of using standard I/O.
+  --ssh-command CMD           The ssh that starts the server end [default: ssh].
+  --segment BYTES             Largest payload per packet [default: 1200].
+  --idle-limit SECONDS        The server end exits after this long without the client [default: 43200].
+  --debug                     Log both ends' session events.
+  -h, --help                  Show this text.
+"""
+
+LINK_SERVER = """\
+udpmux link-server: the server end of `udpmux link`, started by it over ssh.  Reads
+the session key on standard input, prints the port it bound, and serves one session.
+
+Usage:
+  udpmux link-server [options]
+  udpmux link-server -h | --help
+
+Options:
+  -t HOST:PORT, --target HOST:PORT   The TCP service to connect streams to [default: 127.0.0.1:22].
+  -b RANGE, --bind RANGE      The UDP port, or a MIN-MAX range to pick from [default: 40000-40999].
+  --idle-limit SECONDS        Exit after this long without the client [default: 43200].
+  --debug                     Log session events.
+  -h, --help                  Show this text.
+"""
+
+PUNCH = """\
+udpmux punch: a direct UDP path between two hosts behind NAT, with the relay as
+broker and as fallback.
+
+Usage:
+  udpmux punch --peer HOST:PORT --port PORT (--key-file FILE | --insecure) (--forward HOST:PORT | --listen ADDR) [options]
+  udpmux punch --relay HOST:PORT --rendezvous NAME --key-file FILE (--forward HOST:PORT | --listen ADDR) [options]
+  udpmux punch --once --peer HOST:PORT --port PORT
+  udpmux punch -h | --help
+
+Options:
+  --peer HOST:PORT            The other host's public address.
+  --port PORT                 The local UDP port to punch from.
+  --relay HOST:PORT           A relay that brokers the meeting and carries traffic if no direct path works.
+  --rendezvous NAME           The name both sides give the relay.
+  --key-file FILE             The key both sides share ("-": standard input).
+  --insecure                  No key.
+  --forward HOST:PORT         Pass datagrams to this local UDP service.
+  --listen ADDR               Accept datagrams from a local UDP client here.
+  --once                      Send the punch packets and exit, leaving the hole for another program.
+  --keepalive SECONDS         Keepalive interval [default: 25].
+  --debug                     Log every punch attempt.
+  -h, --help                  Show this text.
+"""
+
+UOT_SERVER = """\
+udpmux uot-server: carry UDP datagrams over TCP, the end next to the UDP service.
+
+Usage:
+  udpmux uot-server --listen ADDR --target HOST:PORT (--key-file FILE | --insecure) [options]
+  udpmux uot-server -h | --help
+
+Options:
+  --listen ADDR               The TCP address uot-clients connect to.
+  --target HOST:PORT          The UDP service.
+  --key-file FILE             The key shared with clients ("-": standard input).
+  --insecure                  No key.
+  --flow-idle SECONDS         A flow without datagrams this long ends [default: 180].
+  --max-flows N               Flows kept at once per connection [default: 1024].
+  --debug                     Log every connection and flow event.
+  -h, --help                  Show this text.
+"""
+
+UOT_CLIENT = """\
+udpmux uot-client: carry UDP datagrams over TCP, the end next to the UDP clients.
+
+Usage:
+  udpmux uot-client --listen ADDR --server HOST:PORT (--key-file FILE | --insecure) [options]
+  udpmux uot-client -h | --help
+
+Options:
+  --listen ADDR               The UDP address local clients send to.
+  --server HOST:PORT          The uot-server's TCP address.
+  --key-file FILE             The key shared with the server ("-": standard input).
+  --insecure                  No key.
+  --flow-idle SECONDS         A flow without datagrams this long ends [default: 180].
+  --max-flows N               Flows kept at once [default: 1024].
+  --debug                     Log every connection and flow event.
+  -h, --help                  Show this text.
+"""
+
+STATUS = """\
+udpmux status: show a running relay's tunnels, flows and counters.
+
+Usage:
+  udpmux status [--json] [--flows TUNNEL] [--control-socket PATH]
+  udpmux status -h | --help
+
+Options:
+  --json                      Print JSON instead of a table.
+  --flows TUNNEL              List one tunnel's flows.
+  --control-socket PATH       The relay's control socket (default: see udpmux(8)).
+  -h, --help                  Show this text.
+"""
+
+KEYGEN = """\
+udpmux keygen: write a new random key to FILE (mode 0600), or to standard output for "-".
+
+Usage:
+  udpmux keygen [--force] FILE
+  udpmux keygen -h | --help
+
+Options:
+  --force                     Replace FILE if it exists.
+  -h, --help                  Show this text.
+"""
+
+DEMO = """\
+udpmux demo: run a relay, an exposer and a UDP echo service on loopback, send traffic
+through them as clients would, print the relay's status and exit 0 if every datagram
+came back.
+
+Usage:
+  udpmux demo [--clients N] [--datagrams N] [--debug]
+  udpmux demo -h | --help
+
+Options:
+  --clients N                 Outside clients, each with its own flow [default: 20].
+  --datagrams N               Datagrams each client sends [default: 50].
+  --debug                     Show the relay's and the exposer's logs.
+  -h, --help                  Show this text.
+"""
+
+
+class Mode:
+    def __init__(self, name, doc, summary, entry=None):
+        self.name = name
+        self.doc = doc
+        self.summary = summary
+        self.entry = entry      # "module:function", or None while not built
+
+
+MODES = {m.name: m for m in [
+    Mode("relay", RELAY, "run the public relay: tunnels from a config file, or one from options"),
+    Mode("expose", EXPOSE, "make a UDP service behind NAT reachable through a relay"),
+    Mode("link", LINK, "a reliable stream over UDP for ssh's ProxyCommand and local TCP listeners"),
+    Mode("link-server", LINK_SERVER, "the server end of link, started by link over ssh"),
+    Mode("punch", PUNCH, "punch a direct UDP path through NAT between two hosts"),
+    Mode("uot-server", UOT_SERVER, "carry UDP over TCP: the end next to the UDP service"),
+    Mode("uot-client", UOT_CLIENT, "carry UDP over TCP: the end next to the UDP clients"),
+    Mode("status", STATUS, "show a running relay's tunnels and flows"),
+    Mode("keygen", KEYGEN, "write a new random key file", "udpmux.cli:keygen"),
+    Mode("demo", DEMO, "run a relay, an exposer and an echo service on loopback"),
+]}
+
+
+def usage_lines(doc):
+    """The pattern lines of a docopt text's Usage: section, without -h/--help."""
+    lines = doc.split("Usage:", 1)[1].split("\n\n", 1)[0].strip().splitlines()
+    return [line.strip() for line in lines if "-h | --help" not in line]
+
+
+def main_doc():
+    patterns = "\n".join("  " + line for m in MODES.values() for line in usage_lines(m.doc))
+    summaries = "\n".join(f"  {m.name:<12} {m.summary}" for m in MODES.values())
+    return f"""\
+udpmux {__version__}: carry UDP and TCP flows through NAT, firewalls and lossy links.
+
+Usage:
+{patterns}
+  udpmux -h | --help
+  udpmux --version
+
+Modes:
+{summaries}
+
+`udpmux MODE --help` shows a mode's options; man udpmux(8) tells everything.
+Exit status: 0 ok; 1 the job failed; 64 bad command line; 65 bad key file;
+66 missing input; 69 mode not available; 70 internal error; 71 the system
+refused (bind, fork); 77 permission denied; 78 bad configuration.
+"""
+
+
+def diagnose(doc, argv, exc):
+    """Say what is wrong with a command line that docopt refused, in one phrase."""
+    message = str(exc)
+    first = message.splitlines()[0] if message else ""
+    if first and not first.startswith(("Warning: found unmatched", "Usage:")):
+        return first
+    known = set(re.findall(r"(?<![\w-])(--?[\w-]+)", doc))
+    for word in argv:
+        if word.startswith("-") and word != "-" and word.split("=")[0] not in known:
+            return f"unknown option {word.split('=')[0]}"
+    takes_value = set(re.findall(r"(--?[\w-]+)[ =][A-Z]", doc))
+    words = [w for i, w in enumerate(argv)
+             if not w.startswith("-") and not (i and argv[i - 1] in takes_value)]
+    if first.startswith("Warning: found unmatched"):
+        for extra in re.findall(r"Argument\(None, '([^']*)'\)", first):
+            if extra in words:
+                return f"unexpected argument {extra!r}"
+    given = {word.split("=")[0] for word in argv if word.startswith("-")}
+    best = None
+    for line in usage_lines(doc):
+        required = re.sub(r"\[[^\]]*\]", "", line)
+        required = re.sub(r"(--?[\w-]+) [A-Z][A-Z:_-]*", r"\1", required)
+        positionals = re.findall(r"(?<![\w-])[A-Z][A-Z_]+(?![\w:-])", required)
+        groups = [re.findall(r"--?[\w-]+", g) for g in re.findall(r"\(([^)]*)\)", required)]
+        singles = re.findall(r"--?[\w-]+", re.sub(r"\([^)]*\)", "", required))
+        missing = [s for s in singles if s not in given]
+        missing += [" or ".join(g) for g in groups if not given & set(g)]
+        missing += positionals[len(words):]
+        if best is None or len(missing) < len(best):
+            best = missing
+    if best:
+        return "missing " + ", ".join(best)
+    return "these options do not go together"
+
+
+def error(message, status):
+    print(f"udpmux: {message}", file=sys.stderr)
+    return status
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        print(main_doc().split("\nModes:")[0], file=sys.stderr)
+        return error("which mode?  `udpmux --help` lists them", EXIT_USAGE)
+    if argv[0] in ("-h", "--help"):
+        print(main_doc(), end="")
+        return EXIT_OK
+    if argv[0] == "--version":
+        print(f"udpmux {__version__}")
+        return EXIT_OK
+    mode = MODES.get(argv[0])
+    if mode is None:
+        return error(f"unknown mode {argv[0]!r}; modes: {', '.join(MODES)}", EXIT_USAGE)
+    try:
+        args = docopt(mode.doc, argv)
+    except DocoptExit as exc:
+        print(mode.doc.split("Options:")[0].split("\n\n", 1)[1].strip(), file=sys.stderr)
+        return error(f"{mode.name}: {diagnose(mode.doc, argv[1:], exc)}; "
+                     f"`udpmux {mode.name} --help` explains", EXIT_USAGE)
+    if mode.entry is None:
+        return error(f"{mode.name}: not implemented yet in udpmux {__version__}",
+                     EXIT_UNAVAILABLE)
+    module, _, function = mode.entry.partition(":")
+    run = getattr(importlib.import_module(module), function)
+    try:
+        return run(args) or EXIT_OK
+    except Fatal as exc:
+        return error(f"{mode.name}: {exc}", exc.status)
+    except KeyboardInterrupt:
+        return 130
+    except Exception:       # a bug: say so, with the traceback an issue report needs
+        logging.getLogger("udpmux").exception("internal error; please report it")
+        return EXIT_SOFTWARE
+
+
+def keygen(args):
+    from udpmux.auth import write_key_file
+    write_key_file(args["FILE"], force=args["--force"])
+    return EXIT_OK
