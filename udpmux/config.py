@@ -1,0 +1,262 @@
+"""The relay's configuration: a TOML file (udpmux.conf(5)) or one tunnel from options.
+
+    control_socket = "/run/udpmux/control.sock"     # global settings
+    [defaults]                                      # tunnel settings for every tunnel
+    max_flows = 4096
+    [tunnels.wg]                                    # one table per tunnel, named
+    public = "0.0.0.0:51820"
+    register = "0.0.0.0:5566"
+    key_file = "/etc/udpmux/wg.key"
+
+Every setting is declared once below, with its default and its check; the command
+line's defaults, the man page and the example file are tested against this list.
+Loading reads the key files and resolves the addresses, so every mistake is found
+when the relay starts or reloads, not when the first datagram arrives.
+"""
+
+import difflib
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+
+from udpmux import addr, auth
+from udpmux.errors import ConfigError, Fatal, UsageError
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+
+
+def _positive_int(value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _positive_number(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"expected a number above 0, got {value!r}")
+    return float(value)
+
+
+def _text(value):
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _flag(value):
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _udp_listen(value):
+    return addr.parse_endpoint(_text(value), socket.SOCK_DGRAM, passive=True)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str           # the key in the file; the option is --name-with-dashes
+    check: object       # value from TOML (or option text, converted) -> value; ValueError
+    default: object
+    help: str
+
+    @property
+    def option(self):
+        return "--" + self.name.replace("_", "-")
+
+
+TUNNEL_SETTINGS = [
+    Setting("public", _text, None, "the UDP address clients send to"),
+    Setting("register", _text, None, "where the exposer registers (default: the public socket)"),
+    Setting("key_file", _text, None, "the tunnel's key file"),
+    Setting("insecure", _flag, False, "run without a key"),
+    Setting("max_flows", _positive_int, 1024, "flows kept at once; the idlest goes first"),
+    Setting("flow_idle", _positive_number, 180.0, "seconds without datagrams before a flow ends"),
+    Setting("exposer_timeout", _positive_number, 90.0,
+            "seconds without a word from the exposer before the tunnel is down"),
+    Setting("new_flows_rate", _positive_number, 500.0, "new flows accepted per second"),
+    Setting("new_flows_per_source", _positive_number, 50.0,
+            "new flows accepted per second from one client IP address"),
+    Setting("max_sources", _positive_int, 4096,
+            "client IP addresses whose new-flow rate is tracked at once"),
+]
+GLOBAL_SETTINGS = [
+    Setting("control_socket", _text, None, "where `udpmux status` finds the relay"),
+    Setting("stop_timeout", _positive_number, 10.0,
+            "seconds a worker has to stop before it is killed"),
+]
+TUNNEL = {s.name: s for s in TUNNEL_SETTINGS}
+GLOBAL = {s.name: s for s in GLOBAL_SETTINGS}
+
+
+def default_control_socket():
+    """$RUNTIME_DIRECTORY (systemd's RuntimeDirectory=) or /run/udpmux as root,
+    else $XDG_RUNTIME_DIR or /tmp, per user."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime:
+        return os.path.join(runtime, "control.sock")
+    if os.geteuid() == 0:
+        return "/run/udpmux/control.sock"
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/udpmux-{os.geteuid()}"
+    return os.path.join(base, "udpmux-control.sock")
+
+
+@dataclass(frozen=True)
+class TunnelConfig:
+    name: str
+    public: tuple               # (family, sockaddr)
+    register: tuple | None      # None: the public socket
+    key: bytes | None           # None: --insecure
+    max_flows: int = 1024
+    flow_idle: float = 180.0
+    exposer_timeout: float = 90.0
+    new_flows_rate: float = 500.0
+    new_flows_per_source: float = 50.0
+    max_sources: int = 4096
+    source: str = field(default="", compare=False)     # where it was defined, for messages
+
+    def endpoints(self):
+        """The sockets this tunnel needs, by label."""
+        points = {"public": self.public}
+        if self.register is not None:
+            points["register"] = self.register
+        return points
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    tunnels: dict
+    control_socket: str
+    stop_timeout: float = 10.0
+    path: str | None = None
+
+
+def _unknown(key, known, where):
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{where}: unknown setting {key!r}{hint}"
+
+
+def _tunnel(name, values, where, log):
+    """A TunnelConfig from checked setting values; ValueError on a problem."""
+    if not NAME.match(name):
+        raise ValueError(f"tunnel name {name!r}: use up to 32 letters, digits, '.', '_', '-'")
+    if values.get("public") is None:
+        raise ValueError("public: missing (the UDP address clients send to)")
+    public = _udp_listen(values["public"])
+    register = None
+    if values.get("register") is not None:
+        register = _udp_listen(values["register"])
+        if register == public:
+            register = None
+    if values.get("insecure"):
+        if values.get("key_file"):
+            raise ValueError("key_file and insecure: choose one")
+        key = None
+    elif values.get("key_file"):
+        key = auth.read_key(values["key_file"], log)
+    else:
+        raise ValueError("key_file: missing (or set insecure = true to run without a key)")
+    numbers = {s.name: values.get(s.name, s.default) for s in TUNNEL_SETTINGS
+               if s.name not in ("public", "register", "key_file", "insecure")}
+    return TunnelConfig(name=name, public=public, register=register, key=key, source=where,
+                        **numbers)
+
+
+def _check_settings(table, settings, where):
+    out = {}
+    for key, value in table.items():
+        setting = settings.get(key)
+        if setting is None:
+            raise ConfigError(_unknown(key, settings, where))
+        try:
+            out[key] = setting.check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {key}: {exc}") from None
+    return out
+
+
+def _check_unique(tunnels, complain):
+    seen = {}
+    for tunnel in tunnels.values():
+        for label, (family, sockaddr) in tunnel.endpoints().items():
+            key = (family, sockaddr[:2])
+            if key in seen:
+                complain(f"tunnel {tunnel.name}: {label} address "
+                         f"{addr.format_endpoint(family, sockaddr)} is already {seen[key]}")
+            seen[key] = f"tunnel {tunnel.name}'s {label} address"
+
+
+def load(path, log=None):
+    """Read and check a configuration file; ConfigError names the file and the key."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = dict(data)
+    defaults = data.pop("defaults", {})
+    tunnels_table = data.pop("tunnels", None)
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{path}: [defaults] must be a table")
+    if not isinstance(tunnels_table, dict) or not tunnels_table:
+        raise ConfigError(f"{path}: no tunnels; add at least one [tunnels.NAME] table")
+    globals_ = _check_settings(data, GLOBAL, path)
+    defaults = _check_settings(defaults, TUNNEL, f"{path}: [defaults]")
+    tunnels = {}
+    for name, table in tunnels_table.items():
+        where = f"{path}: [tunnels.{name}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: must be a table")
+        values = {**defaults, **_check_settings(table, TUNNEL, where)}
+        try:
+            tunnels[name] = _tunnel(name, values, where, log)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        except Fatal as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+    def complain(message):
+        raise ConfigError(f"{path}: {message}")
+    _check_unique(tunnels, complain)
+    return RelayConfig(tunnels=tunnels,
+                       control_socket=globals_.get("control_socket") or default_control_socket(),
+                       stop_timeout=globals_.get("stop_timeout", 10.0), path=path)
+
+
+def from_options(args, log=None):
+    """The one-tunnel form of `udpmux relay`; UsageError names the option."""
+    values = {}
+    for setting in TUNNEL_SETTINGS:
+        raw = args.get(setting.option)
+        if raw is None or raw is False:
+            continue
+        try:
+            if setting.check in (_positive_int,):
+                raw = int(raw) if str(raw).isdigit() else raw
+            elif setting.check is _positive_number:
+                try:
+                    raw = float(raw)
+                except ValueError:
+                    pass
+            values[setting.name] = setting.check(raw)
+        except ValueError as exc:
+            raise UsageError(f"{setting.option}: {exc}") from None
+    name = args.get("--name") or "tunnel"
+    try:
+        tunnel = _tunnel(name, values, "options", log)
+    except ValueError as exc:
+        raise UsageError(str(exc).replace("_", "-")) from None
+    tunnels = {name: tunnel}
+
+    def complain(message):
+        raise UsageError(message)
+    _check_unique(tunnels, complain)
+    return RelayConfig(tunnels=tunnels,
+                       control_socket=args.get("--control-socket") or default_control_socket())

@@ -1,0 +1,443 @@
+"""The master: binds every tunnel's sockets, forks a worker per tunnel, keeps them running.
+
+One selectors loop.  Signal handlers do nothing but wake it (signal.set_wakeup_fd);
+the loop reads which signal came and calls its handler:
+
+    SIGHUP   reload the configuration: start new tunnels, stop removed ones, restart
+             changed ones, leave the others alone
+    SIGTERM  stop: ask every worker to stop, wait up to stop_timeout, then kill
+    SIGINT   the same (a second one kills at once)
+    SIGCHLD  reap workers; respawn a crashed one with backoff, but not one that
+             could not boot
+
+Each tunnel's flow table and state block are mapped here, before the fork, so a
+respawned worker finds its predecessor's flows.  Readiness goes to systemd through
+sd_notify: READY=1 once every worker reported ready, RELOADING=1 and STOPPING=1.
+
+Tunnel states, as the master sees them:
+
+    STARTING  forked, waiting for MSG_READY
+    RUNNING   the worker said it is ready
+    STOPPING  asked to stop (removed, changed, or the master is stopping)
+    BACKOFF   crashed; will be respawned when its backoff ends
+    FAILED    could not boot; waits for the next reload
+"""
+
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+
+from udpmux import control
+from udpmux.addr import format_endpoint
+from udpmux.errors import EXIT_OK, EXIT_OSERR, EXIT_WORKER_BOOT, ConfigError, Fatal
+from udpmux.sdnotify import Notifier
+
+STARTING = "starting"
+RUNNING = "running"
+STOPPING = "stopping"
+BACKOFF = "backoff"
+FAILED = "failed"
+
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 30.0         # a worker that ran this long restarts without delay
+SOCKET_BUFFER = 4 * 1024 * 1024
+
+HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+
+
+def bind_udp(endpoint, what):
+    """A nonblocking UDP socket bound to endpoint, with large buffers."""
+    family, sockaddr = endpoint
+    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        where = format_endpoint(family, sockaddr)
+        status = EXIT_OSERR if exc.errno != errno.EACCES else 77
+        raise Fatal(f"{what}: cannot bind {where}: {exc.strerror}", status=status) from None
+    sock.setblocking(False)
+    return sock
+
+
+class Tunnel:
+    """The master's record of one tunnel."""
+
+    def __init__(self, config, sockets, shared):
+        self.config = config
+        self.name = config.name
+        self.sockets = sockets          # label -> bound socket
+        self.shared = shared            # what the worker kind maps before fork (tables...)
+        self.state = STARTING
+        self.pid = None
+        self.pipe = None
+        self.started = 0.0
+        self.backoff = 0.0
+        self.respawn_at = None
+        self.restarts = 0
+        self.replacement = None         # a Tunnel that takes over once this one's worker exits
+        self.removed = False
+        self.kill_at = None             # when a stopping worker gets SIGKILL
+
+
+class Master:
+    """Run tunnels in workers.  `kind` knows the tunnel type:
+
+        kind.load()                       -> config with .tunnels, .stop_timeout
+        kind.shared(tunnel_config, old)   -> what to map before fork (old: the
+                                             previous Tunnel's, for a changed tunnel)
+        kind.worker(tunnel, pipe, inherited, log) -> a Worker, built before fork
+    """
+
+    def __init__(self, kind, log=None, notifier=None):
+        self.kind = kind
+        self.log = log or logging.getLogger("udpmux")
+        self.notifier = notifier or Notifier()
+        self.tunnels = {}
+        self.by_pid = {}
+        self.config = None
+        self.selector = None
+        self.stopping = False
+        self.reloading = False
+        self.ready_sent = False
+        self._wake_r = self._wake_w = None
+        self.extra = []                 # more selector entries (the control socket)
+
+    # -- process seams (tests may replace these)
+
+    def fork(self):
+        return os.fork()
+
+    def kill(self, pid, sig):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def reap(self):
+        """(pid, exit code) of each child that ended; signals as negative codes."""
+        ended = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            ended.append((pid, os.waitstatus_to_exitcode(status)))
+        return ended
+
+    # -- the loop
+
+    def run(self):
+        self.config = self.kind.load()
+        self.setup()
+        try:
+            for tunnel_config in self.config.tunnels.values():
+                self.start_tunnel(self.open_tunnel(tunnel_config))
+            self.check_ready()
+            while not (self.stopping and not self.by_pid):
+                timeout = self.next_timeout()
+                for key, _ in self.selector.select(timeout):
+                    key.data()
+                self.on_timers(time.monotonic())
+        finally:
+            self.cleanup()
+        return EXIT_OK
+
+    def setup(self):
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, _ignore)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self.on_signal)
+
+    def cleanup(self):
+        for tunnel in self.tunnels.values():
+            self.close_tunnel(tunnel)
+        self.notifier.close()
+        signal.set_wakeup_fd(-1)
+
+    def next_timeout(self):
+        now = time.monotonic()
+        moments = [m for t in self.tunnels.values() for m in (t.respawn_at, t.kill_at)
+                   if m is not None]
+        if not moments:
+            return 1.0
+        return max(0.0, min(min(moments) - now, 1.0))
+
+    def on_timers(self, now):
+        for tunnel in list(self.tunnels.values()):
+            if tunnel.respawn_at is not None and now >= tunnel.respawn_at:
+                tunnel.respawn_at = None
+                self.spawn(tunnel)
+            if tunnel.kill_at is not None and now >= tunnel.kill_at:
+                tunnel.kill_at = None
+                if tunnel.pid is not None:
+                    self.log.warning("tunnel %s: worker %d did not stop in time; killing it",
+                                     tunnel.name, tunnel.pid)
+                    self.kill(tunnel.pid, signal.SIGKILL)
+
+    # -- signals
+
+    def on_signal(self):
+        try:
+            data = self._wake_r.recv(64)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum == signal.SIGCHLD:
+                self.handle_chld()
+            elif signum == signal.SIGHUP:
+                self.handle_hup()
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self.handle_term(signum)
+
+    def handle_chld(self):
+        for pid, code in self.reap():
+            tunnel = self.by_pid.pop(pid, None)
+            if tunnel is None:
+                continue
+            self.worker_exited(tunnel, pid, code)
+
+    def handle_term(self, signum):
+        if self.stopping:
+            self.log.warning("second %s: killing the workers now", signal.Signals(signum).name)
+            for pid in list(self.by_pid):
+                self.kill(pid, signal.SIGKILL)
+            return
+        self.log.info("stopping (%s)", signal.Signals(signum).name)
+        self.notifier.stopping()
+        self.stopping = True
+        for tunnel in self.tunnels.values():
+            tunnel.respawn_at = None
+            self.stop_worker(tunnel)
+
+    def handle_hup(self):
+        if self.stopping:
+            return
+        self.log.info("reloading the configuration")
+        self.notifier.reloading()
+        try:
+            config = self.kind.load()
+        except (ConfigError, Fatal) as exc:
+            self.log.error("reload failed; the running configuration stays: %s", exc)
+            self.notifier.ready(self.summary())
+            return
+        self.config = config
+        self.reloading = True
+        self.ready_sent = False
+        for name in list(self.tunnels):
+            if name not in config.tunnels:
+                self.log.info("tunnel %s: removed from the configuration", name)
+                tunnel = self.tunnels[name]
+                tunnel.removed = True
+                self.retire(tunnel)
+        for name, tunnel_config in config.tunnels.items():
+            old = self.tunnels.get(name)
+            if old is None:
+                try:
+                    self.start_tunnel(self.open_tunnel(tunnel_config))
+                except Fatal as exc:
+                    self.log.error("tunnel %s: not started: %s", name, exc)
+            elif old.config != tunnel_config or old.state == FAILED:
+                try:
+                    new = self.open_tunnel(tunnel_config, old)
+                except Fatal as exc:
+                    self.log.error("tunnel %s: keeps its old settings: %s", name, exc)
+                    continue
+                self.log.info("tunnel %s: settings changed; restarting its worker", name)
+                old.replacement = new
+                self.retire(old)
+        self.check_ready()
+
+    # -- tunnels
+
+    def open_tunnel(self, tunnel_config, old=None):
+        """Bind a tunnel's sockets (reusing the old tunnel's where the address stayed)."""
+        sockets = {}
+        try:
+            for label, endpoint in tunnel_config.endpoints().items():
+                reuse = None
+                if old is not None:
+                    for old_label, old_endpoint in old.config.endpoints().items():
+                        if old_endpoint == endpoint:
+                            reuse = old.sockets[old_label]
+                sockets[label] = reuse or bind_udp(endpoint, f"tunnel {tunnel_config.name}")
+        except Fatal:
+            for label, sock in sockets.items():
+                if old is None or sock not in old.sockets.values():
+                    sock.close()
+            raise
+        return Tunnel(tunnel_config, sockets, self.kind.shared(tunnel_config, old))
+
+    def start_tunnel(self, tunnel):
+        self.tunnels[tunnel.name] = tunnel
+        self.spawn(tunnel)
+
+    def spawn(self, tunnel):
+        master_end, worker_end = control.pair()
+        inherited = self.inherited(keep=tunnel) + [master_end]
+        worker = self.kind.worker(tunnel, worker_end, inherited, self.log)
+        try:
+            pid = self.fork()
+        except OSError as exc:
+            master_end.close()
+            worker_end.close()
+            self.log.error("tunnel %s: cannot fork: %s", tunnel.name, exc.strerror)
+            self.schedule_respawn(tunnel)
+            return
+        if pid == 0:
+            worker.run()            # never returns
+        worker_end.close()
+        tunnel.pid = pid
+        tunnel.pipe = master_end
+        tunnel.state = STARTING
+        tunnel.started = time.monotonic()
+        self.by_pid[pid] = tunnel
+        self.selector.register(master_end, selectors.EVENT_READ,
+                               lambda: self.on_worker_message(tunnel, master_end))
+        self.log.debug("tunnel %s: worker %d started", tunnel.name, pid)
+
+    def inherited(self, keep):
+        """Everything of the master's that a worker for `keep` must close after fork."""
+        things = [self.selector, self._wake_r, self._wake_w] + list(self.extra)
+        mine = set(keep.sockets.values())
+        for tunnel in self.tunnels.values():
+            if tunnel.pipe is not None:
+                things.append(tunnel.pipe)
+            for other in (tunnel, tunnel.replacement):
+                if other is not None and other is not keep:
+                    things.extend(s for s in other.sockets.values() if s not in mine)
+        return things
+
+    def on_worker_message(self, tunnel, pipe):
+        try:
+            message = control.recv(pipe)
+        except ValueError:
+            return
+        if message is None:         # the worker closed its end: it exited, SIGCHLD follows
+            self.selector.unregister(pipe)
+            pipe.close()
+            if tunnel.pipe is pipe:
+                tunnel.pipe = None
+            return
+        mtype, body = message
+        body = body or {}
+        if mtype == control.MSG_READY and tunnel.state == STARTING:
+            tunnel.state = RUNNING
+            self.log.info("tunnel %s: up (worker %d)", tunnel.name, tunnel.pid)
+            self.check_ready()
+        elif mtype == control.MSG_FAILED:
+            self.log.error("tunnel %s: %s", tunnel.name, body.get("error", "failed to start"))
+        elif mtype == control.MSG_EVENT:
+            self.kind.event(tunnel, body, self.log)
+
+    def stop_worker(self, tunnel):
+        if tunnel.pid is None:
+            return
+        tunnel.state = STOPPING
+        tunnel.kill_at = time.monotonic() + self.config.stop_timeout
+        if tunnel.pipe is None or not control.send(
+                tunnel.pipe, control.MSG_STOP, {"deadline": self.config.stop_timeout}):
+            self.kill(tunnel.pid, signal.SIGTERM)
+
+    def retire(self, tunnel):
+        """Stop a tunnel's worker; once it exits, its replacement (if any) starts."""
+        tunnel.respawn_at = None
+        if tunnel.pid is None:
+            self.finish_retire(tunnel)
+        else:
+            self.stop_worker(tunnel)
+
+    def finish_retire(self, tunnel):
+        new = tunnel.replacement
+        keep = set(new.sockets.values()) if new is not None else set()
+        self.close_tunnel(tunnel, keep)
+        del self.tunnels[tunnel.name]
+        if new is not None:
+            self.start_tunnel(new)
+        self.check_ready()
+
+    def worker_exited(self, tunnel, pid, code):
+        tunnel.pid = None
+        tunnel.kill_at = None
+        if tunnel.pipe is not None:
+            self.selector.unregister(tunnel.pipe)
+            tunnel.pipe.close()
+            tunnel.pipe = None
+        how = f"signal {-code}" if code < 0 else f"status {code}"
+        if self.stopping:
+            self.log.debug("tunnel %s: worker %d stopped (%s)", tunnel.name, pid, how)
+            return
+        if tunnel.removed or tunnel.replacement is not None:
+            self.finish_retire(tunnel)
+            return
+        if code == EXIT_WORKER_BOOT:
+            tunnel.state = FAILED
+            self.log.error("tunnel %s: worker %d could not start; not respawning it until "
+                           "the next reload (SIGHUP)", tunnel.name, pid)
+            self.check_ready()
+            return
+        tunnel.restarts += 1
+        self.log.error("tunnel %s: worker %d died (%s); respawning", tunnel.name, pid, how)
+        self.schedule_respawn(tunnel)
+
+    def schedule_respawn(self, tunnel):
+        now = time.monotonic()
+        if now - tunnel.started >= STABLE_AFTER:
+            tunnel.backoff = 0.0
+        else:
+            tunnel.backoff = min(BACKOFF_MAX, max(BACKOFF_FIRST, tunnel.backoff * 2))
+        tunnel.state = BACKOFF
+        tunnel.respawn_at = now + tunnel.backoff
+
+    def close_tunnel(self, tunnel, keep=()):
+        for sock in tunnel.sockets.values():
+            if sock not in keep:
+                sock.close()
+        if tunnel.pipe is not None:
+            try:
+                self.selector.unregister(tunnel.pipe)
+            except (KeyError, ValueError):
+                pass
+            tunnel.pipe.close()
+            tunnel.pipe = None
+
+    # -- readiness
+
+    def check_ready(self):
+        if self.stopping or self.ready_sent:
+            return
+        if any(t.state in (STARTING, STOPPING) or t.replacement is not None
+               for t in self.tunnels.values()):
+            return
+        self.ready_sent = True
+        if self.reloading:
+            self.reloading = False
+            self.log.info("reload done: %s", self.summary())
+        else:
+            self.log.info("ready: %s", self.summary())
+        self.notifier.ready(self.summary())
+
+    def summary(self):
+        states = [t.state for t in self.tunnels.values()]
+        text = f"{states.count(RUNNING)} of {len(states)} tunnels running"
+        if states.count(FAILED):
+            text += f", {states.count(FAILED)} failed"
+        return text
+
+
+def _ignore(signum, frame):
+    """A handler that does nothing: the wake-up descriptor carries the signal to the loop."""

@@ -1,0 +1,156 @@
+"""The worker: one tunnel's process, forked by the master.
+
+The fork boundary shows in the names: __init__ runs in the master before the fork
+and touches nothing; run() is the child's whole life: init_process() sets the child
+up (its own selector, its own signal wake-up, the master's other descriptors closed),
+then loop() serves until the master says stop or goes away, and the child leaves
+through os._exit() with a status the master understands:
+
+    0                 stopped when asked
+    EXIT_WORKER_BOOT  could not start (the master does not respawn it)
+    EXIT_SOFTWARE     crashed (the master respawns it, with backoff)
+
+The master's end of the control pipe reaching EOF means the master died: the worker
+stops at once.  Per-tunnel behaviour (the relay's data path, for instance) lives in
+subclasses, which implement setup(), on_stop() and tick().
+"""
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+
+from udpmux import control
+from udpmux.errors import EXIT_OK, EXIT_SOFTWARE, EXIT_WORKER_BOOT
+
+
+class BootError(Exception):
+    """The worker cannot start; the master will not respawn it."""
+
+
+class Worker:
+    TICK = 1.0          # seconds between tick() calls at most
+
+    def __init__(self, name, pipe, inherited=(), log=None):
+        """In the master, before fork: remember, do nothing."""
+        self.name = name
+        self.pipe = pipe                # our end of the control socketpair
+        self.inherited = inherited      # the master's objects to close in the child
+        self.log = log or logging.getLogger("udpmux")
+        self.selector = None
+        self.alive = True
+        self.stopping_until = None
+        self._wake_r = self._wake_w = None
+
+    # -- the child's life
+
+    def run(self):
+        """In the child: never returns."""
+        status = EXIT_SOFTWARE
+        try:
+            self.init_process()
+            control.send(self.pipe, control.MSG_READY, {"pid": os.getpid()})
+            self.loop()
+            status = EXIT_OK
+        except BootError as exc:
+            self.log.error("tunnel %s: cannot start: %s", self.name, exc)
+            control.send(self.pipe, control.MSG_FAILED, {"error": str(exc)})
+            status = EXIT_WORKER_BOOT
+        except BaseException:
+            self.log.exception("tunnel %s: worker crashed", self.name)
+        finally:
+            os._exit(status)
+
+    def init_process(self):
+        # Signals first: the master's wake-up descriptor came with the fork, and a
+        # signal here must not look like the master's own.
+        self._wake_r, self._wake_w = socket.socketpair()
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, _ignore)      # handled in the loop: a graceful stop
+        signal.signal(signal.SIGINT, signal.SIG_IGN)    # the master decides about ^C
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)    # reloads go through the master
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        for thing in self.inherited:
+            try:
+                thing.close()
+            except OSError:
+                pass
+        # Our own selector: an epoll set inherited from the master shares its
+        # registrations with it, so touching it here would change the master's.
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.pipe, selectors.EVENT_READ, self.on_control)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self.on_signal)
+        self.setup()
+
+    def loop(self):
+        next_tick = time.monotonic()
+        while self.alive:
+            now = time.monotonic()
+            timeout = max(0.0, next_tick - now)
+            for key, _ in self.selector.select(timeout):
+                key.data()
+            now = time.monotonic()
+            if now >= next_tick:
+                self.tick(now)
+                next_tick = now + self.TICK
+                if self.stopping_until is not None and now >= self.stopping_until:
+                    self.alive = False
+        self.on_exit()
+
+    # -- events
+
+    def on_control(self):
+        try:
+            message = control.recv(self.pipe)
+        except ValueError:
+            return
+        if message is None:             # the master is gone
+            self.log.warning("tunnel %s: the master went away; stopping", self.name)
+            self.alive = False
+            return
+        mtype, body = message
+        if mtype == control.MSG_STOP:
+            self.stop((body or {}).get("deadline", 5.0))
+
+    def on_signal(self):
+        try:
+            data = self._wake_r.recv(64)
+        except BlockingIOError:
+            return
+        if signal.SIGTERM in data:
+            self.stop(5.0)
+
+    def stop(self, deadline):
+        """Begin a graceful stop: subclasses say goodbye in on_stop(), then the loop
+        ends at the next tick, or earlier if on_stop() clears self.alive."""
+        if self.stopping_until is None:
+            self.stopping_until = time.monotonic() + min(deadline, 1.0)
+            self.on_stop()
+
+    def event(self, event, **fields):
+        """Tell the master something an operator acts on (it logs and counts it)."""
+        control.send(self.pipe, control.MSG_EVENT, {"event": event, **fields})
+
+    # -- for subclasses
+
+    def setup(self):
+        """After fork: register sockets with self.selector, attach tables."""
+
+    def tick(self, now):
+        """About once a second: expiry, keepalives, syncing shared state."""
+
+    def on_stop(self):
+        """A graceful stop began: tell peers, stop accepting."""
+        self.alive = False
+
+    def on_exit(self):
+        """The loop ended: flush what must survive into shared memory."""
+
+
+def _ignore(signum, frame):
+    """A handler that does nothing: the wake-up descriptor carries the signal to the loop."""
