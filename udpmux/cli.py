@@ -12,18 +12,19 @@ import sys
 from docopt import DocoptExit, docopt
 
 from udpmux import __version__
+from udpmux.config import default_text as _d
 from udpmux.errors import (
     EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE, Fatal,
 )
 
-RELAY = """\
+RELAY = f"""\
 udpmux relay: the public end of reverse tunnels.  Outside clients send UDP to a
 tunnel's public port; the relay passes each client's datagrams, tagged, to the
 exposer registered on that tunnel, and the exposer's replies back to the client.
 
 Usage:
   udpmux relay -c FILE [--debug]
-  udpmux relay --public ADDR [--register ADDR] (--key-file FILE | --insecure) [options]
+  udpmux relay --public ADDR [--register ADDR] (--key-file FILE | --insecure) [--debug] [options]
   udpmux relay -h | --help
 
 Options:
@@ -33,11 +34,12 @@ Options:
   --key-file FILE             The tunnel's key, shared with the exposer ("-": standard input).
   --insecure                  No key: any host may register as the exposer.
   --name NAME                 The tunnel's name in logs and status [default: tunnel].
-  --max-flows N               Flows kept at once; the idlest goes first [default: 1024].
-  --flow-idle SECONDS         A flow without datagrams this long ends [default: 180].
-  --exposer-timeout SECONDS   Without a word from the exposer this long, the tunnel is down [default: 90].
-  --new-flows-rate N          New flows accepted per second on the tunnel [default: 500].
-  --new-flows-per-source N    New flows accepted per second from one client IP address [default: 50].
+  --max-flows N               Flows kept at once; the idlest goes first [default: {_d("max_flows")}].
+  --flow-idle SECONDS         A flow without datagrams this long ends [default: {_d("flow_idle")}].
+  --exposer-timeout SECONDS   Without a word from the exposer this long, the tunnel is down [default: {_d("exposer_timeout")}].
+  --new-flows-rate N          New flows accepted per second on the tunnel [default: {_d("new_flows_rate")}].
+  --new-flows-per-source N    New flows accepted per second from one client IP address [default: {_d("new_flows_per_source")}].
+  --max-sources N             Client IP addresses whose rate is tracked at once [default: {_d("max_sources")}].
   --control-socket PATH       Where `udpmux status` finds the relay (default: see udpmux(8)).
   --debug                     Log every flow and session event.
   -h, --help                  Show this text.
@@ -215,8 +217,10 @@ class Mode:
 
 
 MODES = {m.name: m for m in [
-    Mode("relay", RELAY, "run the public relay: tunnels from a config file, or one from options"),
-    Mode("expose", EXPOSE, "make a UDP service behind NAT reachable through a relay"),
+    Mode("relay", RELAY, "run the public relay: tunnels from a config file, or one from options",
+         "udpmux.relay:main"),
+    Mode("expose", EXPOSE, "make a UDP service behind NAT reachable through a relay",
+         "udpmux.expose:main"),
     Mode("link", LINK, "a reliable stream over UDP for ssh's ProxyCommand and local TCP listeners"),
     Mode("link-server", LINK_SERVER, "the server end of link, started by link over ssh"),
     Mode("punch", PUNCH, "punch a direct UDP path through NAT between two hosts"),

@@ -76,8 +76,8 @@ TUNNEL_SETTINGS = [
     Setting("flow_idle", _positive_number, 180.0, "seconds without datagrams before a flow ends"),
     Setting("exposer_timeout", _positive_number, 90.0,
             "seconds without a word from the exposer before the tunnel is down"),
-    Setting("new_flows_rate", _positive_number, 500.0, "new flows accepted per second"),
-    Setting("new_flows_per_source", _positive_number, 50.0,
+    Setting("new_flows_rate", _positive_number, 1000.0, "new flows accepted per second"),
+    Setting("new_flows_per_source", _positive_number, 200.0,
             "new flows accepted per second from one client IP address"),
     Setting("max_sources", _positive_int, 4096,
             "client IP addresses whose new-flow rate is tracked at once"),
@@ -112,8 +112,8 @@ class TunnelConfig:
     max_flows: int = 1024
     flow_idle: float = 180.0
     exposer_timeout: float = 90.0
-    new_flows_rate: float = 500.0
-    new_flows_per_source: float = 50.0
+    new_flows_rate: float = 1000.0
+    new_flows_per_source: float = 200.0
     max_sources: int = 4096
     source: str = field(default="", compare=False)     # where it was defined, for messages
 
@@ -228,6 +228,12 @@ def load(path, log=None):
     return RelayConfig(tunnels=tunnels,
                        control_socket=globals_.get("control_socket") or default_control_socket(),
                        stop_timeout=globals_.get("stop_timeout", 10.0), path=path)
+
+
+def default_text(name):
+    """A tunnel setting's default as the command line's help shows it."""
+    value = TUNNEL[name].default
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def from_options(args, log=None):

@@ -6,7 +6,8 @@ The handshake (HELLO and WELCOME carry a MAC under the handshake key when keyed)
     initiator                                              responder
       HELLO   session=0  (id_i, random_i, role)  ------------->
                                                   (a pending session, bounded, expires)
-              <--------  WELCOME  session=id_i  (id_r, random_i, random_r, your address)
+              <--------  WELCOME  session=id_i  (id_r, random_i, random_r, your address,
+                                                 epoch)
       any message under the session keys, session=id_r  ----->
                                                   (the pending session is confirmed)
 
@@ -85,7 +86,7 @@ class Session:
     """One established session, at either end: keys, nonce counter, replay window."""
 
     __slots__ = ("local_id", "peer_id", "keyed", "flags", "send_key", "recv_key",
-                 "send_nonce", "window", "peer", "role", "observed", "confirmed")
+                 "send_nonce", "window", "peer", "role", "observed", "confirmed", "epoch")
 
     def __init__(self, local_id, peer_id, send_key, recv_key, role, peer=None):
         self.local_id = local_id
@@ -100,6 +101,7 @@ class Session:
         self.role = role
         self.observed = None            # initiator: its address as the responder saw it
         self.confirmed = False          # responder: heard from the initiator since WELCOME
+        self.epoch = 0                  # the responder's flow-table epoch (see WELCOME)
 
     def seal(self, mtype, tag, body=b""):
         """A whole message of this session."""
@@ -184,7 +186,7 @@ class Initiator(_HandshakeKey):
     def welcome(self, msg):
         """The Session that a WELCOME establishes; Drop when it answers no HELLO of ours."""
         body = self.open(msg, T_WELCOME)
-        id_r, random_i, random_r, family, port, address = WELCOME.unpack(body)
+        id_r, random_i, random_r, family, port, address, epoch = WELCOME.unpack(body)
         (session_field,) = _ID.unpack_from(msg, 4)
         if self.random is None or random_i != self.random or session_field != self.local_id:
             raise Drop(R_UNEXPECTED)
@@ -196,6 +198,7 @@ class Initiator(_HandshakeKey):
         session = Session(self.local_id, id_r, k_i2r, k_r2i, self.role)
         if family in (4, 6):
             session.observed = observed_text(family, port, address)
+        session.epoch = epoch
         # A later session gets a fresh id, so the responder can never confuse the two.
         self.local_id = new_id((self.local_id,))
         return session
@@ -222,7 +225,7 @@ class Acceptor(_HandshakeKey):
         self.pending = OrderedDict()    # local id -> (Session, welcomed at)
         self.seen = OrderedDict()       # HELLO randoms seen, oldest first
 
-    def hello(self, msg, peer, now, taken=()):
+    def hello(self, msg, peer, now, taken=(), epoch=0):
         """Answer a HELLO from peer: returns (WELCOME message, pending Session)."""
         body = self.open(msg, T_HELLO)
         id_i, random_i, role = HELLO.unpack(body)
@@ -243,10 +246,11 @@ class Acceptor(_HandshakeKey):
         else:
             k_i2r = k_r2i = None
         session = Session(id_r, id_i, k_r2i, k_i2r, role, peer)
+        session.epoch = epoch
         self.pending[id_r] = (session, now)
         family, port, address = observed_fields(peer)
         welcome = self.seal(T_WELCOME, id_i,
-                            WELCOME.pack(id_r, random_i, random_r, family, port, address))
+                            WELCOME.pack(id_r, random_i, random_r, family, port, address, epoch))
         return welcome, session
 
     def confirm(self, session_id, msg, nonce):

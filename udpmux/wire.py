@@ -33,10 +33,12 @@ length as a 32-bit unsigned integer in network byte order::
 
 Bodies by type (offsets from the start of the body):
 
-    HELLO (56)    0 initiator id u32 | 4 initiator random 16B | 20 role u8 | 21 zero 35B
-    WELCOME (56)  0 responder id u32 | 4 initiator random 16B | 20 responder random 16B |
-                  36 family u8 (4|6) | 37 zero u8 | 38 port u16 | 40 address 16B
-                  (the initiator's address as the responder saw it)
+    HELLO (64)    0 initiator id u32 | 4 initiator random 16B | 20 role u8 | 21 zero 43B
+    WELCOME (64)  0 responder id u32 | 4 initiator random 16B | 20 responder random 16B |
+                  36 family u8 (4|6) | 37 zero u8 | 38 port u16 | 40 address 16B |
+                  56 epoch u64
+                  (address: the initiator's, as the responder saw it; epoch: names the
+                  responder's flow table, and changes when tags from before mean nothing)
     KEEPALIVE(12) 0 flags u8 (1 = reply, please) | 1 zero 3B | 4 stamp u32 | 8 echo u32
     STALE (12)    0 session id the sender does not know u32 | 4 nonce of that message u64
     BYE (1)       0 reason u8
@@ -104,8 +106,8 @@ ROLE_UOT = 3            # a UDP-over-TCP client
 ROLE_PUNCH = 4          # a hole-punching peer
 ROLE_NAMES = {ROLE_EXPOSE: "expose", ROLE_LINK: "link", ROLE_UOT: "uot", ROLE_PUNCH: "punch"}
 
-HELLO = struct.Struct("!I16sB35x")
-WELCOME = struct.Struct("!I16s16sBxH16s")
+HELLO = struct.Struct("!I16sB43x")
+WELCOME = struct.Struct("!I16s16sBxH16sQ")
 KEEPALIVE = struct.Struct("!B3xII")
 STALE = struct.Struct("!IQ")
 REASON = struct.Struct("!B")

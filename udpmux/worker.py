@@ -12,7 +12,10 @@ through os._exit() with a status the master understands:
 
 The master's end of the control pipe reaching EOF means the master died: the worker
 stops at once.  Per-tunnel behaviour (the relay's data path, for instance) lives in
-subclasses, which implement setup(), on_stop() and tick().
+subclasses, which implement setup(), after_events(), tick(), on_stop() and on_exit().
+
+The single-host modes (expose, for instance) run the same class without a master:
+serve() runs it in the calling process, where SIGTERM and SIGINT stop it gracefully.
 """
 
 import logging
@@ -63,7 +66,13 @@ class Worker:
         finally:
             os._exit(status)
 
-    def init_process(self):
+    def serve(self):
+        """Run in this process, without a master; returns the exit status."""
+        self.init_process(standalone=True)
+        self.loop()
+        return EXIT_OK
+
+    def init_process(self, standalone=False):
         # Signals first: the master's wake-up descriptor came with the fork, and a
         # signal here must not look like the master's own.
         self._wake_r, self._wake_w = socket.socketpair()
@@ -71,7 +80,8 @@ class Worker:
             end.setblocking(False)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, _ignore)      # handled in the loop: a graceful stop
-        signal.signal(signal.SIGINT, signal.SIG_IGN)    # the master decides about ^C
+        # Under a master, ^C reaches the whole process group: the master decides.
+        signal.signal(signal.SIGINT, _ignore if standalone else signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)    # reloads go through the master
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
@@ -83,7 +93,8 @@ class Worker:
         # Our own selector: an epoll set inherited from the master shares its
         # registrations with it, so touching it here would change the master's.
         self.selector = selectors.DefaultSelector()
-        self.selector.register(self.pipe, selectors.EVENT_READ, self.on_control)
+        if self.pipe is not None:
+            self.selector.register(self.pipe, selectors.EVENT_READ, self.on_control)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self.on_signal)
         self.setup()
 
@@ -94,6 +105,7 @@ class Worker:
             timeout = max(0.0, next_tick - now)
             for key, _ in self.selector.select(timeout):
                 key.data()
+            self.after_events()
             now = time.monotonic()
             if now >= next_tick:
                 self.tick(now)
@@ -122,7 +134,7 @@ class Worker:
             data = self._wake_r.recv(64)
         except BlockingIOError:
             return
-        if signal.SIGTERM in data:
+        if signal.SIGTERM in data or signal.SIGINT in data:
             self.stop(5.0)
 
     def stop(self, deadline):
@@ -132,14 +144,13 @@ class Worker:
             self.stopping_until = time.monotonic() + min(deadline, 1.0)
             self.on_stop()
 
-    def event(self, event, **fields):
-        """Tell the master something an operator acts on (it logs and counts it)."""
-        control.send(self.pipe, control.MSG_EVENT, {"event": event, **fields})
-
     # -- for subclasses
 
     def setup(self):
         """After fork: register sockets with self.selector, attach tables."""
+
+    def after_events(self):
+        """After each round of events: flush what they queued."""
 
     def tick(self, now):
         """About once a second: expiry, keepalives, syncing shared state."""

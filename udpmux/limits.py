@@ -1,0 +1,54 @@
+"""Rate limits: token buckets, alone or one per source address in a bounded table."""
+
+from collections import OrderedDict
+
+
+class TokenBucket:
+    """`rate` tokens a second, holding at most `burst` (one second's worth by default)."""
+
+    __slots__ = ("rate", "burst", "tokens", "last")
+
+    def __init__(self, rate, burst=None, now=0.0):
+        self.rate = rate
+        self.burst = rate if burst is None else burst
+        self.tokens = self.burst
+        self.last = now
+
+    def take(self, now, n=1.0):
+        """True (and n tokens spent) if n tokens are there."""
+        tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if tokens < n:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - n
+        return True
+
+
+class PerSource:
+    """A token bucket per source, for at most `size` sources (the least recently seen
+    is forgotten first, and starts again with a full bucket if it comes back)."""
+
+    def __init__(self, rate, size, burst=None):
+        self.rate = rate
+        self.burst = burst
+        self.size = size
+        self.buckets = OrderedDict()
+
+    def take(self, source, now):
+        bucket = self.buckets.get(source)
+        if bucket is None:
+            if len(self.buckets) >= self.size:
+                self.buckets.popitem(last=False)
+            bucket = self.buckets[source] = TokenBucket(self.rate, self.burst, now)
+        else:
+            self.buckets.move_to_end(source)
+        return bucket.take(now)
+
+    def __len__(self):
+        return len(self.buckets)
+
+
+def source_of(peer):
+    """What per-source limits count by: the IPv4 address, or the IPv6 /64."""
+    return peer[4:8] if len(peer) == 16 else peer[8:16]

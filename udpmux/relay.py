@@ -1,0 +1,470 @@
+"""`udpmux relay`: the public end of reverse tunnels.
+
+One worker per tunnel.  Each tunnel has a public socket, which outside clients send
+to, and a register socket (the same one unless configured apart), where the exposer
+keeps a session::
+
+    client A ---\\                      tunnel "wg"                     /--- service
+    client B ----> public socket --> [ worker ] --> register socket ===> exposer
+    client C ---/    (flows by client      |           (one session,
+                      address, tagged)     |            authenticated)
+                                      tag table (shared with the master)
+
+A client's datagram becomes a DATA message with the client's tag, sealed in place in
+the receive buffer (the header goes into the slot's headroom, the MAC after the
+datagram) and sent to the exposer in batches.  A DATA message from the exposer is
+opened and its body sent to the client its tag names, again without a copy.
+
+Bounds: at most max_flows flows (a new client evicts the least recently used, and the
+exposer is told to close it too); flows idle for flow_idle end at both ends; new flows
+are limited per second on the tunnel and per client IP address; pending handshakes are
+bounded; HELLO and STALE answers are rate limited and never larger than what they
+answer.  Nothing a stranger sends moves or replaces the exposer's session: only an
+authenticated message with the newest nonce moves it, and only a completed handshake
+replaces it.
+
+How we name things:
+  client    an outside host sending to the public socket (not authenticated)
+  exposer   the `udpmux expose` agent serving the tunnel (authenticated)
+  flow      one client address, known by its tag at both ends
+  state     the tunnel's shared block: counters, and the exposer's session, so that a
+            respawned worker carries on with the same session and the same flows
+"""
+
+import logging
+import os
+import selectors
+import struct
+import time
+
+from udpmux import auth, wire
+from udpmux.addr import format_peer
+from udpmux.batchio import Batch, Outbox, recv_into
+from udpmux.config import from_options, load
+from udpmux.limits import PerSource, TokenBucket, source_of
+from udpmux.log import DropLog, setup as setup_log
+from udpmux.master import Master
+from udpmux.session import Acceptor, Drop, Session
+from udpmux.shm import SharedBlock
+from udpmux.tagtable import TagTable
+from udpmux.worker import Worker
+from udpmux.wire import (
+    CLOSE_EVICTED, CLOSE_IDLE, CLOSE_REFUSED, HEADER_SIZE, KEEPALIVE, KEEPALIVE_REPLY,
+    MAC_SIZE, MAX_DATAGRAM, REASON, T_BYE, T_CLOSE, T_DATA, T_HELLO, T_KEEPALIVE, Malformed,
+    parse_header,
+)
+
+BATCH = 64
+DRAIN_ROUNDS = 8                # batches per socket per wake-up, so no socket starves the rest
+HELLO_RATE = 20.0               # handshakes answered per second per tunnel
+STALE_RATE = 10.0               # STALE answers per second per tunnel
+NONCE_RESERVE = 1 << 24         # nonces a worker may use before its state block records them
+STATE_EVERY = 1.0               # seconds between writes of the state block
+DROP_LOG_EVERY = 60.0           # seconds between summaries of drops
+
+# Reasons the relay drops datagrams and messages, beyond those of wire, auth and session.
+R_NO_EXPOSER = "no-exposer"     # a client datagram while no exposer is registered
+R_FLOW_RATE = "flow-rate"       # a new flow over the tunnel's new_flows_rate
+R_SOURCE_RATE = "source-rate"   # a new flow over new_flows_per_source for its IP address
+R_UNKNOWN_TAG = "unknown-tag"   # exposer data for a flow that is gone
+R_HELLO_RATE = "hello-rate"     # handshakes beyond HELLO_RATE
+R_SEND = "send"                 # the kernel refused to send (buffer full, unreachable)
+
+_ID = struct.Struct("!I")
+
+
+class RelayShared:
+    """What the master maps for a tunnel before forking its worker."""
+
+    def __init__(self, config, old=None):
+        if old is not None and old.config.max_flows == config.max_flows:
+            self.table, self.epoch = old.shared.table, old.shared.epoch
+        else:
+            self.table = TagTable(config.max_flows)
+            self.epoch = int.from_bytes(os.urandom(8), "big") or 1
+        if old is not None and old.config.key == config.key:
+            self.state = old.shared.state
+        else:
+            self.state = SharedBlock()
+
+
+class RelayKind:
+    """Tells the master how to run relay tunnels."""
+
+    def __init__(self, args, log):
+        self.args = args
+        self.log = log
+
+    def load(self):
+        if self.args.get("--config"):
+            return load(self.args["--config"], self.log)
+        return from_options(self.args, self.log)
+
+    def shared(self, config, old):
+        return RelayShared(config, old)
+
+    def worker(self, tunnel, pipe, inherited, log):
+        return RelayWorker(tunnel, pipe, inherited, log)
+
+    def event(self, tunnel, body, log):
+        log.info("tunnel %s: %s", tunnel.name, body.get("event"))
+
+
+class RelayWorker(Worker):
+    def __init__(self, tunnel, pipe, inherited=(), log=None):
+        super().__init__(tunnel.name, pipe, inherited, log)
+        self.config = tunnel.config
+        self.public = tunnel.sockets["public"]
+        self.register = tunnel.sockets.get("register", self.public)
+        self.shared_socket = self.register is self.public
+        self.table = tunnel.shared.table
+        self.state = tunnel.shared.state
+        self.epoch = tunnel.shared.epoch
+        self.keyed = self.config.key is not None
+
+    # -- after fork
+
+    def setup(self):
+        config = self.config
+        now = time.monotonic()
+        self.table.attach()
+        self.acceptor = Acceptor(config.key, [wire.ROLE_EXPOSE])
+        self.session = None             # the exposer's session
+        self.restored = False           # the session came from a dead predecessor
+        self.heard = 0.0                # when the exposer last sent an authentic message
+        self.registered = 0.0
+        self.flow_bucket = TokenBucket(config.new_flows_rate, now=now)
+        self.per_source = PerSource(config.new_flows_per_source, config.max_sources)
+        self.hello_bucket = TokenBucket(HELLO_RATE, now=now)
+        self.stale_bucket = TokenBucket(STALE_RATE, now=now)
+        self.counters = dict.fromkeys(
+            ("datagrams_in", "bytes_in", "datagrams_out", "bytes_out", "flows", "evicted",
+             "expired", "sessions", "roams"), 0)
+        self.drops = {}
+        self.drop_log = DropLog(self.log, f"tunnel {self.name}", DROP_LOG_EVERY)
+        self.in_batch = Batch(BATCH, HEADER_SIZE + MAX_DATAGRAM + MAC_SIZE)
+        self.reg_batch = self.in_batch if self.shared_socket else Batch(BATCH)
+        self.to_exposer = Outbox(BATCH)
+        self.to_clients = Outbox(BATCH)
+        self.restore(self.state.read_json(), now)
+        self.next_state = now
+        self.selector.register(self.public, selectors.EVENT_READ, self.on_public)
+        if not self.shared_socket:
+            self.selector.register(self.register, selectors.EVENT_READ, self.on_register)
+
+    def restore(self, state, now):
+        """Carry on from a predecessor's state block: counters and the exposer's session."""
+        for name, value in state.get("counters", {}).items():
+            if name in self.counters:
+                self.counters[name] = value
+        self.drops.update(state.get("drops", {}))
+        saved = state.get("session")
+        if not saved or (saved.get("keyed") != self.keyed):
+            return
+        session = Session(saved["local_id"], saved["peer_id"],
+                          bytes.fromhex(saved["send_key"]) if self.keyed else None,
+                          bytes.fromhex(saved["recv_key"]) if self.keyed else None,
+                          wire.ROLE_EXPOSE, bytes.fromhex(saved["peer"]))
+        # Never reuse a nonce: skip past every one the predecessor may have used, and
+        # accept nothing at or below the highest it had accepted.
+        session.send_nonce = saved["send_reserved"]
+        session.window.top = saved["recv_top"]
+        session.window.bits = (1 << auth.WINDOW) - 1
+        session.confirmed = True
+        self.session = session
+        self.restored = True
+        self.heard = now
+        self.registered = now - saved.get("age", 0.0)
+        self.log.info("tunnel %s: worker %d carries on with the exposer at %s",
+                      self.name, os.getpid(), format_peer(session.peer))
+
+    # -- the data path
+
+    def drop(self, reason, n=1):
+        self.drops[reason] = self.drops.get(reason, 0) + n
+        self.drop_log.count(reason, n)
+
+    def on_public(self):
+        """Client datagrams: tag them and pass them to the exposer."""
+        batch = self.in_batch
+        table, get, touch = self.table, self.table.get, self.table.touch
+        buf, out = batch.buf, self.to_exposer
+        counters = self.counters
+        for _ in range(DRAIN_ROUNDS):
+            n = recv_into(self.public, batch, HEADER_SIZE)
+            if not n:
+                break
+            now = time.monotonic()
+            session = self.session
+            exposer = session.peer if session is not None else None
+            lengths, keys, starts = batch.lengths, batch.keys, batch.starts
+            sent = size_in = 0
+            for i in range(n):
+                key = keys[i]
+                length = lengths[i]
+                if self.shared_socket and (key == exposer or get(key) is None) \
+                        and self.maybe_exposer(batch, i, now):
+                    continue
+                if length > MAX_DATAGRAM:
+                    self.drop(wire.R_TOO_LARGE)
+                    continue
+                slot = get(key)
+                if slot is None:
+                    slot = self.new_flow(key, now)
+                    if slot is None:
+                        continue
+                touch(slot, now, length)
+                if session is None:
+                    self.drop(R_NO_EXPOSER)
+                    continue
+                start = starts[i] - HEADER_SIZE
+                size = session.seal_into(buf, start, length, T_DATA, table.tag_of(slot))
+                out.add_from(batch, start, size, exposer)
+                sent += 1
+                size_in += length
+            counters["datagrams_in"] += sent
+            counters["bytes_in"] += size_in
+            self.flush_exposer()
+            if self.shared_socket:
+                self.flush_clients()
+
+    def maybe_exposer(self, batch, i, now):
+        """On a shared socket: handle datagram i as the exposer's if it is a message."""
+        start, length = batch.starts[i], batch.lengths[i]
+        msg = batch.view[start:start + min(length, batch.capacity)]
+        try:
+            parse_header(msg, self.keyed)
+        except Malformed:
+            return False
+        self.from_exposer(msg, batch.keys[i], now, start)
+        return True
+
+    def new_flow(self, key, now):
+        """The slot of a new flow for this client, or None (counted) if refused."""
+        if self.session is None or self.down(now):
+            self.drop(R_NO_EXPOSER)
+            return None
+        if not self.flow_bucket.take(now):
+            self.drop(R_FLOW_RATE)
+            return None
+        if not self.per_source.take(source_of(key), now):
+            self.drop(R_SOURCE_RATE)
+            return None
+        slot, tag, evicted = self.table.insert(key, now)
+        self.counters["flows"] += 1
+        if evicted is not None:
+            self.counters["evicted"] += 1
+            self.tell_exposer(T_CLOSE, evicted[1], REASON.pack(CLOSE_EVICTED))
+            self.log.debug("tunnel %s: flow %d (%s) evicted for a new one", self.name,
+                           evicted[1], format_peer(evicted[0]))
+        self.log.debug("tunnel %s: new flow %d from %s", self.name, tag, format_peer(key))
+        return slot
+
+    def on_register(self):
+        """Messages on the register socket: the exposer's, or handshakes."""
+        batch = self.reg_batch
+        for _ in range(DRAIN_ROUNDS):
+            n = recv_into(self.register, batch, 0)
+            if not n:
+                break
+            now = time.monotonic()
+            view, lengths, keys, starts = batch.view, batch.lengths, batch.keys, batch.starts
+            capacity = batch.capacity
+            for i in range(n):
+                start, length = starts[i], lengths[i]
+                if length > capacity:
+                    self.drop(wire.R_TOO_LARGE)
+                    continue
+                self.from_exposer(view[start:start + length], keys[i], now, start)
+            self.flush_clients()
+            self.flush_exposer()
+
+    def from_exposer(self, msg, key, now, start):
+        """One message on the register socket.  msg is a view into a receive batch that
+        starts at `start` in the batch's buffer; DATA bodies are sent from there."""
+        try:
+            mtype, sid, tag, nonce = parse_header(msg, self.keyed)
+        except Malformed as exc:
+            self.drop(exc.reason)
+            return
+        session = self.session
+        try:
+            if session is not None and sid == session.local_id:
+                newest = session.open(msg, nonce)
+            elif mtype == T_HELLO:
+                self.on_hello(msg, key, now)
+                return
+            elif sid in self.acceptor.pending:
+                session = self.acceptor.confirm(sid, msg, nonce)
+                self.new_session(session, key, now)
+                newest = True
+            else:
+                self.drop("session")
+                self.answer_stale(msg, sid, nonce, key, now)
+                return
+        except Drop as exc:
+            self.drop(exc.reason)
+            return
+        self.heard = now
+        if key != session.peer:
+            if newest and not self.restored:
+                self.log.info("tunnel %s: exposer moved from %s to %s", self.name,
+                              format_peer(session.peer), format_peer(key))
+                session.peer = key
+                self.counters["roams"] += 1
+        if self.restored:
+            # Ask the exposer for a new handshake: the restored session cannot roam.
+            self.restored = False
+            self.send_to(self.acceptor.stale(sid, nonce), session.peer)
+        if mtype == T_DATA:
+            slot = self.table.slot_of_tag(tag)
+            body = len(msg) - HEADER_SIZE - (MAC_SIZE if self.keyed else 0)
+            if slot is None:
+                self.drop(R_UNKNOWN_TAG)
+                self.tell_exposer(T_CLOSE, tag, REASON.pack(CLOSE_REFUSED))
+                return
+            self.table.touch(slot, now, body, outward=True)
+            self.to_clients.add_from(self.reg_batch, start + HEADER_SIZE, body,
+                                     self.table.key_of(slot))
+            self.counters["datagrams_out"] += 1
+            self.counters["bytes_out"] += body
+        elif mtype == T_KEEPALIVE:
+            flags, stamp, _echo = KEEPALIVE.unpack_from(msg, HEADER_SIZE)
+            if flags & KEEPALIVE_REPLY:
+                self.tell_exposer(T_KEEPALIVE, 0, KEEPALIVE.pack(0, 0, stamp))
+        elif mtype == T_CLOSE:
+            slot = self.table.slot_of_tag(tag)
+            if slot is not None:
+                self.table.remove(slot)
+                self.log.debug("tunnel %s: the exposer closed flow %d", self.name, tag)
+        elif mtype == T_BYE:
+            self.log.info("tunnel %s: the exposer at %s said goodbye", self.name,
+                          format_peer(session.peer))
+            self.session = None
+        # Handshake types under a session key are not sent by exposers: ignore them.
+
+    def on_hello(self, msg, key, now):
+        if not self.hello_bucket.take(now):
+            self.drop(R_HELLO_RATE)
+            return
+        taken = (self.session.local_id,) if self.session is not None else ()
+        welcome, _pending = self.acceptor.hello(msg, key, now, taken, self.epoch)
+        self.send_to(welcome, key)
+
+    def new_session(self, session, key, now):
+        old = self.session
+        session.peer = key
+        self.session = session
+        self.restored = False
+        self.registered = now
+        self.counters["sessions"] += 1
+        if old is None:
+            self.log.info("tunnel %s: exposer registered from %s", self.name, format_peer(key))
+        elif old.peer != key:
+            self.log.info("tunnel %s: exposer at %s replaced by a new session from %s",
+                          self.name, format_peer(old.peer), format_peer(key))
+        else:
+            self.log.debug("tunnel %s: exposer at %s started a new session", self.name,
+                           format_peer(key))
+        self.write_state(now)
+
+    def answer_stale(self, msg, sid, nonce, key, now):
+        """Tell a sender whose session we do not know to start again: never larger than
+        what it sent, and rate limited."""
+        if sid == 0 or not self.stale_bucket.take(now):
+            return
+        stale = self.acceptor.stale(sid, nonce)
+        if len(stale) <= len(msg):
+            self.send_to(stale, key)
+
+    # -- sending
+
+    def tell_exposer(self, mtype, tag, body):
+        if self.session is not None:
+            self.to_exposer.add(self.session.seal(mtype, tag, body), self.session.peer)
+
+    def send_to(self, msg, key):
+        self.to_exposer.add(msg, key)
+
+    def flush_exposer(self):
+        if len(self.to_exposer):
+            self.to_exposer.flush(self.register)
+            self.count_send_drops(self.to_exposer)
+
+    def flush_clients(self):
+        if len(self.to_clients):
+            self.to_clients.flush(self.public)
+            self.count_send_drops(self.to_clients)
+
+    def count_send_drops(self, outbox):
+        if outbox.drops:
+            self.drop(R_SEND, sum(outbox.drops.values()))
+            outbox.drops.clear()
+
+    def after_events(self):
+        self.flush_exposer()
+        self.flush_clients()
+
+    # -- housekeeping
+
+    def down(self, now):
+        return now - self.heard > self.config.exposer_timeout
+
+    def tick(self, now):
+        for key, tag in self.table.expire(now, self.config.flow_idle):
+            self.counters["expired"] += 1
+            self.tell_exposer(T_CLOSE, tag, REASON.pack(CLOSE_IDLE))
+            self.log.debug("tunnel %s: flow %d (%s) idle; closed", self.name, tag,
+                           format_peer(key))
+        self.acceptor.expire(now)
+        if self.session is not None and self.down(now):
+            self.log.warning("tunnel %s: no word from the exposer at %s for %d s; the tunnel "
+                             "is down until it registers again", self.name,
+                             format_peer(self.session.peer), now - self.heard)
+            self.session = None
+        self.flush_exposer()
+        self.table.sync()
+        self.write_state(now)
+        self.drop_log.maybe_log(now)
+
+    def write_state(self, now):
+        session = self.session
+        saved = None
+        if session is not None:
+            saved = {
+                "keyed": self.keyed,
+                "local_id": session.local_id,
+                "peer_id": session.peer_id,
+                "send_key": session.send_key.hex() if self.keyed else None,
+                "recv_key": session.recv_key.hex() if self.keyed else None,
+                "send_reserved": session.send_nonce + NONCE_RESERVE,
+                "recv_top": session.window.top,
+                "peer": session.peer.hex(),
+                "age": now - self.registered,
+            }
+        self.state.write_json({
+            "pid": os.getpid(),
+            "counters": self.counters,
+            "drops": self.drops,
+            "flows_now": len(self.table),
+            "exposer": None if session is None else {
+                "address": format_peer(session.peer),
+                "registered_ago": round(now - self.registered, 3),
+                "heard_ago": round(now - self.heard, 3),
+            },
+            "session": saved,
+        })
+
+    def on_stop(self):
+        # Flows and the session stay in shared memory for a successor; say nothing to
+        # the exposer, which keeps its flows for as long as they are not idle.
+        self.alive = False
+
+    def on_exit(self):
+        self.table.sync()
+        self.write_state(time.monotonic())
+
+
+def main(args):
+    log = setup_log(args.get("--debug"))
+    return Master(RelayKind(args, log), log).run()
