@@ -1,0 +1,209 @@
+"""Running udpmux for real in tests: processes, readiness, UDP peers.
+
+Everything started here is stopped by its PID; nothing waits by sleeping: readiness is
+a READY=1 from sd_notify, a log line, or a datagram, each with a deadline.
+"""
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WAIT = 15.0         # seconds any readiness wait may take before the test fails
+
+
+def udpmux_argv(*args):
+    return [sys.executable, "-m", "udpmux", *map(str, args)]
+
+
+def env():
+    e = dict(os.environ)
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    e.pop("NOTIFY_SOCKET", None)
+    e.pop("JOURNAL_STREAM", None)
+    return e
+
+
+def deadline_loop(timeout=WAIT, what="condition"):
+    """Yield until the caller breaks out; fail the test when time runs out."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        yield end - time.monotonic()
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Notify:
+    """An sd_notify socket a daemon reports to (NOTIFY_SOCKET)."""
+
+    def __init__(self, directory):
+        self.path = os.path.join(directory, f"notify-{id(self)}.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.seen = []
+
+    def wait_for(self, field, timeout=WAIT):
+        """Wait for a datagram with `field` (e.g. "READY=1"); return its fields."""
+        for left in deadline_loop(timeout, field):
+            ready, _, _ = select.select([self.sock], [], [], left)
+            if not ready:
+                continue
+            fields = self.sock.recv(4096).decode().split("\n")
+            self.seen.append(fields)
+            if field in fields:
+                return fields
+
+    def close(self):
+        self.sock.close()
+
+
+class Daemon:
+    """A udpmux process whose stderr is collected and searchable."""
+
+    def __init__(self, args, notify=None, popen=None, stdin=None):
+        e = env()
+        if notify is not None:
+            e["NOTIFY_SOCKET"] = notify.path
+        argv = udpmux_argv(*args)
+        self.lines = []
+        self.cond = threading.Condition()
+        start = popen or subprocess.Popen
+        self.proc = start(argv, env=e, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if stdin:
+            self.proc.stdin.write(stdin)
+            self.proc.stdin.close()
+        self.pid = self.proc.pid
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with self.cond:
+                self.lines.append(line.rstrip("\n"))
+                self.cond.notify_all()
+
+    def wait_log(self, text, timeout=WAIT, start=0):
+        """Wait for a log line containing text (from line `start` on); return its index."""
+        end = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for i in range(start, len(self.lines)):
+                    if text in self.lines[i]:
+                        return i
+                left = end - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self.reader.is_alive()):
+                    raise AssertionError(f"no log line with {text!r}; log:\n" + self.log())
+                self.cond.wait(min(left, 0.2))
+
+    def log(self):
+        with self.cond:
+            return "\n".join(self.lines)
+
+    def children(self):
+        try:
+            return [p.pid for p in psutil.Process(self.pid).children()]
+        except psutil.NoSuchProcess:
+            return []
+
+    def signal(self, signum):
+        os.kill(self.pid, signum)
+
+    def stop(self, timeout=WAIT):
+        """SIGTERM, wait, then SIGKILL this process (and any child it left) by PID."""
+        kids = self.children()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        for pid in kids:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.reader.join(timeout)
+        return self.proc.returncode
+
+
+class Echo:
+    """A UDP echo service on loopback (a thread), which remembers who sent what."""
+
+    def __init__(self, host="127.0.0.1"):
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                  socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind((host, 0))
+        self.address = self.sock.getsockname()
+        self.port = self.address[1]
+        self.sources = set()
+        self.count = 0
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while self.running:
+            ready, _, _ = select.select([self.sock], [], [], 0.2)
+            if not ready:
+                continue
+            try:
+                data, peer = self.sock.recvfrom(70000)
+            except OSError:
+                continue
+            self.sources.add(peer)
+            self.count += 1
+            self.sock.sendto(data, peer)
+
+    def close(self):
+        self.running = False
+        self.thread.join(2)
+        self.sock.close()
+
+
+def udp_client(host="127.0.0.1", timeout=3.0):
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    sock.settimeout(timeout)
+    return sock
+
+
+def free_udp_port(host="127.0.0.1"):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def exchange(sock, data, address, tries=3):
+    """Send data and return the reply, resending on timeout (UDP may lose one)."""
+    for _ in range(tries):
+        sock.sendto(data, address)
+        try:
+            return sock.recv(70000)
+        except socket.timeout:
+            continue
+    raise AssertionError(f"no reply from {address} after {tries} tries")
+
+
+def status(control_socket):
+    out = subprocess.run(udpmux_argv("status", "--json", "--control-socket", control_socket),
+                         env=env(), capture_output=True, text=True, timeout=WAIT)
+    if out.returncode != 0:
+        raise AssertionError(f"udpmux status failed: {out.stderr}")
+    return json.loads(out.stdout)
+
+
+def tunnel(control_socket, name):
+    for t in status(control_socket)["tunnels"]:
+        if t["name"] == name:
+            return t
+    raise AssertionError(f"no tunnel {name}")

@@ -1,0 +1,1 @@
+"""Developer and test tools for udpmux (not installed with the package)."""
