@@ -67,15 +67,14 @@ class Notify:
 class Daemon:
     """A udpmux process whose stderr is collected and searchable."""
 
-    def __init__(self, args, notify=None, popen=None, stdin=None):
+    def __init__(self, args, notify=None, stdin=None, argv=None):
         e = env()
         if notify is not None:
             e["NOTIFY_SOCKET"] = notify.path
-        argv = udpmux_argv(*args)
+        argv = argv or udpmux_argv(*args)
         self.lines = []
         self.cond = threading.Condition()
-        start = popen or subprocess.Popen
-        self.proc = start(argv, env=e, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        self.proc = subprocess.Popen(argv, env=e, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if stdin:
             self.proc.stdin.write(stdin)

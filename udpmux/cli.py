@@ -226,7 +226,7 @@ MODES = {m.name: m for m in [
     Mode("punch", PUNCH, "punch a direct UDP path through NAT between two hosts"),
     Mode("uot-server", UOT_SERVER, "carry UDP over TCP: the end next to the UDP service"),
     Mode("uot-client", UOT_CLIENT, "carry UDP over TCP: the end next to the UDP clients"),
-    Mode("status", STATUS, "show a running relay's tunnels and flows"),
+    Mode("status", STATUS, "show a running relay's tunnels and flows", "udpmux.status:main"),
     Mode("keygen", KEYGEN, "write a new random key file", "udpmux.cli:keygen"),
     Mode("demo", DEMO, "run a relay, an exposer and an echo service on loopback"),
 ]}

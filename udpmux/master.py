@@ -109,6 +109,7 @@ class Master:
         self.ready_sent = False
         self._wake_r = self._wake_w = None
         self.extra = []                 # more selector entries (the control socket)
+        self.status_server = None
 
     # -- process seams (tests may replace these)
 
@@ -140,13 +141,16 @@ class Master:
         self.config = self.kind.load()
         self.setup()
         try:
+            self.open_control_socket()
             for tunnel_config in self.config.tunnels.values():
                 self.start_tunnel(self.open_tunnel(tunnel_config))
             self.check_ready()
             while not (self.stopping and not self.by_pid):
                 timeout = self.next_timeout()
                 for key, _ in self.selector.select(timeout):
-                    key.data()
+                    # An earlier handler in this round may have closed this one's socket.
+                    if self.selector.get_map().get(key.fd) is key:
+                        key.data()
                 self.on_timers(time.monotonic())
         finally:
             self.cleanup()
@@ -163,7 +167,20 @@ class Master:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self.on_signal)
 
+    def open_control_socket(self):
+        path = getattr(self.config, "control_socket", None)
+        if not path:
+            return
+        from udpmux.status import StatusServer
+        self.status_server = StatusServer(self, path, self.log)
+        sock = self.status_server.open()
+        if sock is not None:
+            self.extra.append(sock)
+            self.selector.register(sock, selectors.EVENT_READ, self.status_server.on_accept)
+
     def cleanup(self):
+        if self.status_server is not None:
+            self.status_server.close()
         for tunnel in self.tunnels.values():
             self.close_tunnel(tunnel)
         self.notifier.close()
@@ -196,13 +213,14 @@ class Master:
             data = self._wake_r.recv(64)
         except BlockingIOError:
             return
-        for signum in data:
-            if signum == signal.SIGCHLD:
-                self.handle_chld()
-            elif signum == signal.SIGHUP:
-                self.handle_hup()
-            elif signum in (signal.SIGTERM, signal.SIGINT):
+        # A stop first: a worker that died of the same SIGTERM must not be respawned.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            if signum in data:
                 self.handle_term(signum)
+        if signal.SIGHUP in data:
+            self.handle_hup()
+        if signal.SIGCHLD in data:
+            self.handle_chld()
 
     def handle_chld(self):
         for pid, code in self.reap():
@@ -235,6 +253,8 @@ class Master:
             self.log.error("reload failed; the running configuration stays: %s", exc)
             self.notifier.ready(self.summary())
             return
+        if getattr(config, "control_socket", None) != getattr(self.config, "control_socket", None):
+            self.log.warning("control_socket changes take effect when the relay restarts")
         self.config = config
         self.reloading = True
         self.ready_sent = False
@@ -327,6 +347,8 @@ class Master:
             message = control.recv(pipe)
         except ValueError:
             return
+        except OSError:
+            message = None
         if message is None:         # the worker closed its end: it exited, SIGCHLD follows
             self.selector.unregister(pipe)
             pipe.close()
@@ -391,7 +413,10 @@ class Master:
             self.check_ready()
             return
         tunnel.restarts += 1
-        self.log.error("tunnel %s: worker %d died (%s); respawning", tunnel.name, pid, how)
+        if code == 0:
+            self.log.warning("tunnel %s: worker %d exited unasked; respawning", tunnel.name, pid)
+        else:
+            self.log.error("tunnel %s: worker %d died (%s); respawning", tunnel.name, pid, how)
         self.schedule_respawn(tunnel)
 
     def schedule_respawn(self, tunnel):

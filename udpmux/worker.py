@@ -104,7 +104,9 @@ class Worker:
             now = time.monotonic()
             timeout = max(0.0, next_tick - now)
             for key, _ in self.selector.select(timeout):
-                key.data()
+                # An earlier handler in this round may have closed this one's socket.
+                if self.selector.get_map().get(key.fd) is key:
+                    key.data()
             self.after_events()
             now = time.monotonic()
             if now >= next_tick:

@@ -1,0 +1,78 @@
+"""A master running workers that misbehave on purpose, for tests/test_master.py.
+
+    python tests/fakekind.py boot-fails|crashes|stubborn
+
+boot-fails  the worker cannot start (BootError): the master must not respawn it
+crashes     the worker dies of an exception a moment after it is ready: respawn, backoff
+stubborn    the worker ignores MSG_STOP and SIGTERM: the master kills it at the deadline
+"""
+
+import os
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from udpmux.log import setup  # noqa: E402
+from udpmux.master import Master  # noqa: E402
+from udpmux.worker import BootError, Worker  # noqa: E402
+
+
+class TunnelConfig:
+    def __init__(self, name):
+        self.name = name
+
+    def endpoints(self):
+        return {"public": (2, ("127.0.0.1", 0))}
+
+
+class Config:
+    def __init__(self):
+        self.tunnels = {"only": TunnelConfig("only")}
+        self.stop_timeout = 1.5
+
+
+class BootFails(Worker):
+    def setup(self):
+        raise BootError("the fake resource is missing")
+
+
+class Crashes(Worker):
+    def setup(self):
+        self.born = time.monotonic()
+
+    def tick(self, now):
+        if now - self.born > 0.2:
+            raise RuntimeError("a bug, on purpose")
+
+
+class Stubborn(Worker):
+    def setup(self):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def stop(self, deadline):
+        pass                            # never stops by itself
+
+
+class Kind:
+    def __init__(self, worker_class):
+        self.worker_class = worker_class
+
+    def load(self):
+        return Config()
+
+    def shared(self, config, old):
+        return None
+
+    def worker(self, tunnel, pipe, inherited, log):
+        return self.worker_class(tunnel.name, pipe, inherited, log)
+
+    def event(self, tunnel, body, log):
+        pass
+
+
+if __name__ == "__main__":
+    classes = {"boot-fails": BootFails, "crashes": Crashes, "stubborn": Stubborn}
+    log = setup(debug=True)
+    sys.exit(Master(Kind(classes[sys.argv[1]]), log).run())

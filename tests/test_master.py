@@ -1,0 +1,253 @@
+"""The master and its workers: start, respawn, reload, stop, as real processes."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import psutil
+import pytest
+
+from procs import (
+    ROOT, WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, free_udp_port, status,
+    udp_client, udpmux_argv,
+)
+
+LOCAL = "127.0.0.1"
+
+
+def alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class Relay:
+    """A relay master started from a TOML file that the test can rewrite and reload."""
+
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
+        self.config = tmp_path / "relay.toml"
+        self.control = str(tmp_path / "control.sock")
+        self.key = str(tmp_path / "key")
+        subprocess.run(udpmux_argv("keygen", self.key), env=env(), check=True)
+        self.notify = Notify(str(tmp_path))
+        self.daemons = []
+        self.echo = Echo()
+        self.ports = {}
+
+    def write(self, *names, extra=""):
+        text = f'control_socket = "{self.control}"\nstop_timeout = 3\n{extra}\n'
+        for name in names:
+            public, register = self.ports.setdefault(name, (free_udp_port(), free_udp_port()))
+            text += textwrap.dedent(f"""
+                [tunnels.{name}]
+                public = "{LOCAL}:{public}"
+                register = "{LOCAL}:{register}"
+                key_file = "{self.key}"
+                """)
+        self.config.write_text(text)
+
+    def start(self):
+        self.master = Daemon(["relay", "-c", self.config, "--debug"], notify=self.notify)
+        self.daemons.append(self.master)
+        return self.notify.wait_for("READY=1")
+
+    def expose(self, name):
+        daemon = Daemon(["expose", "--relay", f"{LOCAL}:{self.ports[name][1]}",
+                         "--service", f"{LOCAL}:{self.echo.port}", "--key-file", self.key])
+        self.daemons.append(daemon)
+        daemon.wait_log("registered with the relay")
+        return daemon
+
+    def tunnels(self):
+        return {t["name"]: t for t in status(self.control)["tunnels"]}
+
+    def workers(self):
+        return {name: t["worker_pid"] for name, t in self.tunnels().items()}
+
+    def reload(self):
+        self.master.signal(signal.SIGHUP)
+        self.notify.wait_for("RELOADING=1")
+        return self.notify.wait_for("READY=1")
+
+    def close(self):
+        for daemon in reversed(self.daemons):
+            daemon.stop()
+        self.echo.close()
+        self.notify.close()
+
+
+@pytest.fixture
+def relay(tmp_path):
+    r = Relay(tmp_path)
+    yield r
+    r.close()
+
+
+def test_two_tunnels_from_a_config_file_come_up(relay):
+    relay.write("alpha", "beta")
+    fields = relay.start()
+    assert "STATUS=2 of 2 tunnels running" in fields
+    workers = relay.workers()
+    assert sorted(workers) == ["alpha", "beta"]
+    assert sorted(relay.master.children()) == sorted(workers.values())
+
+
+def test_a_killed_worker_is_respawned_with_its_flows_and_the_other_is_untouched(relay):
+    relay.write("alpha", "beta")
+    relay.start()
+    relay.expose("alpha")
+    clients = [udp_client() for _ in range(3)]
+    for client in clients:
+        assert exchange(client, b"hi", (LOCAL, relay.ports["alpha"][0])) == b"hi"
+    for _ in deadline_loop(what="flows in the table"):
+        if relay.tunnels()["alpha"]["flows"] == 3:
+            break
+    before = relay.workers()
+    os.kill(before["alpha"], signal.SIGKILL)
+    for _ in deadline_loop(what="a respawned worker"):
+        tunnels = relay.tunnels()
+        if tunnels["alpha"]["state"] == "running" and tunnels["alpha"]["worker_pid"] != before["alpha"]:
+            break
+    assert tunnels["alpha"]["flows"] == 3             # the table outlived the worker
+    assert tunnels["alpha"]["restarts"] == 1
+    assert tunnels["beta"]["worker_pid"] == before["beta"]
+    for client in clients:
+        assert exchange(client, b"again", (LOCAL, relay.ports["alpha"][0])) == b"again"
+
+
+def test_sighup_starts_added_tunnels_stops_removed_ones_and_leaves_the_rest(relay):
+    relay.write("alpha", "beta")
+    relay.start()
+    before = relay.workers()
+    relay.write("alpha", "gamma")
+    fields = relay.reload()
+    assert "STATUS=2 of 2 tunnels running" in fields
+    after = relay.workers()
+    assert sorted(after) == ["alpha", "gamma"]
+    assert after["alpha"] == before["alpha"]          # unchanged: the same process
+    assert not alive(before["beta"])                  # removed: its worker is gone ...
+    freed = subprocess.run([sys.executable, "-c", f"""
+import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("{LOCAL}", {relay.ports["beta"][0]}))"""], capture_output=True)
+    assert freed.returncode == 0                      # ... and so is its port
+
+
+def test_a_changed_tunnel_gets_a_new_worker_and_keeps_its_flows(relay):
+    relay.write("alpha")
+    relay.start()
+    relay.expose("alpha")
+    client = udp_client()
+    assert exchange(client, b"hi", (LOCAL, relay.ports["alpha"][0])) == b"hi"
+    before = relay.workers()
+    relay.write("alpha", extra="[defaults]\nflow_idle = 600")
+    relay.reload()
+    after = relay.workers()
+    assert after["alpha"] != before["alpha"]
+    assert relay.tunnels()["alpha"]["flows"] == 1
+    assert exchange(client, b"still", (LOCAL, relay.ports["alpha"][0])) == b"still"
+
+
+def test_a_broken_config_on_reload_keeps_the_running_one(relay):
+    relay.write("alpha")
+    relay.start()
+    before = relay.workers()
+    relay.config.write_text(relay.config.read_text() + "\nmax_flow = 3\n")
+    relay.master.signal(signal.SIGHUP)
+    relay.notify.wait_for("READY=1")
+    relay.master.wait_log("reload failed; the running configuration stays")
+    assert relay.workers() == before
+
+
+def test_sigterm_stops_everything_within_the_deadline(relay):
+    relay.write("alpha", "beta")
+    relay.start()
+    workers = list(relay.workers().values())
+    relay.master.signal(signal.SIGTERM)
+    relay.notify.wait_for("STOPPING=1")
+    assert relay.master.proc.wait(WAIT) == 0
+    for pid in workers:
+        assert not alive(pid)
+    assert not os.path.exists(relay.control)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "no tunnels"),
+    ("[tunnels.a]\npublic = '127.0.0.1:1'\ninsecure = true\nmax_flows = 0",
+     "max_flows: expected a whole number of at least 1"),
+    ("[tunnels.a]\npublic = '127.0.0.1:1'\ninsecure = true\nmax_flow = 5",
+     "unknown setting 'max_flow'; did you mean 'max_flows'?"),
+    ("[tunnels.a]\npublic = '127.0.0.1:1'", "key_file: missing"),
+    ("[tunnels.a]\npublic = 'nowhere'\ninsecure = true", "expected HOST:PORT"),
+    ("[tunnels.a\n", "not valid TOML"),
+    ("[tunnels.a]\npublic = '127.0.0.1:7'\ninsecure = true\n"
+     "[tunnels.b]\npublic = '127.0.0.1:7'\ninsecure = true", "already tunnel a's public"),
+])
+def test_a_bad_config_is_refused_at_start_with_the_file_and_key(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    out = subprocess.run(udpmux_argv("relay", "-c", path), env=env(), capture_output=True,
+                         text=True, timeout=WAIT)
+    assert out.returncode == 78
+    assert str(path) in out.stderr and message in out.stderr
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path):
+    with udp_client() as taken:
+        port = taken.getsockname()[1]
+        out = subprocess.run(udpmux_argv("relay", "--public", f"{LOCAL}:{port}", "--insecure"),
+                             env=env(), capture_output=True, text=True, timeout=WAIT)
+    assert out.returncode == 71
+    assert f"cannot bind {LOCAL}:{port}: Address already in use" in out.stderr
+
+
+# -- workers that misbehave on purpose (tests/fakekind.py)
+
+def fake(tmp_path, mode):
+    notify = Notify(str(tmp_path))
+    daemon = Daemon([], notify=notify,
+                    argv=[sys.executable, os.path.join(ROOT, "tests", "fakekind.py"), mode])
+    return daemon, notify
+
+
+def test_a_worker_that_cannot_boot_is_not_respawned(tmp_path):
+    daemon, notify = fake(tmp_path, "boot-fails")
+    try:
+        # READY comes once the master decided; a tunnel waiting to respawn would not
+        # count as failed.
+        fields = notify.wait_for("READY=1")
+        assert "STATUS=0 of 1 tunnels running, 1 failed" in fields
+        daemon.wait_log("cannot start: the fake resource is missing")
+        daemon.wait_log("not respawning it until the next reload")
+        assert daemon.children() == []
+    finally:
+        assert daemon.stop() == 0
+        notify.close()
+
+
+def test_a_crashing_worker_is_respawned_with_backoff(tmp_path):
+    daemon, notify = fake(tmp_path, "crashes")
+    try:
+        first = daemon.wait_log("died (status 70); respawning")
+        daemon.wait_log("died (status 70); respawning", start=first + 1)
+        assert "a bug, on purpose" in daemon.log()
+    finally:
+        daemon.stop()
+        notify.close()
+
+
+def test_a_worker_that_will_not_stop_is_killed_at_the_deadline(tmp_path):
+    daemon, notify = fake(tmp_path, "stubborn")
+    try:
+        notify.wait_for("READY=1")
+        (worker,) = daemon.children()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.proc.wait(WAIT) == 0
+        daemon.wait_log("did not stop in time; killing it")
+        assert not alive(worker)
+    finally:
+        daemon.stop()
+        notify.close()

@@ -1,0 +1,370 @@
+"""udpmux relay and udpmux expose, as real processes on loopback."""
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import threading
+
+import pytest
+
+from procs import (
+    WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, free_udp_port, status, tunnel,
+    udp_client, udpmux_argv,
+)
+from udpmux import wire
+from udpmux.auth import read_key
+from udpmux.session import Initiator
+
+LOCAL = "127.0.0.1"
+
+
+class Rig:
+    """A relay, its exposer and an echo service, started and stopped by the test."""
+
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
+        self.key = str(tmp_path / "key")
+        subprocess.run(udpmux_argv("keygen", self.key), env=env(), check=True)
+        self.control = str(tmp_path / "control.sock")
+        self.echo = Echo()
+        self.daemons = []
+        self.notify = Notify(str(tmp_path))
+
+    def relay(self, *extra, key=True, public=None, register=None, wait=True):
+        self.public = public or free_udp_port()
+        self.register = register or free_udp_port()
+        args = ["relay", "--public", f"{LOCAL}:{self.public}",
+                "--register", f"{LOCAL}:{self.register}", "--control-socket", self.control,
+                *(["--key-file", self.key] if key else ["--insecure"]), "--debug", *extra]
+        daemon = self.start(args)
+        if wait:
+            self.notify.wait_for("READY=1")
+        return daemon
+
+    def start(self, args, **kw):
+        daemon = Daemon(args, notify=self.notify, **kw)
+        self.daemons.append(daemon)
+        return daemon
+
+    def expose(self, *extra, relay=None, key=None, wait=True):
+        relay = relay or f"{LOCAL}:{self.register}"
+        args = ["expose", "--relay", relay, "--service", f"{LOCAL}:{self.echo.port}",
+                *(["--insecure"] if key is False else ["--key-file", key or self.key]),
+                "--debug", *extra]
+        daemon = self.start(args)
+        if wait:
+            daemon.wait_log("registered with the relay")
+        return daemon
+
+    def tunnel(self):
+        return tunnel(self.control, "tunnel")
+
+    def wait_tunnel(self, what, check):
+        """Poll the relay's status until check(tunnel) holds."""
+        for _ in deadline_loop(what=what):
+            t = self.tunnel()
+            if check(t):
+                return t
+
+    def close(self):
+        for daemon in reversed(self.daemons):
+            daemon.stop()
+        self.echo.close()
+        self.notify.close()
+
+
+@pytest.fixture
+def rig(tmp_path):
+    r = Rig(tmp_path)
+    yield r
+    r.close()
+
+
+def test_datagrams_flow_both_ways_with_one_service_socket_per_client(rig):
+    rig.relay()
+    rig.expose()
+    clients = [udp_client() for _ in range(20)]
+    for round_ in range(5):
+        for n, client in enumerate(clients):
+            data = f"client {n} round {round_}".encode()
+            assert exchange(client, data, (LOCAL, rig.public)) == data
+    # The service saw one source port per client: one service socket each.
+    assert len(rig.echo.sources) == 20
+    t = rig.wait_tunnel("counters", lambda t: t["counters"]["datagrams_out"] >= 100)
+    assert t["flows"] == 20
+    assert t["counters"]["datagrams_in"] >= 100
+
+
+def test_a_burst_of_100_new_clients_all_get_through(rig):
+    rig.relay()
+    rig.expose()
+    clients = [udp_client() for _ in range(100)]
+    for n, client in enumerate(clients):            # as fast as Python sends: ~1 ms
+        client.sendto(b"hello %d" % n, (LOCAL, rig.public))
+    for n, client in enumerate(clients):            # no resending: every first datagram
+        assert client.recv(100) == b"hello %d" % n
+    assert len(rig.echo.sources) == 100
+
+
+@pytest.mark.parametrize("size", [0, 1, 1200, 1473, 9000, 32768, wire.MAX_DATAGRAM])
+def test_datagrams_of_every_size_arrive_whole(rig, size):
+    rig.relay()
+    rig.expose()
+    client = udp_client()
+    data = os.urandom(size)
+    assert exchange(client, data, (LOCAL, rig.public)) == data
+
+
+def test_a_datagram_too_large_for_the_carrier_is_dropped_and_counted(rig):
+    rig.relay()
+    rig.expose()
+    client = udp_client(timeout=0.5)
+    for _ in range(3):
+        client.sendto(bytes(wire.MAX_DATAGRAM + 1), (LOCAL, rig.public))
+    assert exchange(client, b"still here", (LOCAL, rig.public)) == b"still here"
+    with pytest.raises(socket.timeout):
+        client.recv(70000)      # nothing for the oversized ones: not truncated, dropped
+    rig.wait_tunnel("too-large drops", lambda t: t["drops"].get("too-large") == 3)
+
+
+@pytest.mark.parametrize("mode", ["relay", "expose"])
+def test_a_key_or_an_explicit_insecure_is_required(mode):
+    args = {"relay": ["relay", "--public", "127.0.0.1:0"],
+            "expose": ["expose", "--relay", "127.0.0.1:9", "--service", "127.0.0.1:9"]}[mode]
+    out = subprocess.run(udpmux_argv(*args), env=env(), capture_output=True, text=True,
+                         timeout=WAIT)
+    assert out.returncode == 64
+    assert "missing --key-file or --insecure" in out.stderr
+
+
+def test_insecure_mode_works_when_both_ends_ask_for_it(rig):
+    rig.relay(key=False)
+    rig.expose(key=False)
+    client = udp_client()
+    assert exchange(client, b"open", (LOCAL, rig.public)) == b"open"
+
+
+def test_an_exposer_with_the_wrong_key_never_registers(rig, tmp_path):
+    rig.relay()
+    wrong = str(tmp_path / "wrong")
+    subprocess.run(udpmux_argv("keygen", wrong), env=env(), check=True)
+    rig.expose(key=wrong, wait=False)
+    t = rig.wait_tunnel("mac drops", lambda t: t["drops"].get("mac", 0) >= 1)
+    assert t["exposer"] is None
+    client = udp_client(timeout=0.3)
+    client.sendto(b"anyone?", (LOCAL, rig.public))
+    with pytest.raises(socket.timeout):
+        client.recv(100)
+    rig.wait_tunnel("no-exposer drops", lambda t: t["drops"].get("no-exposer", 0) >= 1)
+
+
+def test_a_missing_key_file_is_a_clear_error(tmp_path):
+    out = subprocess.run(udpmux_argv("relay", "--public", "127.0.0.1:0", "--key-file",
+                                     str(tmp_path / "nope")),
+                         env=env(), capture_output=True, text=True, timeout=WAIT)
+    assert out.returncode == 66
+    assert "no such key file" in out.stderr and "udpmux keygen" in out.stderr
+
+
+class Tap:
+    """Stands between the exposer and the relay like a NAT: the relay sees the tap's
+    upstream socket; rebind() gives it a new one, as a NAT that changed its mapping.
+    Records what the exposer sent, for replaying."""
+
+    def __init__(self, relay_port):
+        self.relay = (LOCAL, relay_port)
+        self.down = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.down.bind((LOCAL, 0))
+        self.port = self.down.getsockname()[1]
+        self.up = self._socket()
+        self.exposer = None
+        self.recorded = []
+        self.lock = threading.Lock()
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _socket():
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((LOCAL, 0))
+        return sock
+
+    def rebind(self):
+        with self.lock:
+            old, self.up = self.up, self._socket()
+        old.close()
+        return self.up.getsockname()[1]
+
+    def _run(self):
+        while self.running:
+            with self.lock:
+                up = self.up
+            ready, _, _ = select.select([self.down, up], [], [], 0.1)
+            for sock in ready:
+                try:
+                    data, peer = sock.recvfrom(70000)
+                except OSError:
+                    continue
+                if sock is self.down:
+                    self.exposer = peer
+                    self.recorded.append(data)
+                    up.sendto(data, self.relay)
+                elif self.exposer is not None:
+                    self.down.sendto(data, self.exposer)
+
+    def close(self):
+        self.running = False
+        self.thread.join(2)
+        self.down.close()
+        self.up.close()
+
+
+@pytest.fixture
+def tapped(rig):
+    rig.relay()
+    tap = Tap(rig.register)
+    rig.expose("--keepalive", "1", relay=f"{LOCAL}:{tap.port}")
+    yield rig, tap
+    tap.close()
+
+
+def test_spoofed_and_replayed_messages_never_move_the_tunnel(tapped):
+    rig, tap = tapped
+    client = udp_client()
+    assert exchange(client, b"before", (LOCAL, rig.public)) == b"before"
+    home = rig.wait_tunnel("exposer", lambda t: t["exposer"] is not None)["exposer"]["address"]
+    attacker = udp_client()
+    recorded = list(tap.recorded)
+    assert len(recorded) >= 3
+    for data in recorded:                               # replays, from another address
+        attacker.sendto(data, (LOCAL, rig.register))
+    for data in recorded:                               # forgeries: one bit flipped
+        forged = bytearray(data)
+        forged[len(forged) // 2] ^= 0x10
+        attacker.sendto(bytes(forged), (LOCAL, rig.register))
+    t = rig.wait_tunnel("replay drops", lambda t: t["drops"].get("replay", 0)
+                        + t["drops"].get("old", 0) + t["drops"].get("session", 0)
+                        >= len(recorded) - 1)
+    assert t["exposer"]["address"] == home
+    assert t["counters"]["roams"] == 0
+    assert exchange(client, b"after", (LOCAL, rig.public)) == b"after"
+
+
+def test_the_exposer_roams_and_no_flow_is_lost(tapped):
+    rig, tap = tapped
+    client = udp_client()
+    assert exchange(client, b"one", (LOCAL, rig.public)) == b"one"
+    sources = set(rig.echo.sources)
+    new_port = tap.rebind()
+    rig.wait_tunnel("the relay to follow the exposer",
+                    lambda t: t["exposer"]["address"] == f"{LOCAL}:{new_port}")
+    assert exchange(client, b"two", (LOCAL, rig.public)) == b"two"
+    assert rig.echo.sources == sources          # the same flow, the same service socket
+    t = rig.tunnel()
+    assert t["counters"]["roams"] == 1 and t["flows"] == 1
+
+
+def test_a_stranger_never_gets_more_bytes_than_it_sent(rig):
+    rig.relay()
+    stranger = udp_client(timeout=0.3)
+    sent = received = 0
+    hello = Initiator(read_key(rig.key), wire.ROLE_EXPOSE).hello()
+    probes = [hello, hello, b"\x01" * 64, os.urandom(300),
+              wire.HEADER.pack(1, wire.T_KEEPALIVE, 1, 12345, 0, 7) + bytes(12 + 16),
+              wire.HEADER.pack(1, wire.T_DATA, 1, 999, 5, 9) + bytes(16)]
+    for probe in probes * 5:
+        stranger.sendto(probe, (LOCAL, rig.register))
+        sent += len(probe)
+    while True:                     # bounded: each reply answers something sent
+        try:
+            received += len(stranger.recv(70000))
+        except socket.timeout:
+            break
+    assert 0 < received <= sent     # it answered the HELLO, and never with more
+
+
+def test_max_flows_evicts_the_idlest_at_both_ends(rig):
+    rig.relay("--max-flows", "4")
+    exposer = rig.expose()
+    clients = [udp_client() for _ in range(6)]
+    for n, client in enumerate(clients):
+        assert exchange(client, b"%d" % n, (LOCAL, rig.public)) == b"%d" % n
+    t = rig.wait_tunnel("evictions", lambda t: t["counters"]["evicted"] == 2)
+    assert t["flows"] == 4
+    exposer.wait_log("flow 1 closed by the relay")
+    exposer.wait_log("flow 2 closed by the relay")
+    # The evicted client is a new flow when it comes back.
+    assert exchange(clients[0], b"back", (LOCAL, rig.public)) == b"back"
+
+
+def test_idle_flows_expire_at_both_ends(rig):
+    rig.relay("--flow-idle", "1")
+    exposer = rig.expose("--flow-idle", "1")
+    client = udp_client()
+    assert exchange(client, b"x", (LOCAL, rig.public)) == b"x"
+    rig.wait_tunnel("expiry", lambda t: t["flows"] == 0 and t["counters"]["expired"] == 1)
+    exposer.wait_log("flow 1")
+    assert "closed" in exposer.log()
+
+
+def test_new_flows_are_rate_limited_per_tunnel_and_per_source(rig):
+    rig.relay("--new-flows-rate", "5", "--new-flows-per-source", "3")
+    rig.expose()
+    clients = [udp_client(timeout=0.5) for _ in range(12)]
+    for client in clients:
+        client.sendto(b"new", (LOCAL, rig.public))
+    answered = 0
+    for client in clients:
+        try:
+            answered += client.recv(10) == b"new"
+        except socket.timeout:
+            pass
+    assert answered == 3            # one source address: its limit bites first
+    rig.wait_tunnel("rate drops", lambda t: t["drops"].get("source-rate") == 9)
+
+
+@pytest.mark.parametrize("garbage, reason", [
+    (b"", "short"), (b"\x01\x10", "short"), (b"\x02" + bytes(40), "version"),
+    (b"\x01\x7f\x00\x01" + bytes(40), "type"), (b"\x01\x10\x80\x01" + bytes(40), "flags"),
+    (b"\x01\x01\x00\x01" + bytes(30), "length"), (b"\x01\x10\x00\x00" + bytes(40), "keyed"),
+])
+def test_malformed_messages_are_counted_drops(rig, garbage, reason):
+    rig.relay()
+    rig.expose()
+    stranger = udp_client()
+    for _ in range(4):
+        stranger.sendto(garbage, (LOCAL, rig.register))
+    rig.wait_tunnel(f"{reason} drops", lambda t: t["drops"].get(reason) == 4)
+    client = udp_client()
+    assert exchange(client, b"fine", (LOCAL, rig.public)) == b"fine"
+
+
+def test_a_worker_killed_with_sigkill_comes_back_and_its_flows_keep_working(rig):
+    relay = rig.relay()
+    rig.expose()
+    client = udp_client()
+    assert exchange(client, b"before", (LOCAL, rig.public)) == b"before"
+    rig.wait_tunnel("the state block", lambda t: t["flows"] == 1 and t["exposer"])
+    sources = set(rig.echo.sources)
+    (worker,) = relay.children()
+    os.kill(worker, signal.SIGKILL)
+    t = rig.wait_tunnel("a new worker", lambda t: t["state"] == "running"
+                        and t["worker_pid"] not in (None, worker))
+    assert t["restarts"] == 1 and t["flows"] == 1
+    assert exchange(client, b"after", (LOCAL, rig.public)) == b"after"
+    assert rig.echo.sources == sources      # the same tag, so the same service socket
+    relay.wait_log("carries on with the exposer")
+
+
+def test_sigterm_stops_the_relay_and_all_its_workers(rig):
+    relay = rig.relay()
+    rig.expose()
+    workers = relay.children()
+    assert workers
+    assert relay.stop() == 0
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

@@ -1,0 +1,260 @@
+"""`udpmux status`, and the control socket the relay's master serves it from.
+
+The master listens on a unix stream socket (mode 0660).  A client sends one line of
+JSON and reads one JSON document back, then the master closes the connection:
+
+    {"request": "status"}                    -> {"version", "pid", "uptime", "tunnels": [...]}
+    {"request": "flows", "tunnel": NAME}     -> {"tunnel": NAME, "flows": [...]}
+
+Everything comes from memory the workers share with the master (each tunnel's state
+block and tag table) and from psutil, so asking never disturbs a worker.
+"""
+
+import json
+import os
+import socket
+import stat
+import time
+
+import psutil
+
+from udpmux import __version__
+from udpmux.addr import format_endpoint, format_peer
+from udpmux.config import default_control_socket
+from udpmux.errors import EXIT_FAILURE, EXIT_NOINPUT, Fatal
+
+MAX_REQUEST = 4096
+REPLY_TIMEOUT = 2.0
+
+
+class StatusServer:
+    """The master's end: registers a listener with the master's selector."""
+
+    def __init__(self, master, path, log):
+        self.master = master
+        self.path = path
+        self.log = log
+        self.sock = None
+        self.started = time.monotonic()
+
+    def open(self):
+        """Listen on the path; on failure log why and serve no status (never fatal)."""
+        path = self.path
+        try:
+            os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+            if _in_use(path):
+                self.log.warning("control socket %s is in use by another relay; "
+                                 "`udpmux status` will not reach this one", path)
+                return None
+            if os.path.lexists(path):
+                if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                    self.log.warning("control socket %s: exists and is not a socket; "
+                                     "serving no status", path)
+                    return None
+                os.unlink(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.bind(path)
+            os.chmod(path, 0o660)
+            sock.listen(16)
+        except OSError as exc:
+            self.log.warning("control socket %s: %s; serving no status", path, exc.strerror)
+            return None
+        sock.setblocking(False)
+        self.sock = sock
+        return sock
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    def on_accept(self):
+        try:
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return
+        conn.settimeout(REPLY_TIMEOUT)
+        try:
+            request = json.loads(_read_line(conn))
+            reply = self.answer(request)
+        except (OSError, ValueError) as exc:
+            reply = {"error": f"bad request: {exc}"}
+        try:
+            conn.sendall(json.dumps(reply).encode() + b"\n")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def answer(self, request):
+        kind = request.get("request") if isinstance(request, dict) else None
+        if kind == "status":
+            return self.status()
+        if kind == "flows":
+            return self.flows(request.get("tunnel"))
+        return {"error": f"unknown request {kind!r}"}
+
+    def status(self):
+        master = self.master
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": round(time.monotonic() - self.started, 3),
+            "config": getattr(master.config, "path", None),
+            "tunnels": [tunnel_status(t) for t in master.tunnels.values()],
+        }
+
+    def flows(self, name):
+        tunnel = self.master.tunnels.get(name)
+        if tunnel is None:
+            return {"error": f"no tunnel named {name!r}"}
+        now = time.monotonic()
+        return {"tunnel": name, "flows": [
+            {"tag": f.tag, "client": format_peer(f.key), "age": round(now - f.created, 3),
+             "idle": round(now - f.last_seen, 3),
+             "datagrams_in": f.pkts_in, "bytes_in": f.bytes_in,
+             "datagrams_out": f.pkts_out, "bytes_out": f.bytes_out}
+            for f in sorted(tunnel.shared.table.snapshot(), key=lambda f: f.tag)]}
+
+
+def tunnel_status(tunnel):
+    state = tunnel.shared.state.read_json()
+    summary = tunnel.shared.table.summary()
+    info = {
+        "name": tunnel.name,
+        "state": tunnel.state,
+        "worker_pid": tunnel.pid,
+        "restarts": tunnel.restarts,
+        "public": format_endpoint(*tunnel.config.public),
+        "register": format_endpoint(*(tunnel.config.register or tunnel.config.public)),
+        "keyed": tunnel.config.key is not None,
+        "flows": summary.get("count", 0),
+        "max_flows": tunnel.config.max_flows,
+        "counters": state.get("counters", {}),
+        "drops": state.get("drops", {}),
+        "exposer": state.get("exposer"),
+        "cpu_seconds": None,
+        "memory_bytes": None,
+    }
+    if tunnel.pid is not None:
+        try:
+            process = psutil.Process(tunnel.pid)
+            times = process.cpu_times()
+            info["cpu_seconds"] = round(times.user + times.system, 3)
+            info["memory_bytes"] = process.memory_info().rss
+        except psutil.Error:
+            pass
+    return info
+
+
+def _in_use(path):
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _read_line(conn):
+    data = b""
+    while b"\n" not in data and len(data) < MAX_REQUEST:
+        chunk = conn.recv(MAX_REQUEST)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0]
+
+
+# -- the client: `udpmux status`
+
+def ask(path, request, timeout=5.0):
+    """Send one request to a relay's control socket and return the decoded reply."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except FileNotFoundError:
+        raise Fatal(f"{path}: no such control socket; is the relay running? "
+                    "(--control-socket names another)", status=EXIT_NOINPUT) from None
+    except OSError as exc:
+        raise Fatal(f"{path}: {exc.strerror}; is the relay running?") from None
+    try:
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except OSError as exc:
+        raise Fatal(f"{path}: {exc}") from None
+    finally:
+        sock.close()
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise Fatal(f"{path}: the relay's answer is not JSON") from None
+    if "error" in reply:
+        raise Fatal(reply["error"])
+    return reply
+
+
+def _size(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def format_status(reply):
+    lines = [f"udpmux {reply['version']}, master {reply['pid']}, up {reply['uptime']:.0f} s"]
+    header = ("TUNNEL", "STATE", "WORKER", "FLOWS", "IN", "OUT", "DROPS", "EXPOSER")
+    rows = [header]
+    for t in reply["tunnels"]:
+        c = t["counters"]
+        exposer = t["exposer"]
+        rows.append((
+            t["name"], t["state"], str(t["worker_pid"] or "-"),
+            f"{t['flows']}/{t['max_flows']}",
+            f"{c.get('datagrams_in', 0)} ({_size(c.get('bytes_in', 0))})",
+            f"{c.get('datagrams_out', 0)} ({_size(c.get('bytes_out', 0))})",
+            str(sum(t["drops"].values())),
+            f"{exposer['address']} ({exposer['heard_ago']:.0f} s ago)" if exposer else "none",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    for t in reply["tunnels"]:
+        if t["drops"]:
+            detail = ", ".join(f"{k} {v}" for k, v in sorted(t["drops"].items()))
+            lines.append(f"{t['name']} drops: {detail}")
+    return "\n".join(lines)
+
+
+def format_flows(reply):
+    header = ("TAG", "CLIENT", "AGE", "IDLE", "IN", "OUT")
+    rows = [header] + [
+        (str(f["tag"]), f["client"], f"{f['age']:.0f} s", f"{f['idle']:.0f} s",
+         f"{f['datagrams_in']} ({_size(f['bytes_in'])})",
+         f"{f['datagrams_out']} ({_size(f['bytes_out'])})") for f in reply["flows"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def main(args):
+    path = args["--control-socket"] or default_control_socket()
+    if args["--flows"]:
+        reply = ask(path, {"request": "flows", "tunnel": args["--flows"]})
+        text = format_flows(reply)
+    else:
+        reply = ask(path, {"request": "status"})
+        text = format_status(reply)
+    print(json.dumps(reply, indent=2) if args["--json"] else text)
+    return 0 if not any(t.get("state") == "failed" for t in reply.get("tunnels", [])) \
+        else EXIT_FAILURE
