@@ -277,7 +277,7 @@ def diagnose(doc, argv, exc):
             if extra in words:
                 return f"unexpected argument {extra!r}"
     given = {word.split("=")[0] for word in argv if word.startswith("-")}
-    best = None
+    best = best_score = None
     for line in usage_lines(doc):
         required = re.sub(r"\[[^\]]*\]", "", line)
         required = re.sub(r"(--?[\w-]+) [A-Z][A-Z:_-]*", r"\1", required)
@@ -287,8 +287,10 @@ def diagnose(doc, argv, exc):
         missing = [s for s in singles if s not in given]
         missing += [" or ".join(g) for g in groups if not given & set(g)]
         missing += positionals[len(words):]
-        if best is None or len(missing) < len(best):
-            best = missing
+        # The form that uses most of what was given, then the one that lacks least.
+        score = (-len(given & set(re.findall(r"--?[\w-]+", line))), len(missing))
+        if best is None or score < best_score:
+            best, best_score = missing, score
     if best:
         return "missing " + ", ".join(best)
     return "these options do not go together"

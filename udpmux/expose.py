@@ -278,6 +278,8 @@ class ExposeWorker(Worker):
                 self.drop("no-session")
                 continue
             length = session.seal_into(buf, 0, size, T_DATA, flow.tag)
+            if not self.outbox.room(length):
+                self.after_events()
             self.outbox.add(view[:length], self.relay_key)
         if flow.tag in self.flows:
             self.flows.move_to_end(flow.tag)
@@ -294,7 +296,10 @@ class ExposeWorker(Worker):
 
     def tell_relay(self, mtype, tag, body):
         if self.session is not None:
-            self.outbox.add(self.session.seal(mtype, tag, body), self.relay_key)
+            msg = self.session.seal(mtype, tag, body)
+            if not self.outbox.room(len(msg)):
+                self.after_events()
+            self.outbox.add(msg, self.relay_key)
 
     def send_keepalive(self, now):
         stamp = int(now * 1000) & 0xFFFFFFFF

@@ -144,8 +144,9 @@ class RelayWorker(Worker):
         self.drop_log = DropLog(self.log, f"tunnel {self.name}", DROP_LOG_EVERY)
         self.in_batch = Batch(BATCH, HEADER_SIZE + MAX_DATAGRAM + MAC_SIZE)
         self.reg_batch = self.in_batch if self.shared_socket else Batch(BATCH)
-        self.to_exposer = Outbox(BATCH)
-        self.to_clients = Outbox(BATCH)
+        # Room for a whole batch of DATA plus a control message for each of them.
+        self.to_exposer = Outbox(2 * BATCH)
+        self.to_clients = Outbox(2 * BATCH)
         self.restore(self.state.read_json(), now)
         self.next_state = now
         self.selector.register(self.public, selectors.EVENT_READ, self.on_public)
@@ -244,11 +245,13 @@ class RelayWorker(Worker):
         if self.session is None or self.down(now):
             self.drop(R_NO_EXPOSER)
             return None
-        if not self.flow_bucket.take(now):
-            self.drop(R_FLOW_RATE)
-            return None
+        # The source's own limit first, so that one busy source cannot spend the
+        # tunnel's allowance.
         if not self.per_source.take(source_of(key), now):
             self.drop(R_SOURCE_RATE)
+            return None
+        if not self.flow_bucket.take(now):
+            self.drop(R_FLOW_RATE)
             return None
         slot, tag, evicted = self.table.insert(key, now)
         self.counters["flows"] += 1
@@ -381,9 +384,11 @@ class RelayWorker(Worker):
 
     def tell_exposer(self, mtype, tag, body):
         if self.session is not None:
-            self.to_exposer.add(self.session.seal(mtype, tag, body), self.session.peer)
+            self.send_to(self.session.seal(mtype, tag, body), self.session.peer)
 
     def send_to(self, msg, key):
+        if not self.to_exposer.room(len(msg)):
+            self.flush_exposer()
         self.to_exposer.add(msg, key)
 
     def flush_exposer(self):
