@@ -6,6 +6,7 @@ usage lines.  tests/test_docs.py fails when an option here is missing from man/u
 
 import importlib
 import logging
+import os
 import re
 import sys
 
@@ -228,7 +229,8 @@ MODES = {m.name: m for m in [
     Mode("uot-client", UOT_CLIENT, "carry UDP over TCP: the end next to the UDP clients"),
     Mode("status", STATUS, "show a running relay's tunnels and flows", "udpmux.status:main"),
     Mode("keygen", KEYGEN, "write a new random key file", "udpmux.cli:keygen"),
-    Mode("demo", DEMO, "run a relay, an exposer and an echo service on loopback"),
+    Mode("demo", DEMO, "run a relay, an exposer and an echo service on loopback",
+         "udpmux.demo:main"),
 ]}
 
 
@@ -332,6 +334,10 @@ def main(argv=None):
         return error(f"{mode.name}: {exc}", exc.status)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`udpmux status | head`): what it read is all it wanted.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception:       # a bug: say so, with the traceback an issue report needs
         logging.getLogger("udpmux").exception("internal error; please report it")
         return EXIT_SOFTWARE

@@ -149,7 +149,7 @@ def _tunnel(name, values, where, log):
     register = None
     if values.get("register") is not None:
         register = _udp_listen(values["register"])
-        if register == public:
+        if register == public and public[1][1] != 0:    # port 0: two ports the kernel picks
             register = None
     if values.get("insecure"):
         if values.get("key_file"):
@@ -183,6 +183,8 @@ def _check_unique(tunnels, complain):
     for tunnel in tunnels.values():
         for label, (family, sockaddr) in tunnel.endpoints().items():
             key = (family, sockaddr[:2])
+            if sockaddr[1] == 0:
+                continue            # port 0: the kernel picks a free port for each
             if key in seen:
                 complain(f"tunnel {tunnel.name}: {label} address "
                          f"{addr.format_endpoint(family, sockaddr)} is already {seen[key]}")

@@ -129,8 +129,8 @@ def tunnel_status(tunnel):
         "state": tunnel.state,
         "worker_pid": tunnel.pid,
         "restarts": tunnel.restarts,
-        "public": format_endpoint(*tunnel.config.public),
-        "register": format_endpoint(*(tunnel.config.register or tunnel.config.public)),
+        "public": _bound(tunnel, "public"),
+        "register": _bound(tunnel, "register" if "register" in tunnel.sockets else "public"),
         "keyed": tunnel.config.key is not None,
         "flows": summary.get("count", 0),
         "max_flows": tunnel.config.max_flows,
@@ -149,6 +149,15 @@ def tunnel_status(tunnel):
         except psutil.Error:
             pass
     return info
+
+
+def _bound(tunnel, label):
+    """The address a tunnel's socket is bound to (the port the kernel chose for port 0)."""
+    sock = tunnel.sockets[label]
+    try:
+        return format_endpoint(sock.family, sock.getsockname())
+    except OSError:
+        return format_endpoint(*tunnel.config.endpoints()[label])
 
 
 def _in_use(path):

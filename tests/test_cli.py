@@ -1,0 +1,135 @@
+"""The command line as a user meets it: help, errors, exit statuses, keygen, demo."""
+
+import base64
+import os
+import stat
+import subprocess
+
+import pytest
+
+from procs import WAIT, Daemon, Notify, env, udpmux_argv
+from udpmux import __version__
+from udpmux.cli import MODES, usage_lines
+
+
+def run(*args, stdin=None):
+    return subprocess.run(udpmux_argv(*args), env=env(), capture_output=True, text=True,
+                          input=stdin, timeout=WAIT)
+
+
+def test_version():
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"udpmux {__version__}"
+
+
+def test_help_lists_every_mode_and_its_usage():
+    out = run("--help")
+    assert out.returncode == 0
+    for mode in MODES.values():
+        for line in usage_lines(mode.doc):
+            assert line in out.stdout
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_mode_has_its_own_help(mode):
+    out = run(mode, "--help")
+    assert out.returncode == 0
+    assert out.stdout.startswith(f"udpmux {mode}:")
+    assert "Options:" in out.stdout
+
+
+def test_no_mode_is_a_usage_error():
+    out = run()
+    assert out.returncode == 64 and "which mode?" in out.stderr
+
+
+def test_an_unknown_mode_is_named():
+    out = run("relya")
+    assert out.returncode == 64 and "unknown mode 'relya'" in out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["relay", "--bogus"], "unknown option --bogus"),
+    (["relay", "--public", "127.0.0.1:1", "--insecure", "extra"], "unexpected argument 'extra'"),
+    (["keygen"], "missing FILE"),
+    (["relay", "--public"], "--public requires argument"),
+    (["relay", "--public", "127.0.0.1:1", "--insecure", "--max-flows", "lots"],
+     "--max-flows: expected a whole number of at least 1, got 'lots'"),
+    (["relay", "--public", "somewhere", "--insecure"], "expected HOST:PORT"),
+    (["relay", "--public", "[::1:5", "--insecure"], "expected [IPv6]:PORT"),
+    (["expose", "--relay", "127.0.0.1:1", "--service", "127.0.0.1:2", "--insecure",
+      "--keepalive", "0"], "--keepalive: expected more than 0 seconds"),
+    (["expose", "--relay", "127.0.0.1:1", "--service", "127.0.0.1:2", "--insecure",
+      "--carrier", "sctp"], "--carrier: expected udp or tcp"),
+])
+def test_bad_options_get_a_clear_message_and_status_64(args, message):
+    out = run(*args)
+    assert out.returncode == 64
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("mode", [m for m, spec in MODES.items() if spec.entry is None])
+def test_modes_not_built_say_so(mode):
+    minimal = {"link": ["host"], "link-server": [],
+               "punch": ["--once", "--peer", "192.0.2.1:1", "--port", "5"],
+               "uot-server": ["--listen", "127.0.0.1:0", "--target", "127.0.0.1:1", "--insecure"],
+               "uot-client": ["--listen", "127.0.0.1:0", "--server", "127.0.0.1:1", "--insecure"]}
+    out = run(mode, *minimal[mode])
+    assert out.returncode == 69
+    assert "not implemented yet" in out.stderr
+
+
+def test_keygen_writes_a_private_key_file_once(tmp_path):
+    path = tmp_path / "k"
+    assert run("keygen", path).returncode == 0
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert len(base64.b64decode(path.read_text())) == 32
+    first = path.read_text()
+    again = run("keygen", path)
+    assert again.returncode == 1 and "exists; use --force" in again.stderr
+    assert path.read_text() == first
+    assert run("keygen", "--force", path).returncode == 0
+    assert path.read_text() != first
+
+
+def test_keygen_to_standard_output_and_a_key_from_standard_input():
+    key = run("keygen", "-").stdout
+    assert len(base64.b64decode(key)) == 32
+    # A relay reads its key from stdin with --key-file -: a bad key is refused clearly.
+    out = run("relay", "--public", "127.0.0.1:0", "--key-file", "-", stdin="not a key\n")
+    assert out.returncode == 65 and "standard input: not a key" in out.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "empty"), ("@@@@\n", "not a key"), (base64.b64encode(b"x" * 16).decode(), "16"),
+])
+def test_bad_key_files_are_refused_clearly(tmp_path, content, message):
+    path = tmp_path / "key"
+    path.write_text(content)
+    out = run("relay", "--public", "127.0.0.1:0", "--key-file", path)
+    assert out.returncode == 65 and message in out.stderr and str(path) in out.stderr
+
+
+def test_a_key_file_others_can_read_is_used_with_a_warning(tmp_path):
+    path = tmp_path / "key"
+    run("keygen", path)
+    os.chmod(path, 0o644)
+    notify = Notify(str(tmp_path))
+    relay = Daemon(["relay", "--public", "127.0.0.1:0", "--key-file", path,
+                    "--control-socket", tmp_path / "control.sock"], notify=notify)
+    try:
+        notify.wait_for("READY=1")
+        relay.wait_log(f"key file {path} is readable by others (mode 0644); chmod 600 it")
+    finally:
+        assert relay.stop() == 0
+        notify.close()
+
+
+def test_demo_runs_and_shows_the_relay_working():
+    out = subprocess.run(udpmux_argv("demo", "--clients", "5", "--datagrams", "10"),
+                         env=env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "50 sent, 50 came back whole" in out.stdout
+    assert "the echo service saw 5 source ports" in out.stdout
+    assert "TUNNEL  STATE" in out.stdout and "running" in out.stdout
