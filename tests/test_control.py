@@ -1,0 +1,105 @@
+"""Control messages, shared blocks, rate limits and sd_notify: the small parts, for real."""
+
+import os
+import socket
+
+import pytest
+
+from udpmux import control
+from udpmux.limits import PerSource, TokenBucket, source_of
+from udpmux.sdnotify import Notifier
+from udpmux.shm import SharedBlock
+
+
+def test_control_messages_keep_their_boundaries_and_bodies():
+    master, worker = control.pair()
+    with master, worker:
+        assert control.send(worker, control.MSG_READY, {"pid": 42})
+        assert control.send(worker, control.MSG_EVENT, {"event": "x" * 3000})
+        assert control.send(master, control.MSG_STOP)
+        assert control.recv(master) == (control.MSG_READY, {"pid": 42})
+        assert control.recv(master) == (control.MSG_EVENT, {"event": "x" * 3000})
+        assert control.recv(worker) == (control.MSG_STOP, None)
+
+
+def test_the_end_of_the_pipe_reads_as_none_and_sending_to_it_is_refused():
+    master, worker = control.pair()
+    master.close()
+    with worker:
+        assert control.recv(worker) is None
+        assert control.send(worker, control.MSG_READY) is False
+
+
+def test_a_short_control_message_is_refused():
+    master, worker = control.pair()
+    with master, worker:
+        master.send(b"\x01")
+        with pytest.raises(ValueError):
+            control.recv(worker)
+
+
+def test_a_shared_block_is_seen_by_a_forked_reader_whole():
+    block = SharedBlock(4096)
+    block.write_json({"n": 0})
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for n in range(1, 2001):
+                block.write_json({"n": n, "pad": "x" * (n % 500)})
+        finally:
+            os._exit(0)
+    seen = set()
+    while True:
+        value = block.read_json()       # never a torn write: always valid JSON
+        seen.add(value["n"])
+        if value["n"] == 2000:
+            break
+    os.waitpid(pid, 0)
+    assert 2000 in seen
+
+
+def test_a_shared_block_refuses_what_does_not_fit():
+    block = SharedBlock(64)
+    with pytest.raises(ValueError):
+        block.write(b"x" * 100)
+    assert block.read() == b""
+
+
+def test_a_token_bucket_allows_its_burst_then_its_rate():
+    bucket = TokenBucket(rate=10, now=0.0)
+    assert sum(bucket.take(0.0) for _ in range(20)) == 10
+    assert sum(bucket.take(0.5) for _ in range(20)) == 5
+
+
+def test_per_source_limits_forget_the_oldest_source_first():
+    limits = PerSource(rate=1, size=3)
+    for source in (b"a", b"b", b"c", b"d"):
+        assert limits.take(source, 0.0)
+    assert len(limits) == 3
+    assert not limits.take(b"d", 0.0)       # d's bucket is empty
+    assert limits.take(b"a", 0.0)           # a was forgotten: a fresh bucket
+
+
+def test_sources_are_ipv4_addresses_and_ipv6_slash_64s():
+    v4 = bytes.fromhex("0200" "1234" "c0000201" + "00" * 8)
+    v4_other_port = bytes.fromhex("0200" "9999" "c0000201" + "00" * 8)
+    assert source_of(v4) == source_of(v4_other_port) == bytes.fromhex("c0000201")
+    v6 = bytes.fromhex("0a00" "1234" "00000000" "20010db8000000010000000000000001" "00000000")
+    assert source_of(v6) == bytes.fromhex("20010db800000001")
+
+
+def test_sd_notify_writes_to_the_socket_named_in_the_environment(tmp_path):
+    path = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    with sock:
+        notifier = Notifier(path)
+        assert notifier.ready("2 of 2 tunnels running")
+        assert sock.recv(100) == b"READY=1\nSTATUS=2 of 2 tunnels running"
+        assert notifier.stopping()
+        assert sock.recv(100) == b"STOPPING=1"
+        notifier.close()
+
+
+def test_sd_notify_without_systemd_does_nothing():
+    assert Notifier("").ready() is False
