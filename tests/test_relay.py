@@ -381,3 +381,21 @@ def test_sigterm_stops_the_relay_and_all_its_workers(rig):
     for pid in workers:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_ipv6_clients_and_an_ipv6_exposer(tmp_path):
+    rig = Rig(tmp_path)
+    try:
+        rig.public, rig.register = free_udp_port(), free_udp_port()
+        rig.start(["relay", "--public", f"[::1]:{rig.public}", "--register",
+                   f"[::1]:{rig.register}", "--key-file", rig.key,
+                   "--control-socket", rig.control])
+        rig.notify.wait_for("READY=1")
+        rig.expose(relay=f"[::1]:{rig.register}")
+        client = udp_client("::1")
+        assert exchange(client, b"over six", ("::1", rig.public)) == b"over six"
+        t = rig.wait_tunnel("the exposer", lambda t: t["exposer"] is not None)
+        assert t["exposer"]["address"].startswith("[::1]:")
+        assert t["public"] == f"[::1]:{rig.public}"
+    finally:
+        rig.close()
