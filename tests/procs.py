@@ -67,11 +67,13 @@ class Notify:
 class Daemon:
     """A udpmux process whose stderr is collected and searchable."""
 
-    def __init__(self, args, notify=None, stdin=None, argv=None):
+    def __init__(self, args, notify=None, stdin=None, argv=None, prefix=()):
+        """`prefix` goes before the argv, e.g. ["ip", "netns", "exec", NS]: it must exec
+        the program, so that self.pid is the program's own PID."""
         e = env()
         if notify is not None:
             e["NOTIFY_SOCKET"] = notify.path
-        argv = argv or udpmux_argv(*args)
+        argv = [*prefix, *(argv or udpmux_argv(*args))]
         self.lines = []
         self.cond = threading.Condition()
         self.proc = subprocess.Popen(argv, env=e, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,

@@ -359,7 +359,7 @@ class RelayWorker(Worker):
         session.peer = key
         self.session = session
         self.restored = False
-        self.registered = now
+        self.registered = self.heard = now     # before write_state() below reports them
         self.counters["sessions"] += 1
         if old is None:
             self.log.info("tunnel %s: exposer registered from %s", self.name, format_peer(key))
