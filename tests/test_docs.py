@@ -1,0 +1,474 @@
+"""The documentation against the code it describes.
+
+man/udpmux.8 must list every mode's usage lines (SYNOPSIS) and options with their
+defaults (one subsection per mode) and every exit status of udpmux/errors.py;
+man/udpmux.conf.5 every configuration key with its type and default;
+man/udpmux-protocol.7 every drop reason the code counts and test vectors that the
+code reproduces; conf/relay.toml must load and use every key.  The pages must
+pass `mandoc -T lint` and render.
+
+The mdoc source is read with a small interpreter of the few macros these pages use
+in list heads and bodies (Fl, Ar, Cm, Ns, ...); the SYNOPSIS is checked as mandoc or
+groff renders it.
+"""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tomllib
+import types
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from udpmux import addr, auth, cli, config, errors, relay, session, wire
+
+REPO = Path(__file__).resolve().parent.parent
+MAN = REPO / "man"
+PAGES = ["udpmux.8", "udpmux.conf.5", "udpmux-protocol.7"]
+EXAMPLE = REPO / "conf" / "relay.toml"
+
+# Exit statuses the page may list beyond errors.py: cli.main() returns 130 when
+# SIGINT arrives before the mode handles it.
+EXTRA_EXIT_STATUSES = {130}
+
+
+# -- reading mdoc source
+
+def page(name):
+    return (MAN / name).read_text()
+
+
+def blocks(src, macro):
+    """{title: [lines]} for each `.Sh` or `.Ss` block of src (up to the next one of
+    the same macro, or for .Ss also the next .Sh)."""
+    stops = (".Sh ",) if macro == ".Sh" else (".Sh ", ".Ss ")
+    out, title = {}, None
+    for line in src.splitlines():
+        if line.startswith(stops):
+            title = line[4:].strip() if line.startswith(macro + " ") else None
+            if title is not None:
+                out[title] = []
+            continue
+        if title is not None:
+            out[title].append(line)
+    return out
+
+
+MACROS = {"Fl", "Ar", "Cm", "Ic", "Li", "Dq", "Qq", "Ql", "Pq", "Op", "Bq", "Sq", "Ns",
+          "No", "Va", "Dv", "Ev", "Pa", "Sy", "Em", "Xr", "Nm", "Sx", "It", "Ta", "Ms"}
+CLOSING = {",", ".", ";", ":", ")", "]", "?", "!"}
+
+
+def text_of(line):
+    """The text that an mdoc line shows, without fonts and enclosures."""
+    line = line.replace("\\&", "").replace("\\-", "-").replace("\\e", "\\")
+    if not line.startswith("."):
+        return line
+    words, flag, glue = [], False, False
+    for token in re.findall(r'"[^"]*"|\S+', line[1:]):
+        token = token.strip('"')
+        if token in MACROS:
+            if token == "Ns":
+                glue = True
+            else:
+                flag = token == "Fl"
+            continue
+        word = "-" + token if flag and token != "|" and token not in CLOSING else token
+        if (token in CLOSING or glue) and words:
+            words[-1] += word
+        else:
+            words.append(word)
+        glue = False
+    return " ".join(words)
+
+
+def normal(text):
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def items(lines):
+    """[(head, body)] of every `.It` in lines: head and body as text."""
+    out = []
+    for line in lines:
+        if line.startswith(".It"):
+            out.append([text_of(line), []])
+        elif line.startswith((".El", ".Bl")):
+            continue
+        elif out:
+            out[-1][1].append(text_of(line))
+    return [(normal(head), normal(" ".join(body))) for head, body in out]
+
+
+# -- rendering
+
+def render_cmd(path):
+    """mandoc, or groff where mandoc is missing: both render these pages alike."""
+    if shutil.which("mandoc"):
+        return ["mandoc", "-T", "ascii", str(path)]
+    if shutil.which("groff"):
+        return ["groff", "-mandoc", "-Tascii", "-P-c", str(path)]
+    return None
+
+
+def render(name):
+    cmd = render_cmd(MAN / name)
+    if cmd is None:
+        pytest.skip("neither mandoc nor groff is installed: apt-get install mandoc")
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return re.sub(r".\x08", "", done.stdout)
+
+
+# -- the docopt texts
+
+def docopt_options(doc):
+    """[(spec, default or None)] of the Options: section, e.g. ("-c FILE, --config FILE", None)."""
+    section = doc.split("Options:", 1)[1]
+    out = []
+    for line in section.splitlines():
+        m = re.match(r"\s*(-\S.*?)(?:\s{2,}|$)", line)
+        if m:
+            default = re.search(r"\[default: ([^\]]*)\]", line)
+            out.append((m.group(1), default.group(1) if default else None))
+    return out
+
+
+def main_usage_lines():
+    text = cli.main_doc()
+    return [line.strip() for line in
+            text.split("Usage:", 1)[1].split("\n\n", 1)[0].strip().splitlines()]
+
+
+def mode_sections():
+    subs = blocks(page("udpmux.8"), ".Ss")
+    return {name: subs.get(f"udpmux {name}") for name in cli.MODES}
+
+
+# -- (a) every option of every mode, with its default
+
+@pytest.mark.parametrize("mode", list(cli.MODES))
+def test_every_option_is_in_its_mode_section(mode):
+    lines = mode_sections()[mode]
+    assert lines is not None, f"man/udpmux.8 has no `.Ss udpmux {mode}` subsection"
+    documented = dict(items(lines))
+    options = docopt_options(cli.MODES[mode].doc)
+    assert options, f"no options parsed from {mode}'s docopt text"
+    for spec, default in options:
+        assert spec in documented, f"udpmux {mode}: option {spec!r} is not in man/udpmux.8"
+        if default is not None:
+            want = f"The default is {default}."
+            assert want in documented[spec], \
+                f"udpmux {mode}: {spec}: the page does not say {want!r}"
+    stale = set(documented) - {spec for spec, _ in options}
+    assert not stale, f"udpmux {mode}: the page documents options the mode lacks: {stale}"
+
+
+def test_unavailable_modes_are_the_ones_without_code():
+    for mode, lines in mode_sections().items():
+        if lines and "Not available in this version" in " ".join(lines[:3]):
+            assert cli.MODES[mode].entry is None, \
+                f"udpmux {mode} is implemented now: the page still calls it not available"
+
+
+# -- (b) the SYNOPSIS is the usage text
+
+def test_synopsis_has_every_usage_line_in_order():
+    text = render("udpmux.8")
+    synopsis = text.split("SYNOPSIS", 1)[1].split("\nDESCRIPTION", 1)[0]
+    shown = [normal(entry) for entry in re.split(r"(?=\budpmux )", normal(synopsis)) if entry]
+    expected = main_usage_lines()
+    assert len(expected) > 10
+    missing = [line for line in expected if line not in shown]
+    assert not missing, f"usage lines missing from the SYNOPSIS: {missing}"
+    assert shown == expected, "the SYNOPSIS differs from `udpmux --help`'s usage lines"
+
+
+# -- (c) every configuration key, its type and its default
+
+TYPES = {config._positive_int: {"integer"}, config._positive_number: {"number"},
+         config._flag: {"boolean"}, config._text: {"string", "address"}}
+
+
+def default_text(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+@pytest.mark.parametrize("group,settings", [("Global settings", config.GLOBAL_SETTINGS),
+                                            ("Tunnel settings", config.TUNNEL_SETTINGS)])
+def test_every_config_key_and_default_is_in_the_conf_page(group, settings):
+    lines = blocks(page("udpmux.conf.5"), ".Ss").get(group)
+    assert lines is not None, f"man/udpmux.conf.5 has no `.Ss {group}`"
+    documented = {}
+    for head, body in items(lines):
+        key, _, kind = head.partition(" ")
+        documented[key] = (kind, body)
+    assert settings
+    for setting in settings:
+        assert setting.name in documented, f"{group}: {setting.name} is not in udpmux.conf.5"
+        kind, body = documented[setting.name]
+        assert kind in TYPES[setting.check], f"{setting.name}: documented as {kind!r}"
+        if setting.default is None:
+            assert "Required" in body or "The default is" in body, \
+                f"{setting.name}: the page says neither that it is required nor its default"
+        else:
+            want = f"The default is {default_text(setting.default)}."
+            assert want in body, f"{setting.name}: the page does not say {want!r}"
+    stale = set(documented) - {s.name for s in settings}
+    assert not stale, f"{group}: the page documents keys config.py lacks: {stale}"
+
+
+# -- (d) every drop reason the code counts
+
+def code_drop_reasons():
+    reasons = {}
+    for path in sorted((REPO / "udpmux").glob("*.py")):
+        src = path.read_text()
+        for m in re.finditer(r'^(R_[A-Z0-9_]+)\s*=\s*"([^"]+)"', src, re.M):
+            reasons[m.group(2)] = f"{path.name}: {m.group(1)}"
+        for m in re.finditer(r'\b(?:drop|Drop|Malformed)\(\s*"([^"]+)"', src):
+            reasons[m.group(1)] = f"{path.name}: a literal"
+    return reasons
+
+
+def test_every_drop_reason_is_in_the_protocol_page():
+    lines = blocks(page("udpmux-protocol.7"), ".Sh").get("DROP REASONS")
+    assert lines is not None, "udpmux-protocol.7 has no DROP REASONS section"
+    documented = {head for head, _ in items(lines)}
+    reasons = code_drop_reasons()
+    assert {"short", "mac", "replay", "no-exposer"} <= set(reasons)
+    missing = {r: where for r, where in reasons.items() if r not in documented}
+    assert not missing, f"drop reasons missing from udpmux-protocol.7: {missing}"
+    stale = documented - set(reasons)
+    assert not stale, f"udpmux-protocol.7 lists reasons the code never counts: {stale}"
+
+
+# -- (e) every exit status
+
+def test_every_exit_status_is_in_exit_status():
+    lines = blocks(page("udpmux.8"), ".Sh").get("EXIT STATUS")
+    assert lines is not None, "udpmux.8 has no EXIT STATUS section"
+    documented = {head for head, _ in items(lines)}
+    statuses = {value for name, value in vars(errors).items()
+                if name.startswith("EXIT_") and isinstance(value, int)}
+    assert len(statuses) >= 10
+    missing = {s for s in statuses if str(s) not in documented}
+    assert not missing, f"exit statuses missing from udpmux.8: {sorted(missing)}"
+    stale = {d for d in documented if not d.isdigit()
+             or int(d) not in statuses | EXTRA_EXIT_STATUSES}
+    assert not stale, f"udpmux.8 lists exit statuses the code never uses: {stale}"
+
+
+# -- (f) the relay's command-line defaults are config.py's
+
+def test_relay_option_defaults_match_config():
+    options = {}
+    for spec, default in docopt_options(cli.RELAY):
+        for name in re.findall(r"--[\w-]+", spec):
+            options[name] = default
+    for setting in config.TUNNEL_SETTINGS:
+        assert setting.option in options, f"relay has no option {setting.option}"
+        given = options[setting.option]
+        if setting.default is None or isinstance(setting.default, bool):
+            assert given is None, f"{setting.option}: [default: {given}] but config.py has none"
+            continue
+        assert given is not None, f"{setting.option}: no [default: ...] in relay's usage text"
+        value = type(setting.default)(float(given)) if isinstance(setting.default, float) \
+            else int(given)
+        assert setting.check(value) == setting.default, \
+            f"{setting.option}: [default: {given}] but config.py says {setting.default!r}"
+
+
+# -- (g) the example configuration loads and shows every key
+
+def with_temp_keys(text, tmp_path):
+    def key_for(m):
+        path = tmp_path / Path(m.group(2)).name
+        if not path.exists():
+            auth.write_key_file(str(path))
+        return f'{m.group(1)}"{path}"'
+    return re.sub(r'^(\s*key_file\s*=\s*)"([^"]+)"', key_for, text, flags=re.M)
+
+
+def load_text(text, tmp_path, name):
+    path = tmp_path / name
+    path.write_text(with_temp_keys(text, tmp_path))
+    return config.load(str(path))
+
+
+def test_example_config_loads(tmp_path):
+    loaded = load_text(EXAMPLE.read_text(), tmp_path, "relay.toml")
+    assert len(loaded.tunnels) == 2
+    assert all(t.key is not None for t in loaded.tunnels.values())
+
+
+def test_example_config_shows_every_key_and_true_defaults():
+    text = EXAMPLE.read_text()
+    used = set()
+    data = tomllib.loads(text)
+    used |= {k for k, v in data.items() if not isinstance(v, dict)}
+    used |= set(data.get("defaults", {}))
+    for table in data.get("tunnels", {}).values():
+        used |= set(table)
+    for m in re.finditer(r"^#\s*(\w+)\s*=\s*(.+)$", text, re.M):
+        name, value = m.group(1), m.group(2)
+        setting = config.TUNNEL.get(name) or config.GLOBAL.get(name)
+        if setting is None:
+            continue
+        used.add(name)
+        if setting.default is not None:
+            shown = tomllib.loads(f"v = {value}")["v"]
+            assert shown == setting.default, \
+                f"conf/relay.toml shows {name} = {value} as the default; it is {setting.default!r}"
+    every = {s.name for s in config.TUNNEL_SETTINGS + config.GLOBAL_SETTINGS}
+    assert every <= used, f"conf/relay.toml never shows {sorted(every - used)}"
+
+
+def literal_blocks(lines):
+    out, current = [], None
+    for line in lines:
+        if line.startswith(".Bd -literal"):
+            current = []
+        elif line.startswith(".Ed") and current is not None:
+            out.append("\n".join(current) + "\n")
+            current = None
+        elif current is not None:
+            current.append(line.replace("\\e", "\\"))
+    return out
+
+
+def test_man_page_config_examples_load(tmp_path):
+    examples = literal_blocks(blocks(page("udpmux.conf.5"), ".Sh")["EXAMPLES"])
+    examples += [b for b in literal_blocks(blocks(page("udpmux.8"), ".Sh")["EXAMPLES"])
+                 if "[tunnels." in b]
+    assert len(examples) >= 2
+    for i, text in enumerate(examples):
+        assert load_text(text, tmp_path, f"example{i}.toml").tunnels
+
+
+# -- the protocol page's test vectors are what the code sends
+
+def protocol_vectors():
+    """The literal blocks of udpmux-protocol.7's TEST VECTORS, computed by the session code."""
+    psk = bytes(range(32))
+    ids = iter([0x11111111, 0x22222222, 0x33333333])
+    randoms = iter([bytes(range(0xa0, 0xb0)), bytes(range(0xb0, 0xc0))])
+    fake_os = types.SimpleNamespace(urandom=lambda n: next(randoms))
+    peer = addr.peer_key(socket.AF_INET, ("192.0.2.1", 40000))
+    epoch = 0x0102030405060708
+    with mock.patch.object(session, "new_id", lambda taken=(): next(ids)), \
+            mock.patch.object(session, "os", fake_os):
+        initiator = session.Initiator(psk, wire.ROLE_EXPOSE)
+        hello = initiator.hello()
+        acceptor = session.Acceptor(psk, [wire.ROLE_EXPOSE])
+        welcome, _pending = acceptor.hello(hello, peer, 0.0, epoch=epoch)
+        s = initiator.welcome(welcome)
+    keepalive = s.seal(wire.T_KEEPALIVE, 0,
+                       wire.KEEPALIVE.pack(wire.KEEPALIVE_REPLY, 0x01020304, 0))
+
+    def dump(title, data):
+        rows = [f"{title}, {len(data)} bytes:"]
+        for at in range(0, len(data), 16):
+            row = data[at:at + 16]
+            cells = " ".join(f"{b:02x}" for b in row[:8])
+            if len(row) > 8:
+                cells += "  " + " ".join(f"{b:02x}" for b in row[8:])
+            rows.append(f"{at:4d}  {cells}")
+        return rows
+
+    keys = []
+    for name, key in (("handshake key", auth.derive(psk, b"handshake")),
+                      ("i2r key", s.send_key), ("r2i key", s.recv_key)):
+        keys += [f"{name:<15}{key[:16].hex()}", f"{'':<15}{key[16:].hex()}"]
+    return ["\n".join(rows) + "\n" for rows in (
+        keys,
+        dump("HELLO, role 1", hello),
+        dump("WELCOME to 192.0.2.1:40000, epoch 0x0102030405060708", welcome),
+        dump("first KEEPALIVE, REPLY, stamp 0x01020304", keepalive))]
+
+
+def test_protocol_test_vectors_match_the_code():
+    blocks_ = literal_blocks(blocks(page("udpmux-protocol.7"), ".Sh")["TEST VECTORS"])
+    assert blocks_ == protocol_vectors(), \
+        "udpmux-protocol.7's TEST VECTORS differ from what udpmux.session computes"
+
+
+def table_rows(lines):
+    return [[normal(cell) for cell in line[4:].split(" Ta ")]
+            for line in lines if line.startswith(".It ") and " Ta " in line]
+
+
+def test_protocol_limits_and_types_match_the_code():
+    sections = blocks(page("udpmux-protocol.7"), ".Sh")
+    limits = {row[0]: row[1] for row in table_rows(sections["LIMITS"])}
+    expected = {
+        "header": wire.HEADER_SIZE, "MAC": wire.MAC_SIZE, "TCP length field": wire.FRAME_SIZE,
+        "largest UDP payload": wire.MAX_UDP_PAYLOAD,
+        "largest DATA body, UDP carrier": wire.MAX_DATAGRAM,
+        "largest TCP carrier message": wire.MAX_FRAME,
+        "PSK and derived keys": auth.KEY_SIZE, "handshake random": wire.RANDOM_SIZE,
+        "replay window, nonces": auth.WINDOW, "pending sessions": session.PENDING_MAX,
+        "pending session lifetime": f"{session.PENDING_TTL:g} s",
+        "HELLO randoms remembered": session.HELLO_MEMORY,
+        "HELLOs answered, per tunnel": f"{relay.HELLO_RATE:g}/s",
+        "STALEs sent, per tunnel": f"{relay.STALE_RATE:g}/s",
+        "nonces skipped by a restarted worker": f"2^{relay.NONCE_RESERVE.bit_length() - 1}",
+    }
+    assert relay.NONCE_RESERVE == 1 << (relay.NONCE_RESERVE.bit_length() - 1)
+    for name, value in expected.items():
+        assert limits.get(name) == str(value), \
+            f"LIMITS: {name} is {limits.get(name)!r} in the page, {value} in the code"
+    first_table = sections["MESSAGE TYPES"][:sections["MESSAGE TYPES"].index(".El")]
+    types_ = {row[0]: row for row in table_rows(first_table)[1:]}
+    assert set(types_) == {f"0x{t:02x}" for t in wire.TYPE_NAMES}, "MESSAGE TYPES: codes differ"
+    for mtype, name in wire.TYPE_NAMES.items():
+        row = types_[f"0x{mtype:02x}"]
+        size = wire.BODY_SIZES.get(mtype)
+        body = str(size) if size is not None else f"0 to {wire.MAX_UDP_PAYLOAD}"
+        assert row[1] == name and row[3] == body, f"MESSAGE TYPES: {row} is not {name}, {body}"
+
+
+# -- (h) mandoc -T lint
+
+@pytest.mark.parametrize("name", PAGES)
+def test_mandoc_lint_is_clean(name):
+    if not shutil.which("mandoc"):
+        pytest.skip("mandoc is not installed (apt-get install -y mandoc); lint not run")
+    done = subprocess.run(["mandoc", "-T", "lint", "-W", "warning", str(MAN / name)],
+                          capture_output=True, text=True)
+    report = (done.stdout + done.stderr).strip()
+    assert done.returncode == 0 and not report, f"mandoc -T lint {name}:\n{report}"
+
+
+# -- (i) every page renders
+
+@pytest.mark.parametrize("name", PAGES)
+def test_page_renders(name):
+    title = name.rsplit(".", 1)[0]
+    ran = 0
+    commands = []
+    if shutil.which("mandoc"):
+        commands.append(["mandoc", "-T", "utf8", str(MAN / name)])
+    if shutil.which("man") and shutil.which("groff"):
+        commands.append(["man", "-l", "-P", "cat", str(MAN / name)])
+    if not commands:
+        pytest.skip("neither mandoc nor man with groff is installed: apt-get install mandoc")
+    env = dict(os.environ, MANWIDTH="80", MAN_KEEP_FORMATTING="0", LC_ALL="C.UTF-8")
+    for cmd in commands:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        out = re.sub(r".\x08", "", done.stdout)
+        assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr}"
+        complaints = [line for line in done.stderr.splitlines()
+                      if re.search(r"warn|error", line, re.I) and "locale" not in line]
+        assert not complaints, f"{' '.join(cmd)}:\n" + "\n".join(complaints)
+        for heading in ("NAME", "DESCRIPTION", "SEE ALSO"):
+            assert re.search(rf"^{heading}$", out, re.M), f"{cmd[0]}: no {heading} in {name}"
+        assert title in out and len(out.splitlines()) > 40, f"{cmd[0]}: {name} rendered empty"
+        ran += 1
+    assert ran
