@@ -51,7 +51,7 @@ class Stubborn(Worker):
     def setup(self):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-    def stop(self, deadline):
+    def stop(self, deadline, final=True):
         pass                            # never stops by itself
 
 

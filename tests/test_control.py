@@ -2,6 +2,7 @@
 
 import os
 import socket
+import struct
 
 import pytest
 
@@ -86,6 +87,8 @@ def test_sources_are_ipv4_addresses_and_ipv6_slash_64s():
     assert source_of(v4) == source_of(v4_other_port) == bytes.fromhex("c0000201")
     v6 = bytes.fromhex("0a00" "1234" "00000000" "20010db8000000010000000000000001" "00000000")
     assert source_of(v6) == bytes.fromhex("20010db800000001")
+    mapped = bytes.fromhex("0a00" "1234" "00000000" "00000000000000000000ffffc0000201" "00000000")
+    assert source_of(mapped) == bytes.fromhex("c0000201")
 
 
 def test_sd_notify_writes_to_the_socket_named_in_the_environment(tmp_path):
@@ -103,3 +106,13 @@ def test_sd_notify_writes_to_the_socket_named_in_the_environment(tmp_path):
 
 def test_sd_notify_without_systemd_does_nothing():
     assert Notifier("").ready() is False
+
+
+def test_a_write_cut_short_by_a_dead_writer_is_void_until_the_next_write():
+    block = SharedBlock(4096)
+    block.write_json({"n": 1})
+    block.mem[0:8] = struct.pack("=Q", 3)           # a writer killed halfway: odd generation
+    with pytest.raises(TimeoutError):
+        block.read_json(patience=0.05)
+    block.write_json({"n": 2})                      # its successor writes again
+    assert block.read_json() == {"n": 2}

@@ -416,7 +416,7 @@ def test_protocol_limits_and_types_match_the_code():
         "replay window, nonces": auth.WINDOW, "pending sessions": session.PENDING_MAX,
         "pending session lifetime": f"{session.PENDING_TTL:g} s",
         "HELLO randoms remembered": session.HELLO_MEMORY,
-        "HELLOs answered, per tunnel": f"{relay.HELLO_RATE:g}/s",
+        "HELLOs answered, per tunnel": f"{session.HELLO_RATE:g}/s",
         "STALEs sent, per tunnel": f"{relay.STALE_RATE:g}/s",
         "nonces skipped by a restarted worker": f"2^{relay.NONCE_RESERVE.bit_length() - 1}",
     }

@@ -300,14 +300,24 @@ def test_max_flows_evicts_the_idlest_at_both_ends(rig):
     assert exchange(clients[0], b"back", (LOCAL, rig.public)) == b"back"
 
 
-def test_idle_flows_expire_at_both_ends(rig):
+def test_a_flow_idle_at_the_relay_ends_at_both_ends(rig):
     rig.relay("--flow-idle", "1")
-    exposer = rig.expose("--flow-idle", "1")
+    exposer = rig.expose("--flow-idle", "600")
     client = udp_client()
     assert exchange(client, b"x", (LOCAL, rig.public)) == b"x"
     rig.wait_tunnel("expiry", lambda t: t["flows"] == 0 and t["counters"]["expired"] == 1)
-    exposer.wait_log("flow 1")
-    assert "closed" in exposer.log()
+    exposer.wait_log("flow 1 closed by the relay")
+
+
+def test_a_flow_idle_at_the_exposer_ends_at_both_ends(rig):
+    rig.relay("--flow-idle", "600")
+    exposer = rig.expose("--flow-idle", "1")
+    client = udp_client()
+    assert exchange(client, b"x", (LOCAL, rig.public)) == b"x"
+    exposer.wait_log("flow 1 idle; closed")
+    t = rig.wait_tunnel("the exposer's CLOSE",
+                        lambda t: t["flows"] == 0 and t["counters"]["closed"] == 1)
+    assert t["counters"]["expired"] == 0
 
 
 def burst(rig, clients):

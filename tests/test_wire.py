@@ -268,3 +268,20 @@ def test_deframer_refuses_impossible_lengths(size, reason):
     deframer.feed(wire.FRAME.pack(size) + b"GET / HTTP/1.0\r\n")
     with pytest.raises(wire.Malformed, match=reason):
         list(deframer.messages())
+
+
+def test_unauthentic_hellos_do_not_spend_the_answer_allowance():
+    acceptor = Acceptor(KEY, [wire.ROLE_EXPOSE], hello_rate=2)
+    for _ in range(10):
+        with pytest.raises(Drop, match="mac"):
+            acceptor.hello(Initiator(auth.generate_key(), wire.ROLE_EXPOSE).hello(), PEER, 5.0)
+    for _ in range(2):
+        acceptor.hello(Initiator(KEY, wire.ROLE_EXPOSE).hello(), PEER, 5.0)
+    with pytest.raises(Drop, match="hello-rate"):
+        acceptor.hello(Initiator(KEY, wire.ROLE_EXPOSE).hello(), PEER, 5.0)
+
+
+def test_welcome_carries_the_responders_epoch():
+    initiator, acceptor = Initiator(KEY, wire.ROLE_EXPOSE), Acceptor(KEY, [wire.ROLE_EXPOSE])
+    welcome, pending = acceptor.hello(initiator.hello(), PEER, 0.0, epoch=0xDEADBEEF12)
+    assert initiator.welcome(welcome).epoch == pending.epoch == 0xDEADBEEF12

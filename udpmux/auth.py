@@ -33,7 +33,7 @@ import os
 import stat
 import sys
 
-from udpmux.errors import EXIT_NOINPUT, EXIT_NOPERM, Fatal, KeyFileError
+from udpmux.errors import EXIT_NOINPUT, EXIT_NOPERM, EXIT_OSERR, Fatal, KeyFileError
 from udpmux.wire import MAC_SIZE
 
 KEY_SIZE = 32
@@ -161,8 +161,10 @@ def write_key_file(path, force=False):
         fd = os.open(path, flags, 0o600)
     except FileExistsError:
         raise Fatal(f"{path}: exists; use --force to replace it") from None
-    except OSError as exc:
+    except PermissionError as exc:
         raise Fatal(f"{path}: {exc.strerror}", status=EXIT_NOPERM) from None
+    except OSError as exc:
+        raise Fatal(f"{path}: {exc.strerror}", status=EXIT_OSERR) from None
     with os.fdopen(fd, "w") as f:
         os.fchmod(f.fileno(), 0o600)
         f.write(text)

@@ -155,6 +155,8 @@ def _tunnel(name, values, where, log):
         if values.get("key_file"):
             raise ValueError("key_file and insecure: choose one")
         key = None
+    elif values.get("key_file") == "-" and where != "options":
+        raise ValueError("key_file: \"-\" (standard input) works on the command line only")
     elif values.get("key_file"):
         key = auth.read_key(values["key_file"], log)
     else:

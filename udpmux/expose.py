@@ -32,9 +32,9 @@ from collections import OrderedDict
 from udpmux import addr, wire
 from udpmux.auth import read_key
 from udpmux.batchio import Batch, Outbox, recv_into
-from udpmux.errors import UsageError
+from udpmux.errors import EXIT_UNAVAILABLE, Fatal, UsageError
 from udpmux.log import DropLog, setup as setup_log
-from udpmux.session import Drop, Initiator
+from udpmux.session import R_SESSION, Drop, Initiator
 from udpmux.worker import Worker
 from udpmux.wire import (
     CLOSE_EVICTED, CLOSE_IDLE, CLOSE_SHUTDOWN, HEADER_SIZE, KEEPALIVE, KEEPALIVE_REPLY,
@@ -51,6 +51,8 @@ MSG_TRUNC = getattr(socket, "MSG_TRUNC", 0)
 
 R_SERVICE = "service"           # the service refused a datagram (not running: ICMP)
 R_SEND = "send"                 # the kernel refused to send
+R_RECEIVE = "receive"           # receiving from the relay failed (an ICMP error, mostly)
+R_NO_SESSION = "no-session"     # a service reply while no session with the relay is up
 
 
 def _int_option(args, name):
@@ -157,7 +159,7 @@ class ExposeWorker(Worker):
                     continue
                 self.from_relay(view[starts[i]:starts[i] + lengths[i]], now)
         if batch.errors:
-            self.drop(R_SEND, sum(batch.errors.values()))
+            self.drop(R_RECEIVE, sum(batch.errors.values()))
             batch.errors.clear()
 
     def from_relay(self, msg, now):
@@ -175,7 +177,7 @@ class ExposeWorker(Worker):
                 self.start_handshake(now)
                 return
             else:
-                self.drop("session")
+                self.drop(R_SESSION)
                 return
         except (Malformed, Drop) as exc:
             self.drop(exc.reason)
@@ -275,7 +277,7 @@ class ExposeWorker(Worker):
                 continue
             flow.seen = time.monotonic()
             if session is None:
-                self.drop("no-session")
+                self.drop(R_NO_SESSION)
                 continue
             length = session.seal_into(buf, 0, size, T_DATA, flow.tag)
             if not self.outbox.room(length):
@@ -347,7 +349,7 @@ class ExposeWorker(Worker):
         self.after_events()
         self.drop_log.maybe_log(now)
 
-    def on_stop(self):
+    def on_stop(self, final):
         if self.session is not None:
             self.tell_relay(T_BYE, 0, REASON.pack(CLOSE_SHUTDOWN))
             self.after_events()
@@ -363,7 +365,8 @@ def main(args):
     log = setup_log(args.get("--debug"))
     if args["--carrier"] != "udp":
         if args["--carrier"] == "tcp":
-            raise UsageError("--carrier tcp: not implemented yet in this version")
+            raise Fatal("--carrier tcp: not implemented yet in this version",
+                        status=EXIT_UNAVAILABLE)
         raise UsageError(f"--carrier: expected udp or tcp, got {args['--carrier']!r}")
     relay = _endpoint_option(args, "--relay")
     service = _endpoint_option(args, "--service")

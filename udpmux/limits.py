@@ -49,6 +49,14 @@ class PerSource:
         return len(self.buckets)
 
 
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
 def source_of(peer):
-    """What per-source limits count by: the IPv4 address, or the IPv6 /64."""
-    return peer[4:8] if len(peer) == 16 else peer[8:16]
+    """What per-source limits count by: the IPv4 address, or the IPv6 /64.  An IPv4
+    client of a dual-stack socket ([::]) arrives as ::ffff:a.b.c.d and counts by a.b.c.d."""
+    if len(peer) == 16:
+        return peer[4:8]
+    if peer[8:20] == _V4_MAPPED:
+        return peer[20:24]
+    return peer[8:16]

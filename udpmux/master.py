@@ -33,7 +33,9 @@ import time
 
 from udpmux import control
 from udpmux.addr import format_endpoint
-from udpmux.errors import EXIT_OK, EXIT_OSERR, EXIT_WORKER_BOOT, ConfigError, Fatal
+from udpmux.errors import (
+    EXIT_FAILURE, EXIT_OK, EXIT_OSERR, EXIT_WORKER_BOOT, ConfigError, Fatal,
+)
 from udpmux.sdnotify import Notifier
 
 STARTING = "starting"
@@ -110,6 +112,7 @@ class Master:
         self._wake_r = self._wake_w = None
         self.extra = []                 # more selector entries (the control socket)
         self.status_server = None
+        self.status = EXIT_OK           # the master's exit status
 
     # -- process seams (tests may replace these)
 
@@ -154,7 +157,7 @@ class Master:
                 self.on_timers(time.monotonic())
         finally:
             self.cleanup()
-        return EXIT_OK
+        return self.status
 
     def setup(self):
         self.selector = selectors.DefaultSelector()
@@ -371,8 +374,10 @@ class Master:
             return
         tunnel.state = STOPPING
         tunnel.kill_at = time.monotonic() + self.config.stop_timeout
+        final = self.stopping or tunnel.removed
         if tunnel.pipe is None or not control.send(
-                tunnel.pipe, control.MSG_STOP, {"deadline": self.config.stop_timeout}):
+                tunnel.pipe, control.MSG_STOP,
+                {"deadline": self.config.stop_timeout, "final": final}):
             self.kill(tunnel.pid, signal.SIGTERM)
 
     def retire(self, tunnel):
@@ -447,6 +452,12 @@ class Master:
             return
         if any(t.state in (STARTING, STOPPING) or t.replacement is not None
                for t in self.tunnels.values()):
+            return
+        if not self.reloading and all(t.state == FAILED for t in self.tunnels.values()):
+            # Nothing to serve: stop, so that systemd shows the failure.
+            self.log.error("no tunnel could start; stopping")
+            self.status = EXIT_FAILURE
+            self.stopping = True
             return
         self.ready_sent = True
         if self.reloading:

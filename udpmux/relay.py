@@ -44,19 +44,18 @@ from udpmux.config import from_options, load
 from udpmux.limits import PerSource, TokenBucket, source_of
 from udpmux.log import DropLog, setup as setup_log
 from udpmux.master import Master
-from udpmux.session import Acceptor, Drop, Session
+from udpmux.session import R_SESSION, Acceptor, Drop, Session
 from udpmux.shm import SharedBlock
 from udpmux.tagtable import TagTable
 from udpmux.worker import Worker
 from udpmux.wire import (
-    CLOSE_EVICTED, CLOSE_IDLE, CLOSE_REFUSED, HEADER_SIZE, KEEPALIVE, KEEPALIVE_REPLY,
-    MAC_SIZE, MAX_DATAGRAM, REASON, T_BYE, T_CLOSE, T_DATA, T_HELLO, T_KEEPALIVE, Malformed,
-    parse_header,
+    CLOSE_EVICTED, CLOSE_IDLE, CLOSE_REFUSED, CLOSE_SHUTDOWN, HEADER_SIZE, KEEPALIVE,
+    KEEPALIVE_REPLY, MAC_SIZE, MAX_DATAGRAM, REASON, T_BYE, T_CLOSE, T_DATA, T_HELLO,
+    T_KEEPALIVE, Malformed, parse_header,
 )
 
 BATCH = 64
 DRAIN_ROUNDS = 8                # batches per socket per wake-up, so no socket starves the rest
-HELLO_RATE = 20.0               # handshakes answered per second per tunnel
 STALE_RATE = 10.0               # STALE answers per second per tunnel
 NONCE_RESERVE = 1 << 24         # nonces a worker may use before its state block records them
 STATE_EVERY = 1.0               # seconds between writes of the state block
@@ -67,7 +66,6 @@ R_NO_EXPOSER = "no-exposer"     # a client datagram while no exposer is register
 R_FLOW_RATE = "flow-rate"       # a new flow over the tunnel's new_flows_rate
 R_SOURCE_RATE = "source-rate"   # a new flow over new_flows_per_source for its IP address
 R_UNKNOWN_TAG = "unknown-tag"   # exposer data for a flow that is gone
-R_HELLO_RATE = "hello-rate"     # handshakes beyond HELLO_RATE
 R_SEND = "send"                 # the kernel refused to send (buffer full, unreachable)
 
 _ID = struct.Struct("!I")
@@ -94,11 +92,16 @@ class RelayKind:
     def __init__(self, args, log):
         self.args = args
         self.log = log
+        self.from_options = None
 
     def load(self):
         if self.args.get("--config"):
             return load(self.args["--config"], self.log)
-        return from_options(self.args, self.log)
+        # Options do not change on reload, and a key from standard input can be read
+        # only once: a reload of the one-tunnel form retries failed workers, no more.
+        if self.from_options is None:
+            self.from_options = from_options(self.args, self.log)
+        return self.from_options
 
     def shared(self, config, old):
         return RelayShared(config, old)
@@ -135,11 +138,10 @@ class RelayWorker(Worker):
         self.registered = 0.0
         self.flow_bucket = TokenBucket(config.new_flows_rate, now=now)
         self.per_source = PerSource(config.new_flows_per_source, config.max_sources)
-        self.hello_bucket = TokenBucket(HELLO_RATE, now=now)
         self.stale_bucket = TokenBucket(STALE_RATE, now=now)
         self.counters = dict.fromkeys(
             ("datagrams_in", "bytes_in", "datagrams_out", "bytes_out", "flows", "evicted",
-             "expired", "sessions", "roams"), 0)
+             "expired", "closed", "sessions", "roams"), 0)
         self.drops = {}
         self.drop_log = DropLog(self.log, f"tunnel {self.name}", DROP_LOG_EVERY)
         self.in_batch = Batch(BATCH, HEADER_SIZE + MAX_DATAGRAM + MAC_SIZE)
@@ -147,7 +149,13 @@ class RelayWorker(Worker):
         # Room for a whole batch of DATA plus a control message for each of them.
         self.to_exposer = Outbox(2 * BATCH)
         self.to_clients = Outbox(2 * BATCH)
-        self.restore(self.state.read_json(), now)
+        try:
+            state = self.state.read_json(patience=0.5)
+        except TimeoutError:
+            self.log.warning("tunnel %s: the last worker died while saving its state; "
+                             "starting with a new session", self.name)
+            state = {}
+        self.restore(state, now)
         self.next_state = now
         self.selector.register(self.public, selectors.EVENT_READ, self.on_public)
         if not self.shared_socket:
@@ -302,7 +310,7 @@ class RelayWorker(Worker):
                 self.new_session(session, key, now)
                 newest = True
             else:
-                self.drop("session")
+                self.drop(R_SESSION)
                 self.answer_stale(msg, sid, nonce, key, now)
                 return
         except Drop as exc:
@@ -339,6 +347,7 @@ class RelayWorker(Worker):
             slot = self.table.slot_of_tag(tag)
             if slot is not None:
                 self.table.remove(slot)
+                self.counters["closed"] += 1
                 self.log.debug("tunnel %s: the exposer closed flow %d", self.name, tag)
         elif mtype == T_BYE:
             self.log.info("tunnel %s: the exposer at %s said goodbye", self.name,
@@ -347,9 +356,6 @@ class RelayWorker(Worker):
         # Handshake types under a session key are not sent by exposers: ignore them.
 
     def on_hello(self, msg, key, now):
-        if not self.hello_bucket.take(now):
-            self.drop(R_HELLO_RATE)
-            return
         taken = (self.session.local_id,) if self.session is not None else ()
         welcome, _pending = self.acceptor.hello(msg, key, now, taken, self.epoch)
         self.send_to(welcome, key)
@@ -460,9 +466,14 @@ class RelayWorker(Worker):
             "session": saved,
         })
 
-    def on_stop(self):
-        # Flows and the session stay in shared memory for a successor; say nothing to
-        # the exposer, which keeps its flows for as long as they are not idle.
+    def on_stop(self, final):
+        # Flows and the session stay in shared memory for a successor.  When there is
+        # none (the relay stops, the tunnel was removed), tell the exposer, which then
+        # registers again as soon as a relay answers.
+        if final and self.session is not None:
+            self.tell_exposer(T_BYE, 0, REASON.pack(CLOSE_SHUTDOWN))
+            self.flush_exposer()
+            self.session = None
         self.alive = False
 
     def on_exit(self):

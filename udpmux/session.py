@@ -37,6 +37,7 @@ from collections import OrderedDict
 
 from udpmux import auth
 from udpmux.auth import R_MAC, ReplayWindow
+from udpmux.limits import TokenBucket
 from udpmux.wire import (
     FLAG_KEYED, HEADER, HEADER_SIZE, HELLO, MAC_SIZE, RANDOM_SIZE, STALE, T_HELLO, T_STALE,
     T_WELCOME, VERSION, WELCOME, Malformed, body_of, parse_header,
@@ -45,8 +46,10 @@ from udpmux.wire import (
 R_ROLE = "role"                 # HELLO asks for a role this responder does not serve
 R_UNEXPECTED = "unexpected"     # a handshake message nobody waits for
 R_SESSION = "session"           # a session id this receiver does not know
+R_HELLO_RATE = "hello-rate"     # an authentic HELLO beyond the answers allowed per second
 
 PENDING_MAX = 16                # welcomed sessions awaiting their first message
+HELLO_RATE = 20.0               # HELLOs answered per second (after they authenticate)
 PENDING_TTL = 10.0              # seconds a pending session waits
 HELLO_MEMORY = 4096             # HELLO randoms remembered, so a replayed HELLO is refused
 
@@ -217,16 +220,21 @@ class Initiator(_HandshakeKey):
 class Acceptor(_HandshakeKey):
     """The end that answers HELLO: keeps pending sessions, bounded, until confirmed."""
 
-    def __init__(self, psk, roles, pending_max=PENDING_MAX, pending_ttl=PENDING_TTL):
+    def __init__(self, psk, roles, pending_max=PENDING_MAX, pending_ttl=PENDING_TTL,
+                 hello_rate=HELLO_RATE):
         super().__init__(psk)
         self.roles = frozenset(roles)
+        self.answers = TokenBucket(hello_rate)
         self.pending_max = pending_max
         self.pending_ttl = pending_ttl
         self.pending = OrderedDict()    # local id -> (Session, welcomed at)
         self.seen = OrderedDict()       # HELLO randoms seen, oldest first
 
     def hello(self, msg, peer, now, taken=(), epoch=0):
-        """Answer a HELLO from peer: returns (WELCOME message, pending Session)."""
+        """Answer a HELLO from peer: returns (WELCOME message, pending Session).
+
+        The rate of answers is limited only after the HELLO authenticated and proved
+        new, so strangers cannot spend the allowance of the true initiator."""
         body = self.open(msg, T_HELLO)
         id_i, random_i, role = HELLO.unpack(body)
         if role not in self.roles:
@@ -236,6 +244,8 @@ class Acceptor(_HandshakeKey):
         self.seen[random_i] = None
         if len(self.seen) > HELLO_MEMORY:
             self.seen.popitem(last=False)
+        if not self.answers.take(now):
+            raise Drop(R_HELLO_RATE)
         self.expire(now)
         while len(self.pending) >= self.pending_max:
             self.pending.popitem(last=False)

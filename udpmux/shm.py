@@ -15,11 +15,14 @@ while the generation is odd or changed under it, so it never sees a torn write.
 
 import json
 import mmap
+import os
 import struct
+import time
 
 HEADER = struct.Struct("=QI")
 DEFAULT_SIZE = 64 * 1024
-READ_TRIES = 1000
+SPIN_TRIES = 100                # quick retries before a reader starts yielding the CPU
+READ_PATIENCE = 2.0             # seconds a reader waits for a writer (one that died mid-write)
 
 
 class SharedBlock:
@@ -31,27 +34,41 @@ class SharedBlock:
         if len(payload) > self.size - HEADER.size:
             raise ValueError(f"{len(payload)} bytes do not fit a {self.size}-byte block")
         (gen,) = struct.unpack_from("=Q", self.mem, 0)
+        gen += gen & 1          # odd: a writer was killed halfway; its write is void
         struct.pack_into("=Q", self.mem, 0, gen + 1)             # odd: writing
         struct.pack_into("=I", self.mem, 8, len(payload))
         self.mem[HEADER.size:HEADER.size + len(payload)] = payload
         struct.pack_into("=Q", self.mem, 0, gen + 2)             # even: done
 
-    def read(self):
-        """The last complete payload (b"" if nothing was written yet)."""
-        for _ in range(READ_TRIES):
+    def read(self, patience=READ_PATIENCE):
+        """The last complete payload (b"" if nothing was written yet).
+
+        A writer descheduled halfway through a write holds readers up for as long as it
+        is off the CPU, so after a few quick retries the reader yields the CPU to it."""
+        deadline = None
+        tries = 0
+        while True:
             gen, length = HEADER.unpack_from(self.mem, 0)
-            if gen & 1:
-                continue
-            data = self.mem[HEADER.size:HEADER.size + min(length, self.size - HEADER.size)]
-            if struct.unpack_from("=Q", self.mem, 0)[0] == gen:
-                return data
-        raise TimeoutError("shared block: the writer never finished")
+            if not gen & 1:
+                data = self.mem[HEADER.size:HEADER.size + min(length, self.size - HEADER.size)]
+                if struct.unpack_from("=Q", self.mem, 0)[0] == gen:
+                    return data
+            tries += 1
+            if tries >= SPIN_TRIES:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + patience
+                elif now > deadline:
+                    raise TimeoutError("shared block: the writer never finished a write")
+                os.sched_yield()
 
     def write_json(self, value):
         self.write(json.dumps(value, separators=(",", ":")).encode())
 
-    def read_json(self):
-        data = self.read()
+    def read_json(self, patience=READ_PATIENCE):
+        """The last value written; TimeoutError if a write never finished (a writer
+        killed halfway), until the next write."""
+        data = self.read(patience)
         return json.loads(data) if data else {}
 
     def close(self):

@@ -40,8 +40,16 @@ class StatusServer:
     def open(self):
         """Listen on the path; on failure log why and serve no status (never fatal)."""
         path = self.path
+        directory = os.path.dirname(path) or "."
         try:
-            os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+            if not os.path.isdir(directory):
+                # Ours alone: only its owner (and root) may ask for status.
+                os.makedirs(directory, mode=0o700)
+            owner = os.stat(directory).st_uid
+            if owner not in (os.geteuid(), 0):
+                self.log.warning("control socket %s: %s belongs to another user (uid %d); "
+                                 "serving no status", path, directory, owner)
+                return None
             if _in_use(path):
                 self.log.warning("control socket %s is in use by another relay; "
                                  "`udpmux status` will not reach this one", path)
@@ -122,7 +130,10 @@ class StatusServer:
 
 
 def tunnel_status(tunnel):
-    state = tunnel.shared.state.read_json()
+    try:
+        state = tunnel.shared.state.read_json(patience=0.2)
+    except TimeoutError:
+        state = {}          # its worker died while saving; the next one rewrites it
     summary = tunnel.shared.table.summary()
     info = {
         "name": tunnel.name,

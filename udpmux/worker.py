@@ -129,7 +129,8 @@ class Worker:
             return
         mtype, body = message
         if mtype == control.MSG_STOP:
-            self.stop((body or {}).get("deadline", 5.0))
+            body = body or {}
+            self.stop(body.get("deadline", 5.0), final=body.get("final", True))
 
     def on_signal(self):
         try:
@@ -137,14 +138,15 @@ class Worker:
         except BlockingIOError:
             return
         if signal.SIGTERM in data or signal.SIGINT in data:
-            self.stop(5.0)
+            self.stop(5.0, final=True)
 
-    def stop(self, deadline):
+    def stop(self, deadline, final=True):
         """Begin a graceful stop: subclasses say goodbye in on_stop(), then the loop
-        ends at the next tick, or earlier if on_stop() clears self.alive."""
+        ends at the next tick, or earlier if on_stop() clears self.alive.  `final` is
+        False when a successor takes over (a changed configuration)."""
         if self.stopping_until is None:
             self.stopping_until = time.monotonic() + min(deadline, 1.0)
-            self.on_stop()
+            self.on_stop(final)
 
     # -- for subclasses
 
@@ -157,8 +159,8 @@ class Worker:
     def tick(self, now):
         """About once a second: expiry, keepalives, syncing shared state."""
 
-    def on_stop(self):
-        """A graceful stop began: tell peers, stop accepting."""
+    def on_stop(self, final):
+        """A graceful stop began: tell peers (if final), stop accepting."""
         self.alive = False
 
     def on_exit(self):
