@@ -126,13 +126,17 @@ def render(name):
 
 def docopt_options(doc):
     """[(spec, default or None)] of the Options: section, e.g. ("-c FILE, --config FILE", None)."""
-    section = doc.split("Options:", 1)[1]
-    out = []
-    for line in section.splitlines():
+    entries = []            # [option spec, its description with its continuation lines]
+    for line in doc.split("Options:", 1)[1].splitlines():
         m = re.match(r"\s*(-\S.*?)(?:\s{2,}|$)", line)
         if m:
-            default = re.search(r"\[default: ([^\]]*)\]", line)
-            out.append((m.group(1), default.group(1) if default else None))
+            entries.append([m.group(1), line[m.end():]])
+        elif entries and line.startswith("      "):
+            entries[-1][1] += " " + line.strip()
+    out = []
+    for spec, description in entries:
+        default = re.search(r"\[default: ([^\]]*)\]", description)
+        out.append((spec, default.group(1) if default else None))
     return out
 
 

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from procs import (
-    WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, free_udp_port, status, tunnel,
+    WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, free_udp_port, tunnel,
     udp_client, udpmux_argv,
 )
 from udpmux import wire

@@ -30,18 +30,27 @@ Usage:
 
 Options:
   -c FILE, --config FILE      Tunnels from a TOML file (see udpmux.conf(5)).
-  --public ADDR               One tunnel: the UDP address clients send to, e.g. 0.0.0.0:51820.
+  --public ADDR               One tunnel: the UDP address clients send to, e.g.
+                              0.0.0.0:51820.
   --register ADDR             Where the exposer registers; the public socket if not given.
-  --key-file FILE             The tunnel's key, shared with the exposer ("-": standard input).
+  --key-file FILE             The tunnel's key, shared with the exposer ("-": standard
+                              input).
   --insecure                  No key: any host may register as the exposer.
   --name NAME                 The tunnel's name in logs and status [default: tunnel].
-  --max-flows N               Flows kept at once; the idlest goes first [default: {_d("max_flows")}].
-  --flow-idle SECONDS         A flow without datagrams this long ends [default: {_d("flow_idle")}].
-  --exposer-timeout SECONDS   Without a word from the exposer this long, the tunnel is down [default: {_d("exposer_timeout")}].
-  --new-flows-rate N          New flows accepted per second on the tunnel [default: {_d("new_flows_rate")}].
-  --new-flows-per-source N    New flows accepted per second from one client IP address [default: {_d("new_flows_per_source")}].
-  --max-sources N             Client IP addresses whose rate is tracked at once [default: {_d("max_sources")}].
-  --control-socket PATH       Where `udpmux status` finds the relay (default: see udpmux(8)).
+  --max-flows N               Flows kept at once; the idlest goes first
+                              [default: {_d("max_flows")}].
+  --flow-idle SECONDS         A flow without datagrams this long ends
+                              [default: {_d("flow_idle")}].
+  --exposer-timeout SECONDS   Without a word from the exposer this long, the tunnel is down
+                              [default: {_d("exposer_timeout")}].
+  --new-flows-rate N          New flows accepted per second on the tunnel
+                              [default: {_d("new_flows_rate")}].
+  --new-flows-per-source N    New flows accepted per second from one client IP address
+                              [default: {_d("new_flows_per_source")}].
+  --max-sources N             Client IP addresses whose rate is tracked at once
+                              [default: {_d("max_sources")}].
+  --control-socket PATH       Where `udpmux status` finds the relay (default: see
+                              udpmux(8)).
   --debug                     Log every flow and session event.
   -h, --help                  Show this text.
 """
@@ -79,12 +88,17 @@ Usage:
   udpmux link -h | --help
 
 Options:
-  -t HOST:PORT, --target HOST:PORT   The TCP service, as the server sees it [default: 127.0.0.1:22].
-  -b RANGE, --bind RANGE      The server's UDP port, or a MIN-MAX range to pick from [default: 40000-40999].
-  --listen-tcp ADDR           Accept local TCP connections here instead of using standard I/O.
+  -t HOST:PORT, --target HOST:PORT
+                              The TCP service, as the server sees it
+                              [default: 127.0.0.1:22].
+  -b RANGE, --bind RANGE      The server's UDP port, or a MIN-MAX range to pick from
+                              [default: 40000-40999].
+  --listen-tcp ADDR           Accept local TCP connections here instead of using standard
+                              I/O.
   --ssh-command CMD           The ssh that starts the server end [default: ssh].
   --segment BYTES             Largest payload per packet [default: 1200].
-  --idle-limit SECONDS        The server end exits after this long without the client [default: 43200].
+  --idle-limit SECONDS        The server end exits after this long without the client
+                              [default: 43200].
   --debug                     Log both ends' session events.
   -h, --help                  Show this text.
 """
@@ -98,8 +112,10 @@ Usage:
   udpmux link-server -h | --help
 
 Options:
-  -t HOST:PORT, --target HOST:PORT   The TCP service to connect streams to [default: 127.0.0.1:22].
-  -b RANGE, --bind RANGE      The UDP port, or a MIN-MAX range to pick from [default: 40000-40999].
+  -t HOST:PORT, --target HOST:PORT
+                              The TCP service to connect streams to [default: 127.0.0.1:22].
+  -b RANGE, --bind RANGE      The UDP port, or a MIN-MAX range to pick from
+                              [default: 40000-40999].
   --idle-limit SECONDS        Exit after this long without the client [default: 43200].
   --debug                     Log session events.
   -h, --help                  Show this text.
@@ -118,13 +134,15 @@ Usage:
 Options:
   --peer HOST:PORT            The other host's public address.
   --port PORT                 The local UDP port to punch from.
-  --relay HOST:PORT           A relay that brokers the meeting and carries traffic if no direct path works.
+  --relay HOST:PORT           A relay that brokers the meeting and carries traffic if no
+                              direct path works.
   --rendezvous NAME           The name both sides give the relay.
   --key-file FILE             The key both sides share ("-": standard input).
   --insecure                  No key.
   --forward HOST:PORT         Pass datagrams to this local UDP service.
   --listen ADDR               Accept datagrams from a local UDP client here.
-  --once                      Send the punch packets and exit, leaving the hole for another program.
+  --once                      Send the punch packets and exit, leaving the hole for another
+                              program.
   --keepalive SECONDS         Keepalive interval [default: 25].
   --debug                     Log every punch attempt.
   -h, --help                  Show this text.

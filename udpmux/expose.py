@@ -23,7 +23,6 @@ How we name things:
 """
 
 import errno
-import os
 import selectors
 import socket
 import time
@@ -152,7 +151,8 @@ class ExposeWorker(Worker):
             if not n:
                 break
             now = time.monotonic()
-            view, lengths, starts, capacity = batch.view, batch.lengths, batch.starts, batch.capacity
+            view, lengths, starts = batch.view, batch.lengths, batch.starts
+            capacity = batch.capacity
             for i in range(n):
                 if lengths[i] > capacity:
                     self.drop(wire.R_TOO_LARGE)

@@ -299,7 +299,7 @@ class Master:
                             reuse = old.sockets[old_label]
                 sockets[label] = reuse or bind_udp(endpoint, f"tunnel {tunnel_config.name}")
         except Fatal:
-            for label, sock in sockets.items():
+            for sock in sockets.values():
                 if old is None or sock not in old.sockets.values():
                     sock.close()
             raise

@@ -31,7 +31,6 @@ How we name things:
             respawned worker carries on with the same session and the same flows
 """
 
-import logging
 import os
 import selectors
 import struct

@@ -35,7 +35,8 @@ class Notifier:
 
     def reloading(self):
         # MONOTONIC_USEC lets Type=notify-reload units match this reload to its SIGHUP.
-        return self.send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return self.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
 
     def stopping(self):
         return self.send("STOPPING=1")
