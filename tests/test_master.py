@@ -252,3 +252,15 @@ def test_a_worker_that_will_not_stop_is_killed_at_the_deadline(tmp_path):
     finally:
         daemon.stop()
         notify.close()
+
+
+def test_workers_exit_when_the_master_dies(relay):
+    relay.write("alpha", "beta")
+    relay.start()
+    workers = list(relay.workers().values())
+    relay.master.signal(signal.SIGKILL)
+    relay.master.proc.wait(WAIT)
+    for pid in workers:                 # each sees EOF on its control pipe and stops
+        for _ in deadline_loop(what=f"worker {pid} to exit"):
+            if not alive(pid):
+                break

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from procs import (
-    WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, free_udp_port, tunnel,
+    WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, free_udp_port, status, tunnel,
     udp_client, udpmux_argv,
 )
 from udpmux import wire
@@ -409,3 +409,64 @@ def test_ipv6_clients_and_an_ipv6_exposer(tmp_path):
         assert t["public"] == f"[::1]:{rig.public}"
     finally:
         rig.close()
+
+
+def test_one_socket_for_clients_and_the_exposer(rig):
+    port = free_udp_port()
+    rig.public = rig.register = port
+    rig.start(["relay", "--public", f"{LOCAL}:{port}", "--key-file", rig.key,
+               "--control-socket", rig.control])
+    rig.notify.wait_for("READY=1")
+    rig.expose()
+    clients = [udp_client() for _ in range(5)]
+    for n, client in enumerate(clients):
+        assert exchange(client, b"shared %d" % n, (LOCAL, port)) == b"shared %d" % n
+    t = rig.wait_tunnel("flows", lambda t: t["flows"] == 5)
+    assert t["public"] == t["register"] == f"{LOCAL}:{port}"
+
+
+def test_a_flood_on_one_tunnel_does_not_reach_the_other(tmp_path):
+    """Two tunnels in one relay: one tunnel's port is flooded with garbage while the
+    other's clients keep being served, and the flood's cost lands on the flooded
+    tunnel's worker alone."""
+    key = str(tmp_path / "key")
+    subprocess.run(udpmux_argv("keygen", key), env=env(), check=True)
+    ports = {name: (free_udp_port(), free_udp_port()) for name in ("calm", "flooded")}
+    config = tmp_path / "relay.toml"
+    config.write_text(f'control_socket = "{tmp_path}/control.sock"\n' + "".join(
+        f'[tunnels.{name}]\npublic = "{LOCAL}:{pub}"\nregister = "{LOCAL}:{reg}"\n'
+        f'key_file = "{key}"\n' for name, (pub, reg) in ports.items()))
+    notify = Notify(str(tmp_path))
+    echo = Echo()
+    relay = Daemon(["relay", "-c", config], notify=notify)
+    exposer = None
+    try:
+        notify.wait_for("READY=1")
+        exposer = Daemon(["expose", "--relay", f"{LOCAL}:{ports['calm'][1]}", "--service",
+                          f"{LOCAL}:{echo.port}", "--key-file", key])
+        exposer.wait_log("registered with the relay")
+        control = str(tmp_path / "control.sock")
+        before = {t["name"]: t["cpu_seconds"] for t in status(control)["tunnels"]}
+        flooder = udp_client()
+        client = udp_client()
+        garbage = bytes(200)
+        for round_ in range(40):            # bounded: 40 x 1000 datagrams
+            for _ in range(1000):
+                flooder.sendto(garbage, (LOCAL, ports["flooded"][1]))
+            data = b"calm %d" % round_
+            assert exchange(client, data, (LOCAL, ports["calm"][0])) == data
+        flooded = None
+        for _ in deadline_loop(what="the flood to be counted"):
+            tunnels = {t["name"]: t for t in status(control)["tunnels"]}
+            flooded = tunnels["flooded"]
+            if sum(flooded["drops"].values()) >= 30000:
+                break
+        assert tunnels["calm"]["drops"] == {}
+        spent = {name: tunnels[name]["cpu_seconds"] - before[name] for name in tunnels}
+        assert spent["calm"] < spent["flooded"], spent
+    finally:
+        for daemon in (exposer, relay):
+            if daemon is not None:
+                daemon.stop()
+        echo.close()
+        notify.close()

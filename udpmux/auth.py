@@ -4,10 +4,12 @@ A key file holds 32 random bytes as one line of base64 (what `udpmux keygen` wri
 Keys are read from a file or from standard input, never from the command line,
 where `ps` would show them.
 
-The MAC is keyed BLAKE2b truncated to 16 bytes.  Measured here with
+The MAC is keyed BLAKE2b with a 16-byte digest (BLAKE2's own digest_size parameter,
+which is not the same as cutting a 64-byte digest short).  Measured here with
 tools/bench_mac.py (keyed BLAKE2s, keyed BLAKE2b and HMAC-SHA256, all from the
 standard library): BLAKE2s is fastest for 64-byte messages, BLAKE2b from 256 bytes
-to about 1,500 (the sizes of VPN and game traffic), and HMAC-SHA256 beyond that only
+to about 1,500 (the sizes of VPN and game traffic: 1.76 us at 1,200 bytes against
+2.24 for HMAC-SHA256 and 2.72 for BLAKE2s), and HMAC-SHA256 beyond that, but only
 where the CPU has SHA extensions.  BLAKE2b is within 10 % of the best at 64 bytes and
 the best where most traffic is, on any CPU.
 
@@ -21,8 +23,8 @@ session and no two sessions share a MAC key::
 How we name things:
   PSK      the pre-shared key from the key file
   nonce    a 64-bit message counter; each sender starts a session at 1
-  window   the replay window: the highest nonce accepted and a bitmap of the
-           WINDOW nonces below it; anything older is refused as too old
+  window   the replay window: a bitmap of the WINDOW nonces ending at the highest
+           accepted (that one included); anything older is refused as too old
 """
 
 import base64

@@ -4,9 +4,9 @@ One selectors loop.  Signal handlers do nothing but wake it (signal.set_wakeup_f
 the loop reads which signal came and calls its handler:
 
     SIGHUP   reload the configuration: start new tunnels, stop removed ones, restart
-             changed ones, leave the others alone
+             changed ones and ones whose worker could not boot, leave the others alone
     SIGTERM  stop: ask every worker to stop, wait up to stop_timeout, then kill
-    SIGINT   the same (a second one kills at once)
+    SIGINT   the same; a second SIGTERM or SIGINT kills the workers at once
     SIGCHLD  reap workers; respawn a crashed one with backoff, but not one that
              could not boot
 
