@@ -23,7 +23,6 @@ How we name things:
 """
 
 import errno
-import selectors
 import socket
 import time
 from collections import OrderedDict
@@ -126,7 +125,7 @@ class ExposeWorker(Worker):
 
     def open_relay_socket(self):
         if self.sock is not None:
-            self.selector.unregister(self.sock)
+            self.poller.unregister(self.sock)
             self.sock.close()
         family, sockaddr = self.relay
         sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -136,7 +135,7 @@ class ExposeWorker(Worker):
         sock.setblocking(False)
         self.sock = sock
         self.relay_key = addr.peer_key(family, sock.getpeername())
-        self.selector.register(sock, selectors.EVENT_READ, self.on_relay)
+        self.poller.register(sock, self.on_relay)
 
     def drop(self, reason, n=1):
         self.drops[reason] = self.drops.get(reason, 0) + n
@@ -247,15 +246,12 @@ class ExposeWorker(Worker):
             return None
         sock.setblocking(False)
         flow = self.flows[tag] = Flow(tag, sock, now)
-        self.selector.register(sock, selectors.EVENT_READ, lambda: self.from_service(flow))
+        self.poller.register(sock, lambda: self.from_service(flow))
         self.log.debug("flow %d: new service socket, port %d", tag, sock.getsockname()[1])
         return flow
 
     def close_flow(self, flow):
-        try:
-            self.selector.unregister(flow.sock)
-        except (KeyError, ValueError):
-            pass
+        self.poller.unregister(flow.sock)
         flow.sock.close()
 
     # -- from the service

@@ -31,12 +31,13 @@ How we name things:
             respawned worker carries on with the same session and the same flows
 """
 
+import hashlib
+import hmac
 import os
-import selectors
-import struct
 import time
 
 from udpmux import auth, wire
+from udpmux.auth import R_MAC, WINDOW
 from udpmux.addr import format_peer
 from udpmux.batchio import Batch, Outbox, recv_into
 from udpmux.config import from_options, load
@@ -48,9 +49,9 @@ from udpmux.shm import SharedBlock
 from udpmux.tagtable import TagTable
 from udpmux.worker import Worker
 from udpmux.wire import (
-    CLOSE_EVICTED, CLOSE_IDLE, CLOSE_REFUSED, CLOSE_SHUTDOWN, HEADER_SIZE, KEEPALIVE,
+    CLOSE_EVICTED, CLOSE_IDLE, CLOSE_REFUSED, CLOSE_SHUTDOWN, HEADER, HEADER_SIZE, KEEPALIVE,
     KEEPALIVE_REPLY, MAC_SIZE, MAX_DATAGRAM, REASON, T_BYE, T_CLOSE, T_DATA, T_HELLO,
-    T_KEEPALIVE, Malformed, parse_header,
+    T_KEEPALIVE, VERSION, Malformed, parse_header,
 )
 
 BATCH = 64
@@ -66,9 +67,6 @@ R_FLOW_RATE = "flow-rate"       # a new flow over the tunnel's new_flows_rate
 R_SOURCE_RATE = "source-rate"   # a new flow over new_flows_per_source for its IP address
 R_UNKNOWN_TAG = "unknown-tag"   # exposer data for a flow that is gone
 R_SEND = "send"                 # the kernel refused to send (buffer full, unreachable)
-
-_ID = struct.Struct("!I")
-
 
 class RelayShared:
     """What the master maps for a tunnel before forking its worker."""
@@ -156,9 +154,9 @@ class RelayWorker(Worker):
             state = {}
         self.restore(state, now)
         self.next_state = now
-        self.selector.register(self.public, selectors.EVENT_READ, self.on_public)
+        self.poller.register(self.public, self.on_public)
         if not self.shared_socket:
-            self.selector.register(self.register, selectors.EVENT_READ, self.on_register)
+            self.poller.register(self.register, self.on_register)
 
     def restore(self, state, now):
         """Carry on from a predecessor's state block: counters and the exposer's session."""
@@ -193,48 +191,113 @@ class RelayWorker(Worker):
         self.drop_log.count(reason, n)
 
     def on_public(self):
-        """Client datagrams: tag them and pass them to the exposer."""
+        """Client datagrams: tag them and pass them to the exposer.
+
+        The common case (a known flow, an exposer registered) runs inline: the header
+        goes into the slot's headroom and the MAC after the datagram, in place, and the
+        whole batch is queued with one call.  Anything else takes client_slow()."""
         batch = self.in_batch
-        table, get, touch = self.table, self.table.get, self.table.touch
-        buf, out = batch.buf, self.to_exposer
+        table = self.table
+        get, touch, tags = table.get, table.touch, table.tags
+        buf, view, out = batch.buf, batch.view, self.to_exposer
+        pack_into, blake2b = HEADER.pack_into, hashlib.blake2b
+        shared = self.shared_socket
         counters = self.counters
         for _ in range(DRAIN_ROUNDS):
             n = recv_into(self.public, batch, HEADER_SIZE)
             if not n:
                 break
             now = time.monotonic()
-            session = self.session
-            exposer = session.peer if session is not None else None
             lengths, keys, starts = batch.lengths, batch.keys, batch.starts
-            sent = size_in = 0
+            session = self.session
+            if session is not None:
+                exposer, peer_id, flags = session.peer, session.peer_id, session.flags
+                mac_key, nonce = session.send_key, session.send_nonce
+            else:
+                exposer = None
+            queued, sizes = [], []
+            size_in = 0
             for i in range(n):
                 key = keys[i]
                 length = lengths[i]
-                if self.shared_socket and (key == exposer or get(key) is None) \
-                        and self.maybe_exposer(batch, i, now):
-                    continue
-                if length > MAX_DATAGRAM:
-                    self.drop(wire.R_TOO_LARGE)
-                    continue
                 slot = get(key)
-                if slot is None:
-                    slot = self.new_flow(key, now)
+                if slot is None or length > MAX_DATAGRAM or exposer is None \
+                        or (shared and key == exposer):
+                    if session is not None:
+                        session.send_nonce = nonce
+                    self.queue(out, self.register, batch, queued, sizes, exposer)
+                    slot = self.client_slow(batch, i, now)
+                    if self.session is not session:       # a handshake on a shared socket
+                        session = self.session
+                        if session is None:
+                            exposer = None
+                            continue
+                        exposer, peer_id, flags = session.peer, session.peer_id, session.flags
+                        mac_key = session.send_key
                     if slot is None:
                         continue
-                touch(slot, now, length)
-                if session is None:
-                    self.drop(R_NO_EXPOSER)
-                    continue
+                    nonce = session.send_nonce
+                else:
+                    touch(slot, now, length)
                 start = starts[i] - HEADER_SIZE
-                size = session.seal_into(buf, start, length, T_DATA, table.tag_of(slot))
-                out.add_from(batch, start, size, exposer)
-                sent += 1
+                nonce += 1
+                pack_into(buf, start, VERSION, T_DATA, flags, peer_id, tags[slot], nonce)
+                end = start + HEADER_SIZE + length
+                if mac_key is not None:
+                    buf[end:end + MAC_SIZE] = blake2b(view[start:end], key=mac_key,
+                                                      digest_size=MAC_SIZE).digest()
+                    end += MAC_SIZE
+                queued.append(start)
+                sizes.append(end - start)
                 size_in += length
-            counters["datagrams_in"] += sent
+            if session is not None:
+                session.send_nonce = nonce
+            counters["datagrams_in"] += len(queued)
             counters["bytes_in"] += size_in
+            self.queue(out, self.register, batch, queued, sizes, exposer)
             self.flush_exposer()
-            if self.shared_socket:
+            if shared:
                 self.flush_clients()
+            if n < batch.count:
+                break           # the socket is drained: spare the call that says so
+
+    def queue(self, out, sock, batch, starts, sizes, keys):
+        """Queue datagrams of a batch (by start and size) for one or many peer keys,
+        flushing first if they would not fit; empties the lists."""
+        if not starts:
+            return
+        if len(out) + len(starts) > out.count:
+            out.flush(sock)
+            self.count_send_drops(out)
+        out.add_many_from(batch, starts, sizes, keys)
+        starts.clear()
+        sizes.clear()
+        if isinstance(keys, list):
+            keys.clear()
+
+    def client_slow(self, batch, i, now):
+        """A client datagram off the common path: a new flow, one too large, one while no
+        exposer is registered, or (on a shared socket) the exposer's own message.
+        Returns the slot to forward it on (touched), or None when it is done with."""
+        key, length = batch.keys[i], batch.lengths[i]
+        session = self.session
+        get = self.table.get
+        if self.shared_socket and (session is None or key == session.peer or get(key) is None) \
+                and self.maybe_exposer(batch, i, now):
+            return None
+        if length > MAX_DATAGRAM:
+            self.drop(wire.R_TOO_LARGE)
+            return None
+        slot = get(key)
+        if slot is None:
+            slot = self.new_flow(key, now)
+            if slot is None:
+                return None
+        if self.session is None:
+            self.drop(R_NO_EXPOSER)
+            return None
+        self.table.touch(slot, now, length)
+        return slot
 
     def maybe_exposer(self, batch, i, now):
         """On a shared socket: handle datagram i as the exposer's if it is a message."""
@@ -271,23 +334,79 @@ class RelayWorker(Worker):
         return slot
 
     def on_register(self):
-        """Messages on the register socket: the exposer's, or handshakes."""
+        """Messages on the register socket.  DATA from the registered exposer runs inline
+        (header check, replay window, MAC, then the body is queued for its client without
+        a copy); everything else, and anything doubtful, goes through from_exposer()."""
         batch = self.reg_batch
+        table = self.table
+        slot_of_tag, touch, flow_keys = table.slot_of_tag, table.touch, table.keys
+        unpack_from, blake2b, compare = HEADER.unpack_from, hashlib.blake2b, hmac.compare_digest
+        view, out = batch.view, self.to_clients
+        trailer = MAC_SIZE if self.keyed else 0
+        counters = self.counters
         for _ in range(DRAIN_ROUNDS):
             n = recv_into(self.register, batch, 0)
             if not n:
                 break
             now = time.monotonic()
-            view, lengths, keys, starts = batch.view, batch.lengths, batch.keys, batch.starts
-            capacity = batch.capacity
+            lengths, keys, starts = batch.lengths, batch.keys, batch.starts
+            shortest, capacity = HEADER_SIZE + trailer, batch.capacity
+            session = self.session
+            fast = session is not None and not self.restored
+            if fast:
+                peer, local_id, flags_ok = session.peer, session.local_id, session.flags
+                mac_key, window = session.recv_key, session.window
+            queued, sizes, clients = [], [], []
+            size_out = 0
             for i in range(n):
                 start, length = starts[i], lengths[i]
+                if fast and shortest <= length <= capacity and keys[i] == peer:
+                    version, mtype, flags, sid, tag, nonce = unpack_from(view, start)
+                    top = window.top
+                    if version == VERSION and mtype == T_DATA and flags == flags_ok \
+                            and sid == local_id and nonce > top - WINDOW and nonce \
+                            and (nonce > top or not window.bits >> (top - nonce) & 1):
+                        end = start + length
+                        if mac_key is not None and not compare(
+                                blake2b(view[start:end - MAC_SIZE], key=mac_key,
+                                        digest_size=MAC_SIZE).digest(),
+                                view[end - MAC_SIZE:end]):
+                            self.drop(R_MAC)
+                            continue
+                        window.accept(nonce)
+                        slot = slot_of_tag(tag)
+                        if slot is not None:
+                            body = length - shortest
+                            touch(slot, now, body, True)
+                            queued.append(start + HEADER_SIZE)
+                            sizes.append(body)
+                            clients.append(flow_keys[slot])
+                            size_out += body
+                            continue
+                        self.drop(R_UNKNOWN_TAG)
+                        self.tell_exposer(T_CLOSE, tag, REASON.pack(CLOSE_REFUSED))
+                        continue
+                # Off the common path: keep the order of what is already queued.
+                self.queue(out, self.public, batch, queued, sizes, clients)
                 if length > capacity:
                     self.drop(wire.R_TOO_LARGE)
-                    continue
-                self.from_exposer(view[start:start + length], keys[i], now, start)
+                else:
+                    self.from_exposer(view[start:start + length], keys[i], now, start)
+                if self.session is not session or self.restored != (not fast):
+                    session = self.session
+                    fast = session is not None and not self.restored
+                    if fast:
+                        peer, local_id, flags_ok = session.peer, session.local_id, session.flags
+                        mac_key, window = session.recv_key, session.window
+            if size_out:
+                self.heard = now
+            counters["datagrams_out"] += len(queued)
+            counters["bytes_out"] += size_out
+            self.queue(out, self.public, batch, queued, sizes, clients)
             self.flush_clients()
             self.flush_exposer()
+            if n < batch.count:
+                break
 
     def from_exposer(self, msg, key, now, start):
         """One message on the register socket.  msg is a view into a receive batch that
@@ -334,6 +453,8 @@ class RelayWorker(Worker):
                 self.tell_exposer(T_CLOSE, tag, REASON.pack(CLOSE_REFUSED))
                 return
             self.table.touch(slot, now, body, outward=True)
+            if not self.to_clients.room():
+                self.flush_clients()
             self.to_clients.add_from(self.reg_batch, start + HEADER_SIZE, body,
                                      self.table.key_of(slot))
             self.counters["datagrams_out"] += 1

@@ -291,9 +291,12 @@ class TagTable:
         self._pid = os.getpid()
         self._write_header()
         self._attached = True
-        # The hot path: bound dict methods, no Python frame.
+        # The hot path: bound dict methods and the per-slot lists themselves, read
+        # without a Python frame (key_of(slot) is keys[slot], tag_of(slot) tags[slot]).
         self.get = self._index.get
         self.slot_of_tag = self._tags.get
+        self.keys = self._key
+        self.tags = self._tag
 
     def _need_writer(self):
         if not self._attached:
