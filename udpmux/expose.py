@@ -23,6 +23,8 @@ How we name things:
 """
 
 import errno
+import hashlib
+import hmac
 import socket
 import time
 from collections import OrderedDict
@@ -34,10 +36,11 @@ from udpmux.errors import EXIT_UNAVAILABLE, Fatal, UsageError
 from udpmux.log import DropLog, setup as setup_log
 from udpmux.session import R_SESSION, Drop, Initiator
 from udpmux.worker import Worker
+from udpmux.auth import R_MAC, WINDOW
 from udpmux.wire import (
-    CLOSE_EVICTED, CLOSE_IDLE, CLOSE_SHUTDOWN, HEADER_SIZE, KEEPALIVE, KEEPALIVE_REPLY,
+    CLOSE_EVICTED, CLOSE_IDLE, CLOSE_SHUTDOWN, HEADER, HEADER_SIZE, KEEPALIVE, KEEPALIVE_REPLY,
     MAC_SIZE, MAX_DATAGRAM, REASON, T_BYE, T_CLOSE, T_DATA, T_KEEPALIVE, T_STALE, T_WELCOME,
-    Malformed, parse_header,
+    VERSION, Malformed, parse_header,
 )
 
 BATCH = 64
@@ -144,7 +147,15 @@ class ExposeWorker(Worker):
     # -- from the relay
 
     def on_relay(self):
+        """Messages from the relay.  DATA of the current session runs inline (header,
+        replay window, MAC, then the body goes to its flow's service socket); the rest
+        goes through from_relay()."""
         batch = self.batch
+        unpack_from, blake2b, compare = HEADER.unpack_from, hashlib.blake2b, hmac.compare_digest
+        trailer = MAC_SIZE if self.keyed else 0
+        shortest = HEADER_SIZE + trailer
+        flows = self.flows
+        get, move = flows.get, flows.move_to_end
         for _ in range(DRAIN_ROUNDS):
             n = recv_into(self.sock, batch, 0)
             if not n:
@@ -152,11 +163,58 @@ class ExposeWorker(Worker):
             now = time.monotonic()
             view, lengths, starts = batch.view, batch.lengths, batch.starts
             capacity = batch.capacity
+            session = self.session
+            if session is not None:
+                local_id, flags_ok = session.local_id, session.flags
+                mac_key, window = session.recv_key, session.window
+            heard = False
             for i in range(n):
-                if lengths[i] > capacity:
+                start, length = starts[i], lengths[i]
+                if session is not None and shortest <= length <= capacity:
+                    version, mtype, flags, sid, tag, nonce = unpack_from(view, start)
+                    top = window.top
+                    if version == VERSION and mtype == T_DATA and flags == flags_ok \
+                            and sid == local_id and nonce > top - WINDOW and nonce \
+                            and (nonce > top or not window.bits >> (top - nonce) & 1):
+                        end = start + length
+                        if mac_key is not None and not compare(
+                                blake2b(view[start:end - MAC_SIZE], key=mac_key,
+                                        digest_size=MAC_SIZE).digest(),
+                                view[end - MAC_SIZE:end]):
+                            self.drop(R_MAC)
+                            continue
+                        window.accept(nonce)
+                        heard = True
+                        flow = get(tag)
+                        if flow is None:
+                            flow = self.open_flow(tag, now)
+                            if flow is None:
+                                continue
+                        else:
+                            move(tag)
+                        flow.seen = now
+                        try:
+                            flow.sock.send(view[start + HEADER_SIZE:end - trailer])
+                        except BlockingIOError:
+                            self.drop(R_SEND)
+                        except ConnectionRefusedError:
+                            self.drop(R_SERVICE)
+                        except OSError:
+                            self.drop(R_SEND)
+                        continue
+                if length > capacity:
                     self.drop(wire.R_TOO_LARGE)
                     continue
-                self.from_relay(view[starts[i]:starts[i] + lengths[i]], now)
+                self.from_relay(view[start:start + length], now)
+                if self.session is not session:
+                    session = self.session
+                    if session is not None:
+                        local_id, flags_ok = session.local_id, session.flags
+                        mac_key, window = session.recv_key, session.window
+            if heard:
+                self.heard = now
+            if n < batch.count:
+                break
         if batch.errors:
             self.drop(R_RECEIVE, sum(batch.errors.values()))
             batch.errors.clear()
