@@ -58,7 +58,7 @@ def test_an_unknown_mode_is_named():
     (["relay", "--public", "somewhere", "--insecure"], "expected HOST:PORT"),
     (["relay", "--public", "[::1:5", "--insecure"], "expected [IPv6]:PORT"),
     (["expose", "--relay", "127.0.0.1:1", "--service", "127.0.0.1:2", "--insecure",
-      "--keepalive", "0"], "--keepalive: expected more than 0 seconds"),
+      "--keepalive", "0"], "--keepalive: expected a number above 0, got 0.0"),
     (["expose", "--relay", "127.0.0.1:1", "--service", "127.0.0.1:2", "--insecure",
       "--carrier", "sctp"], "--carrier: expected udp or tcp"),
 ])

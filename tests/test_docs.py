@@ -193,7 +193,8 @@ def test_synopsis_has_every_usage_line_in_order():
 # -- (c) every configuration key, its type and its default
 
 TYPES = {config._positive_int: {"integer"}, config._positive_number: {"number"},
-         config._flag: {"boolean"}, config._text: {"string", "address"}}
+         config._flag: {"boolean"}, config._text: {"string", "address"},
+         config._carrier: {"string"}}
 
 
 def default_text(value):
@@ -205,7 +206,8 @@ def default_text(value):
 
 
 @pytest.mark.parametrize("group,settings", [("Global settings", config.GLOBAL_SETTINGS),
-                                            ("Tunnel settings", config.TUNNEL_SETTINGS)])
+                                            ("Tunnel settings", config.TUNNEL_SETTINGS),
+                                            ("Exposer settings", config.EXPOSE_SETTINGS)])
 def test_every_config_key_and_default_is_in_the_conf_page(group, settings):
     lines = blocks(page("udpmux.conf.5"), ".Ss").get(group)
     assert lines is not None, f"man/udpmux.conf.5 has no `.Ss {group}`"

@@ -470,3 +470,33 @@ def test_a_flood_on_one_tunnel_does_not_reach_the_other(tmp_path):
                 daemon.stop()
         echo.close()
         notify.close()
+
+
+def test_an_exposer_from_a_config_file(rig, tmp_path):
+    rig.relay()
+    path = tmp_path / "expose-wg.toml"
+    path.write_text(f'relay = "{LOCAL}:{rig.register}"\nservice = "{LOCAL}:{rig.echo.port}"\n'
+                    f'key_file = "{rig.key}"\nkeepalive = 10\nmax_flows = 8\n')
+    exposer = rig.start(["expose", "-c", path])
+    exposer.wait_log("registered with the relay")
+    client = udp_client()
+    assert exchange(client, b"from a file", (LOCAL, rig.public)) == b"from a file"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('service = "127.0.0.1:9"\ninsecure = true', "relay: missing"),
+    ('relay = "127.0.0.1:9"\nservice = "127.0.0.1:9"', "key_file: missing"),
+    ('relay = "127.0.0.1:9"\nservice = "127.0.0.1:9"\ninsecure = true\ncarier = "tcp"',
+     "unknown setting 'carier'; did you mean 'carrier'?"),
+    ('relay = "127.0.0.1:9"\nservice = "127.0.0.1:9"\ninsecure = true\ncarrier = "sctp"',
+     "carrier: expected udp or tcp"),
+    ('relay = "127.0.0.1:9"\nservice = "somewhere"\ninsecure = true', "service: 'somewhere'"),
+    ('relay = "127.0.0.1:9"\nservice = "127.0.0.1:9"\nkey_file = "-"', "command line only"),
+])
+def test_a_bad_exposer_file_is_refused_with_the_file_and_key(tmp_path, text, message):
+    path = tmp_path / "expose.toml"
+    path.write_text(text)
+    out = subprocess.run(udpmux_argv("expose", "-c", path), env=env(), capture_output=True,
+                         text=True, timeout=WAIT)
+    assert out.returncode == 78
+    assert str(path) in out.stderr and message in out.stderr

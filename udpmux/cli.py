@@ -13,10 +13,18 @@ import sys
 from docopt import DocoptExit, docopt
 
 from udpmux import __version__
-from udpmux.config import default_text as _d
+from udpmux.config import EXPOSE as _EXPOSE, TUNNEL as _TUNNEL, default_text
 from udpmux.errors import (
     EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE, Fatal,
 )
+
+def _d(name):
+    return default_text(_TUNNEL[name])
+
+
+def _e(name):
+    return default_text(_EXPOSE[name])
+
 
 RELAY = f"""\
 udpmux relay: the public end of reverse tunnels.  Outside clients send UDP to a
@@ -55,25 +63,31 @@ Options:
   -h, --help                  Show this text.
 """
 
-EXPOSE = """\
+EXPOSE = f"""\
 udpmux expose: make a UDP service behind NAT reachable through a relay.  Registers
 with the relay (authenticated keepalives hold the NAT mapping open) and opens one UDP
 socket towards the service for each outside client, so the service sees one source
 port per client.
 
 Usage:
-  udpmux expose --relay HOST:PORT --service HOST:PORT (--key-file FILE | --insecure) [options]
+  udpmux expose -c FILE [--debug]
+  udpmux expose --relay HOST:PORT --service HOST:PORT (--key-file FILE | --insecure) [--debug] [options]
   udpmux expose -h | --help
 
 Options:
+  -c FILE, --config FILE      Settings from a TOML file (see udpmux.conf(5)).
   --relay HOST:PORT           The relay's register address.
   --service HOST:PORT         The UDP service to expose, e.g. 127.0.0.1:51820.
   --key-file FILE             The tunnel's key, shared with the relay ("-": standard input).
   --insecure                  No key (the relay must run with --insecure too).
-  --carrier KIND              udp, or tcp where UDP to the relay is blocked [default: udp].
-  --keepalive SECONDS         Keepalive interval; below the NAT's UDP timeout [default: 25].
-  --flow-idle SECONDS         A flow without datagrams this long ends [default: 180].
-  --max-flows N               Flows (service sockets) kept at once [default: 1024].
+  --carrier KIND              udp, or tcp where UDP to the relay is blocked
+                              [default: {_e("carrier")}].
+  --keepalive SECONDS         Keepalive interval; below the NAT's UDP timeout
+                              [default: {_e("keepalive")}].
+  --flow-idle SECONDS         A flow without datagrams this long ends
+                              [default: {_e("flow_idle")}].
+  --max-flows N               Flows (service sockets) kept at once
+                              [default: {_e("max_flows")}].
   --debug                     Log every flow and session event.
   -h, --help                  Show this text.
 """

@@ -193,18 +193,23 @@ def _check_unique(tunnels, complain):
             seen[key] = f"tunnel {tunnel.name}'s {label} address"
 
 
-def load(path, log=None):
-    """Read and check a configuration file; ConfigError names the file and the key."""
+def _read_toml(path):
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return dict(tomllib.load(f))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except PermissionError:
         raise ConfigError(f"{path}: permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    data = dict(data)
+
+
+def load(path, log=None):
+    """Read and check a configuration file; ConfigError names the file and the key."""
+    data = _read_toml(path)
     defaults = data.pop("defaults", {})
     tunnels_table = data.pop("tunnels", None)
     if not isinstance(defaults, dict):
@@ -234,30 +239,42 @@ def load(path, log=None):
                        stop_timeout=globals_.get("stop_timeout", 10.0), path=path)
 
 
-def default_text(name):
-    """A tunnel setting's default as the command line's help shows it."""
-    value = TUNNEL[name].default
+def default_text(setting):
+    """A setting's default as the command line's help shows it."""
+    value = setting.default
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def from_options(args, log=None):
-    """The one-tunnel form of `udpmux relay`; UsageError names the option."""
+def option_values(args, settings):
+    """Checked values of the settings given on a command line; UsageError names the option."""
     values = {}
-    for setting in TUNNEL_SETTINGS:
+    for setting in settings:
         raw = args.get(setting.option)
         if raw is None or raw is False:
             continue
         try:
-            if setting.check in (_positive_int,):
-                raw = int(raw) if str(raw).isdigit() else raw
-            elif setting.check is _positive_number:
-                try:
-                    raw = float(raw)
-                except ValueError:
-                    pass
-            values[setting.name] = setting.check(raw)
+            values[setting.name] = setting.check(_from_text(setting, raw))
         except ValueError as exc:
             raise UsageError(f"{setting.option}: {exc}") from None
+    return values
+
+
+def _from_text(setting, raw):
+    """Option text as the type its setting checks (the check then words any error)."""
+    if not isinstance(raw, str):
+        return raw
+    convert = {_positive_int: int, _positive_number: float}.get(setting.check)
+    if convert is None:
+        return raw
+    try:
+        return convert(raw)
+    except ValueError:
+        return raw
+
+
+def from_options(args, log=None):
+    """The one-tunnel form of `udpmux relay`; UsageError names the option."""
+    values = option_values(args, TUNNEL_SETTINGS)
     name = args.get("--name") or "tunnel"
     try:
         tunnel = _tunnel(name, values, "options", log)
@@ -270,3 +287,78 @@ def from_options(args, log=None):
     _check_unique(tunnels, complain)
     return RelayConfig(tunnels=tunnels,
                        control_socket=args.get("--control-socket") or default_control_socket())
+
+
+# -- single-host agents: `udpmux expose` (one exposer per file or command line)
+
+def _carrier(value):
+    if value not in ("udp", "tcp"):
+        raise ValueError(f"expected udp or tcp, got {value!r}")
+    return value
+
+
+EXPOSE_SETTINGS = [
+    Setting("relay", _text, None, "the relay's register address, HOST:PORT"),
+    Setting("service", _text, None, "the UDP service to expose, HOST:PORT"),
+    Setting("key_file", _text, None, "the tunnel's key file"),
+    Setting("insecure", _flag, False, "run without a key"),
+    Setting("carrier", _carrier, "udp", "udp, or tcp where UDP to the relay is blocked"),
+    Setting("keepalive", _positive_number, 25.0,
+            "seconds between keepalives; below the NAT's UDP timeout"),
+    Setting("flow_idle", _positive_number, 180.0, "seconds without datagrams before a flow ends"),
+    Setting("max_flows", _positive_int, 1024, "flows (service sockets) kept at once"),
+]
+EXPOSE = {s.name: s for s in EXPOSE_SETTINGS}
+
+
+@dataclass(frozen=True)
+class ExposeConfig:
+    relay: tuple                # (family, sockaddr)
+    service: tuple
+    key: bytes | None
+    carrier: str = "udp"
+    keepalive: float = 25.0
+    flow_idle: float = 180.0
+    max_flows: int = 1024
+
+
+def _expose(values, where, log):
+    """An ExposeConfig from checked values; ValueError on a problem."""
+    for required in ("relay", "service"):
+        if values.get(required) is None:
+            raise ValueError(f"{required}: missing ({EXPOSE[required].help})")
+    endpoints = {}
+    for name in ("relay", "service"):
+        try:
+            endpoints[name] = addr.parse_endpoint(values[name])
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    if values.get("insecure"):
+        if values.get("key_file"):
+            raise ValueError("key_file and insecure: choose one")
+        key = None
+    elif values.get("key_file") == "-" and where != "options":
+        raise ValueError("key_file: \"-\" (standard input) works on the command line only")
+    elif values.get("key_file"):
+        key = auth.read_key(values["key_file"], log)
+    else:
+        raise ValueError("key_file: missing (or set insecure = true to run without a key)")
+    rest = {s.name: values.get(s.name, s.default) for s in EXPOSE_SETTINGS
+            if s.name in ("carrier", "keepalive", "flow_idle", "max_flows")}
+    return ExposeConfig(relay=endpoints["relay"], service=endpoints["service"], key=key, **rest)
+
+
+def load_expose(path, log=None):
+    """Read and check an exposer's file (expose-NAME.toml); ConfigError names file and key."""
+    values = _check_settings(_read_toml(path), EXPOSE, path)
+    try:
+        return _expose(values, path, log)
+    except (ValueError, Fatal) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def expose_from_options(args, log=None):
+    try:
+        return _expose(option_values(args, EXPOSE_SETTINGS), "options", log)
+    except ValueError as exc:
+        raise UsageError(str(exc).replace("key_file", "--key-file")) from None

@@ -30,9 +30,9 @@ import time
 from collections import OrderedDict
 
 from udpmux import addr, wire
-from udpmux.auth import read_key
 from udpmux.batchio import Batch, Outbox, recv_into
-from udpmux.errors import EXIT_UNAVAILABLE, Fatal, UsageError
+from udpmux.config import expose_from_options, load_expose
+from udpmux.errors import EXIT_UNAVAILABLE, Fatal
 from udpmux.log import DropLog, setup as setup_log
 from udpmux.session import R_SESSION, Drop, Initiator
 from udpmux.worker import Worker
@@ -54,33 +54,6 @@ R_SERVICE = "service"           # the service refused a datagram (not running: I
 R_SEND = "send"                 # the kernel refused to send
 R_RECEIVE = "receive"           # receiving from the relay failed (an ICMP error, mostly)
 R_NO_SESSION = "no-session"     # a service reply while no session with the relay is up
-
-
-def _int_option(args, name):
-    try:
-        value = int(args[name])
-    except ValueError:
-        raise UsageError(f"{name}: expected a whole number, got {args[name]!r}") from None
-    if value < 1:
-        raise UsageError(f"{name}: expected at least 1, got {value}")
-    return value
-
-
-def _seconds_option(args, name):
-    try:
-        value = float(args[name])
-    except ValueError:
-        raise UsageError(f"{name}: expected a number of seconds, got {args[name]!r}") from None
-    if not value > 0:
-        raise UsageError(f"{name}: expected more than 0 seconds, got {value}")
-    return value
-
-
-def _endpoint_option(args, name):
-    try:
-        return addr.parse_endpoint(args[name])
-    except ValueError as exc:
-        raise UsageError(f"{name}: {exc}") from None
 
 
 class Flow:
@@ -417,16 +390,13 @@ class ExposeWorker(Worker):
 
 def main(args):
     log = setup_log(args.get("--debug"))
-    if args["--carrier"] != "udp":
-        if args["--carrier"] == "tcp":
-            raise Fatal("--carrier tcp: not implemented yet in this version",
-                        status=EXIT_UNAVAILABLE)
-        raise UsageError(f"--carrier: expected udp or tcp, got {args['--carrier']!r}")
-    relay = _endpoint_option(args, "--relay")
-    service = _endpoint_option(args, "--service")
-    key = None if args["--insecure"] else read_key(args["--key-file"], log)
-    worker = ExposeWorker(relay, service, key,
-                          keepalive=_seconds_option(args, "--keepalive"),
-                          flow_idle=_seconds_option(args, "--flow-idle"),
-                          max_flows=_int_option(args, "--max-flows"), log=log)
+    if args.get("--config"):
+        config = load_expose(args["--config"], log)
+    else:
+        config = expose_from_options(args, log)
+    if config.carrier == "tcp":
+        raise Fatal("carrier tcp: not implemented yet in this version", status=EXIT_UNAVAILABLE)
+    worker = ExposeWorker(config.relay, config.service, config.key,
+                          keepalive=config.keepalive, flow_idle=config.flow_idle,
+                          max_flows=config.max_flows, log=log)
     return worker.serve()
