@@ -71,6 +71,9 @@ class Kind:
     def event(self, tunnel, body, log):
         pass
 
+    def traffic(self, tunnels):
+        return 0, 0
+
 
 if __name__ == "__main__":
     classes = {"boot-fails": BootFails, "crashes": Crashes, "stubborn": Stubborn}

@@ -51,13 +51,17 @@ class Notify:
 
     def wait_for(self, field, timeout=WAIT):
         """Wait for a datagram with `field` (e.g. "READY=1"); return its fields."""
-        for left in deadline_loop(timeout, field):
+        return self.wait_match(lambda fields: field in fields, timeout, field)
+
+    def wait_match(self, check, timeout=WAIT, what="a notification"):
+        """Wait for a datagram whose fields satisfy check(fields); return its fields."""
+        for left in deadline_loop(timeout, what):
             ready, _, _ = select.select([self.sock], [], [], left)
             if not ready:
                 continue
             fields = self.sock.recv(4096).decode().split("\n")
             self.seen.append(fields)
-            if field in fields:
+            if check(fields):
                 return fields
 
     def close(self):

@@ -116,3 +116,49 @@ def test_a_write_cut_short_by_a_dead_writer_is_void_until_the_next_write():
         block.read_json(patience=0.05)
     block.write_json({"n": 2})                      # its successor writes again
     assert block.read_json() == {"n": 2}
+
+
+def test_logs_to_the_journal_carry_priorities_and_no_timestamps(tmp_path, monkeypatch):
+    import logging
+    from udpmux import log as udpmux_log
+    with open(tmp_path / "journal", "w+") as stream:
+        st = os.fstat(stream.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        logger = udpmux_log.setup(stream=stream)
+        logger.info("tunnel wg: up")
+        logger.warning("tunnel wg: the flow table is full")
+        monkeypatch.setenv("JOURNAL_STREAM", "1:2")         # a terminal, say
+        udpmux_log.setup(stream=stream).error("tunnel wg: down")
+        stream.seek(0)
+        lines = stream.read().splitlines()
+    logging.getLogger("udpmux").handlers.clear()
+    assert lines[:2] == ["<6>tunnel wg: up", "<4>tunnel wg: the flow table is full"]
+    assert lines[2].endswith("ERROR: tunnel wg: down") and lines[2][:4].isdigit()
+
+
+def test_drop_summaries_come_at_most_once_an_interval():
+    import logging
+    from udpmux.log import DropLog
+
+    class Recorder(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    recorder = Recorder()
+    logger = logging.getLogger("test.drops")
+    logger.addHandler(recorder)
+    drops = DropLog(logger, "tunnel wg", interval=60)
+    drops.maybe_log(0.0)
+    for _ in range(1000):
+        drops.count("mac")
+    drops.count("replay", 3)
+    drops.maybe_log(30.0)
+    assert recorder.lines == []
+    drops.maybe_log(61.0)
+    assert recorder.lines == ["tunnel wg: dropped in the last 61 s: mac 1000, replay 3"]
+    drops.maybe_log(200.0)
+    assert len(recorder.lines) == 1         # nothing dropped since: nothing said

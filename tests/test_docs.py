@@ -336,6 +336,25 @@ def test_example_config_shows_every_key_and_true_defaults():
     assert every <= used, f"conf/relay.toml never shows {sorted(every - used)}"
 
 
+EXPOSE_EXAMPLE = REPO / "conf" / "expose-wg.toml"
+
+
+def test_example_exposer_file_loads_and_shows_every_key(tmp_path):
+    text = with_temp_keys(EXPOSE_EXAMPLE.read_text(), tmp_path)
+    # The example's relay is a name only a real deployment resolves.
+    path = tmp_path / "expose-wg.toml"
+    path.write_text(text.replace('"relay.example.net:5566"', '"127.0.0.1:5566"'))
+    loaded = config.load_expose(str(path))
+    assert loaded.key is not None and loaded.service[1] == ("127.0.0.1", 51820)
+    shown = set(tomllib.loads(text))
+    for m in re.finditer(r"^#\s*(\w+)\s*=\s*(.+)$", text, re.M):
+        setting = config.EXPOSE.get(m.group(1))
+        if setting is not None:
+            shown.add(setting.name)
+            assert tomllib.loads(f"v = {m.group(2)}")["v"] == setting.default, m.group(0)
+    assert shown == set(config.EXPOSE), f"never shown: {set(config.EXPOSE) - shown}"
+
+
 def literal_blocks(lines):
     out, current = [], None
     for line in lines:

@@ -287,13 +287,14 @@ def test_a_stranger_never_gets_more_bytes_than_it_sent(rig):
 
 
 def test_max_flows_evicts_the_idlest_at_both_ends(rig):
-    rig.relay("--max-flows", "4")
+    relay = rig.relay("--max-flows", "4")
     exposer = rig.expose()
     clients = [udp_client() for _ in range(6)]
     for n, client in enumerate(clients):
         assert exchange(client, b"%d" % n, (LOCAL, rig.public)) == b"%d" % n
     t = rig.wait_tunnel("evictions", lambda t: t["counters"]["evicted"] == 2)
     assert t["flows"] == 4
+    relay.wait_log("the flow table is full (max_flows 4)")
     exposer.wait_log("flow 1 closed by the relay")
     exposer.wait_log("flow 2 closed by the relay")
     # The evicted client is a new flow when it comes back.
@@ -334,19 +335,21 @@ def burst(rig, clients):
 
 
 def test_new_flows_are_rate_limited_per_source_address(rig):
-    rig.relay("--new-flows-rate", "100", "--new-flows-per-source", "3")
+    relay = rig.relay("--new-flows-rate", "100", "--new-flows-per-source", "3")
     rig.expose()
     assert burst(rig, [udp_client(timeout=0.5) for _ in range(12)]) == 3
     rig.wait_tunnel("rate drops", lambda t: t["drops"].get("source-rate") == 9)
+    relay.wait_log("opens new flows faster than new_flows_per_source (3/s)")
 
 
 def test_new_flows_are_rate_limited_per_tunnel(rig):
-    rig.relay("--new-flows-rate", "5", "--new-flows-per-source", "100")
+    relay = rig.relay("--new-flows-rate", "5", "--new-flows-per-source", "100")
     rig.expose()
     # Twelve source addresses: loopback answers to all of 127/8.
     clients = [udp_client(f"127.0.0.{n}", timeout=0.5) for n in range(2, 14)]
     assert burst(rig, clients) == 5
     rig.wait_tunnel("rate drops", lambda t: t["drops"].get("flow-rate") == 7)
+    relay.wait_log("new flows arrive faster than new_flows_rate (5/s)")
 
 
 @pytest.mark.parametrize("garbage, reason", [

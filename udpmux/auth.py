@@ -127,7 +127,8 @@ def decode_key(text, source):
 def read_key(path, log=None):
     """Read a key from a file, or from standard input when path is "-".
 
-    A key file that others may read gets a warning through `log`, as ssh would.
+    A key file that every user may read gets a warning through `log`.  (Group access
+    is how a service account is given a key: root:udpmux, mode 0640.)
     """
     if path == "-":
         return decode_key(sys.stdin.readline(), "standard input")
@@ -142,7 +143,7 @@ def read_key(path, log=None):
         raise KeyFileError(f"{path}: permission denied", status=EXIT_NOPERM) from None
     except IsADirectoryError:
         raise KeyFileError(f"{path}: is a directory, not a key file") from None
-    if log is not None and mode & (stat.S_IRWXG | stat.S_IRWXO):
+    if log is not None and mode & stat.S_IRWXO:
         log.warning("key file %s is readable by others (mode %04o); chmod 600 it",
                     path, stat.S_IMODE(mode))
     try:

@@ -59,6 +59,8 @@ Options:
                               [default: {_d("max_sources")}].
   --control-socket PATH       Where `udpmux status` finds the relay (default: see
                               udpmux(8)).
+  --metrics-listen ADDR       Serve Prometheus metrics over HTTP here, e.g.
+                              127.0.0.1:9478.
   --debug                     Log every flow and session event.
   -h, --help                  Show this text.
 """

@@ -84,6 +84,8 @@ TUNNEL_SETTINGS = [
 ]
 GLOBAL_SETTINGS = [
     Setting("control_socket", _text, None, "where `udpmux status` finds the relay"),
+    Setting("metrics_listen", _text, None,
+            "a TCP address to serve Prometheus metrics on, e.g. 127.0.0.1:9478"),
     Setting("stop_timeout", _positive_number, 10.0,
             "seconds a worker has to stop before it is killed"),
 ]
@@ -131,6 +133,12 @@ class RelayConfig:
     control_socket: str
     stop_timeout: float = 10.0
     path: str | None = None
+    metrics_listen: tuple | None = None     # (family, sockaddr) of the metrics endpoint
+
+
+def _metrics_endpoint(text):
+    """A TCP listening address for metrics; ValueError names the problem."""
+    return addr.parse_endpoint(_text(text), socket.SOCK_STREAM, passive=True)
 
 
 def _unknown(key, known, where):
@@ -234,9 +242,16 @@ def load(path, log=None):
     def complain(message):
         raise ConfigError(f"{path}: {message}")
     _check_unique(tunnels, complain)
+    metrics = None
+    if globals_.get("metrics_listen"):
+        try:
+            metrics = _metrics_endpoint(globals_["metrics_listen"])
+        except ValueError as exc:
+            raise ConfigError(f"{path}: metrics_listen: {exc}") from None
     return RelayConfig(tunnels=tunnels,
                        control_socket=globals_.get("control_socket") or default_control_socket(),
-                       stop_timeout=globals_.get("stop_timeout", 10.0), path=path)
+                       stop_timeout=globals_.get("stop_timeout", 10.0), path=path,
+                       metrics_listen=metrics)
 
 
 def default_text(setting):
@@ -285,8 +300,15 @@ def from_options(args, log=None):
     def complain(message):
         raise UsageError(message)
     _check_unique(tunnels, complain)
+    metrics = None
+    if args.get("--metrics-listen"):
+        try:
+            metrics = _metrics_endpoint(args["--metrics-listen"])
+        except ValueError as exc:
+            raise UsageError(f"--metrics-listen: {exc}") from None
     return RelayConfig(tunnels=tunnels,
-                       control_socket=args.get("--control-socket") or default_control_socket())
+                       control_socket=args.get("--control-socket") or default_control_socket(),
+                       metrics_listen=metrics)
 
 
 # -- single-host agents: `udpmux expose` (one exposer per file or command line)

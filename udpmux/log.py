@@ -51,6 +51,21 @@ def setup(debug=False, stream=None):
     return log
 
 
+class Every:
+    """Allows a log line about the same thing at most once per interval."""
+
+    def __init__(self, interval=60.0):
+        self.interval = interval
+        self.last = {}
+
+    def __call__(self, what, now):
+        last = self.last.get(what)
+        if last is not None and now - last < self.interval:
+            return False
+        self.last[what] = now
+        return True
+
+
 class DropLog:
     """Counts dropped messages by reason and logs a summary at most every `interval` s."""
 

@@ -47,6 +47,7 @@ FAILED = "failed"
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0         # a worker that ran this long restarts without delay
+STATUS_EVERY = 5.0          # seconds between sd_notify STATUS= lines with the traffic
 SOCKET_BUFFER = 4 * 1024 * 1024
 
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
@@ -112,7 +113,10 @@ class Master:
         self._wake_r = self._wake_w = None
         self.extra = []                 # more selector entries (the control socket)
         self.status_server = None
+        self.metrics = None
         self.status = EXIT_OK           # the master's exit status
+        self.next_status = None         # when to tell systemd the traffic figures next
+        self.last_count = None          # (time, datagrams) at the last STATUS=
 
     # -- process seams (tests may replace these)
 
@@ -180,8 +184,16 @@ class Master:
         if sock is not None:
             self.extra.append(sock)
             self.selector.register(sock, selectors.EVENT_READ, self.status_server.on_accept)
+        endpoint = getattr(self.config, "metrics_listen", None)
+        if endpoint is not None:
+            from udpmux.metrics import MetricsServer
+            self.metrics = MetricsServer(self.selector, endpoint, self.status_server.status,
+                                         self.log)
+            self.metrics.open()
 
     def cleanup(self):
+        if self.metrics is not None:
+            self.metrics.close()
         if self.status_server is not None:
             self.status_server.close()
         for tunnel in self.tunnels.values():
@@ -193,11 +205,18 @@ class Master:
         now = time.monotonic()
         moments = [m for t in self.tunnels.values() for m in (t.respawn_at, t.kill_at)
                    if m is not None]
+        if self.next_status is not None:
+            moments.append(self.next_status)
         if not moments:
             return 1.0
         return max(0.0, min(min(moments) - now, 1.0))
 
     def on_timers(self, now):
+        if self.metrics is not None:
+            self.metrics.expire(now)
+        if self.next_status is not None and now >= self.next_status:
+            self.next_status = now + STATUS_EVERY
+            self.notifier.status(self.summary(traffic=True))
         for tunnel in list(self.tunnels.values()):
             if tunnel.respawn_at is not None and now >= tunnel.respawn_at:
                 tunnel.respawn_at = None
@@ -256,8 +275,9 @@ class Master:
             self.log.error("reload failed; the running configuration stays: %s", exc)
             self.notifier.ready(self.summary())
             return
-        if getattr(config, "control_socket", None) != getattr(self.config, "control_socket", None):
-            self.log.warning("control_socket changes take effect when the relay restarts")
+        for name in ("control_socket", "metrics_listen"):
+            if getattr(config, name, None) != getattr(self.config, name, None):
+                self.log.warning("%s changes take effect when the relay restarts", name)
         self.config = config
         self.reloading = True
         self.ready_sent = False
@@ -336,6 +356,8 @@ class Master:
     def inherited(self, keep):
         """Everything of the master's that a worker for `keep` must close after fork."""
         things = [self.selector, self._wake_r, self._wake_w] + list(self.extra)
+        if self.metrics is not None:
+            things += self.metrics.sockets()
         mine = set(keep.sockets.values())
         for tunnel in self.tunnels.values():
             if tunnel.pipe is not None:
@@ -466,12 +488,23 @@ class Master:
         else:
             self.log.info("ready: %s", self.summary())
         self.notifier.ready(self.summary())
+        if self.notifier.address is not None and self.next_status is None:
+            self.next_status = time.monotonic() + STATUS_EVERY
 
-    def summary(self):
+    def summary(self, traffic=False):
+        """One line for logs and systemd: tunnels, and with traffic, flows and rate."""
         states = [t.state for t in self.tunnels.values()]
         text = f"{states.count(RUNNING)} of {len(states)} tunnels running"
         if states.count(FAILED):
             text += f", {states.count(FAILED)} failed"
+        if traffic:
+            flows, datagrams = self.kind.traffic(self.tunnels.values())
+            now = time.monotonic()
+            rate = 0.0
+            if self.last_count is not None and now > self.last_count[0]:
+                rate = max(0, datagrams - self.last_count[1]) / (now - self.last_count[0])
+            self.last_count = (now, datagrams)
+            text += f", {flows} flows, {rate:.0f} datagrams/s"
         return text
 
 

@@ -42,7 +42,7 @@ from udpmux.addr import format_peer
 from udpmux.batchio import Batch, Outbox, recv_into
 from udpmux.config import from_options, load
 from udpmux.limits import PerSource, TokenBucket, source_of
-from udpmux.log import DropLog, setup as setup_log
+from udpmux.log import DropLog, Every, setup as setup_log
 from udpmux.master import Master
 from udpmux.session import R_SESSION, Acceptor, Drop, Session
 from udpmux.shm import SharedBlock
@@ -109,6 +109,18 @@ class RelayKind:
     def event(self, tunnel, body, log):
         log.info("tunnel %s: %s", tunnel.name, body.get("event"))
 
+    def traffic(self, tunnels):
+        """(flows now, datagrams carried so far) over all tunnels, from shared memory."""
+        flows = datagrams = 0
+        for tunnel in tunnels:
+            flows += len(tunnel.shared.table)       # the header's count: no scan
+            try:
+                counters = tunnel.shared.state.read_json(patience=0.05).get("counters", {})
+            except TimeoutError:
+                continue
+            datagrams += counters.get("datagrams_in", 0) + counters.get("datagrams_out", 0)
+        return flows, datagrams
+
 
 class RelayWorker(Worker):
     def __init__(self, tunnel, pipe, inherited=(), log=None):
@@ -141,6 +153,7 @@ class RelayWorker(Worker):
              "expired", "closed", "sessions", "roams"), 0)
         self.drops = {}
         self.drop_log = DropLog(self.log, f"tunnel {self.name}", DROP_LOG_EVERY)
+        self.limit_log = Every(DROP_LOG_EVERY)
         self.in_batch = Batch(BATCH, HEADER_SIZE + MAX_DATAGRAM + MAC_SIZE)
         self.reg_batch = self.in_batch if self.shared_socket else Batch(BATCH)
         # Room for a whole batch of DATA plus a control message for each of them.
@@ -319,14 +332,26 @@ class RelayWorker(Worker):
         # tunnel's allowance.
         if not self.per_source.take(source_of(key), now):
             self.drop(R_SOURCE_RATE)
+            if self.limit_log(R_SOURCE_RATE, now):
+                self.log.warning("tunnel %s: %s opens new flows faster than "
+                                 "new_flows_per_source (%g/s); refusing the excess",
+                                 self.name, format_peer(key), self.config.new_flows_per_source)
             return None
         if not self.flow_bucket.take(now):
             self.drop(R_FLOW_RATE)
+            if self.limit_log(R_FLOW_RATE, now):
+                self.log.warning("tunnel %s: new flows arrive faster than new_flows_rate "
+                                 "(%g/s); refusing the excess", self.name,
+                                 self.config.new_flows_rate)
             return None
         slot, tag, evicted = self.table.insert(key, now)
         self.counters["flows"] += 1
         if evicted is not None:
             self.counters["evicted"] += 1
+            if self.limit_log("max_flows", now):
+                self.log.warning("tunnel %s: the flow table is full (max_flows %d); each new "
+                                 "client now ends the flow idle longest", self.name,
+                                 self.config.max_flows)
             self.tell_exposer(T_CLOSE, evicted[1], REASON.pack(CLOSE_EVICTED))
             self.log.debug("tunnel %s: flow %d (%s) evicted for a new one", self.name,
                            evicted[1], format_peer(evicted[0]))

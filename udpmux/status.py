@@ -134,7 +134,6 @@ def tunnel_status(tunnel):
         state = tunnel.shared.state.read_json(patience=0.2)
     except TimeoutError:
         state = {}          # its worker died while saving; the next one rewrites it
-    summary = tunnel.shared.table.summary()
     info = {
         "name": tunnel.name,
         "state": tunnel.state,
@@ -143,7 +142,7 @@ def tunnel_status(tunnel):
         "public": _bound(tunnel, "public"),
         "register": _bound(tunnel, "register" if "register" in tunnel.sockets else "public"),
         "keyed": tunnel.config.key is not None,
-        "flows": summary.get("count", 0),
+        "flows": len(tunnel.shared.table),
         "max_flows": tunnel.config.max_flows,
         "counters": state.get("counters", {}),
         "drops": state.get("drops", {}),
