@@ -234,13 +234,16 @@ def _size(n):
 
 def format_status(reply):
     lines = [f"udpmux {reply['version']}, master {reply['pid']}, up {reply['uptime']:.0f} s"]
-    header = ("TUNNEL", "STATE", "WORKER", "FLOWS", "IN", "OUT", "DROPS", "EXPOSER")
+    header = ("TUNNEL", "STATE", "WORKER", "CPU", "MEM", "FLOWS", "IN", "OUT", "DROPS",
+              "EXPOSER")
     rows = [header]
     for t in reply["tunnels"]:
         c = t["counters"]
         exposer = t["exposer"]
         rows.append((
             t["name"], t["state"], str(t["worker_pid"] or "-"),
+            "-" if t["cpu_seconds"] is None else f"{t['cpu_seconds']:.1f} s",
+            "-" if t["memory_bytes"] is None else _size(t["memory_bytes"]),
             f"{t['flows']}/{t['max_flows']}",
             f"{c.get('datagrams_in', 0)} ({_size(c.get('bytes_in', 0))})",
             f"{c.get('datagrams_out', 0)} ({_size(c.get('bytes_out', 0))})",
