@@ -13,7 +13,7 @@ import sys
 from docopt import DocoptExit, docopt
 
 from udpmux import __version__
-from udpmux.config import EXPOSE as _EXPOSE, TUNNEL as _TUNNEL, default_text
+from udpmux.config import EXPOSE as _EXPOSE, TUNNEL as _TUNNEL, UOT as _UOT, default_text
 from udpmux.errors import (
     EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE, Fatal,
 )
@@ -164,7 +164,11 @@ Options:
   -h, --help                  Show this text.
 """
 
-UOT_SERVER = """\
+def _u(name):
+    return default_text(_UOT[name])
+
+
+UOT_SERVER = f"""\
 udpmux uot-server: carry UDP datagrams over TCP, the end next to the UDP service.
 
 Usage:
@@ -176,13 +180,16 @@ Options:
   --target HOST:PORT          The UDP service.
   --key-file FILE             The key shared with clients ("-": standard input).
   --insecure                  No key.
-  --flow-idle SECONDS         A flow without datagrams this long ends [default: 180].
-  --max-flows N               Flows kept at once per connection [default: 1024].
+  --flow-idle SECONDS         A flow without datagrams this long ends
+                              [default: {_u("flow_idle")}].
+  --max-flows N               Flows (UDP sockets towards the target) kept at once, all
+                              connections together [default: {_u("max_flows")}].
+  --max-clients N             Connections served at once [default: {_u("max_clients")}].
   --debug                     Log every connection and flow event.
   -h, --help                  Show this text.
 """
 
-UOT_CLIENT = """\
+UOT_CLIENT = f"""\
 udpmux uot-client: carry UDP datagrams over TCP, the end next to the UDP clients.
 
 Usage:
@@ -194,8 +201,10 @@ Options:
   --server HOST:PORT          The uot-server's TCP address.
   --key-file FILE             The key shared with the server ("-": standard input).
   --insecure                  No key.
-  --flow-idle SECONDS         A flow without datagrams this long ends [default: 180].
-  --max-flows N               Flows kept at once [default: 1024].
+  --flow-idle SECONDS         A flow without datagrams this long ends
+                              [default: {_u("flow_idle")}].
+  --max-flows N               Flows (local client addresses) kept at once; the idlest
+                              goes first [default: {_u("max_flows")}].
   --debug                     Log every connection and flow event.
   -h, --help                  Show this text.
 """
@@ -259,8 +268,10 @@ MODES = {m.name: m for m in [
     Mode("link", LINK, "a reliable stream over UDP for ssh's ProxyCommand and local TCP listeners"),
     Mode("link-server", LINK_SERVER, "the server end of link, started by link over ssh"),
     Mode("punch", PUNCH, "punch a direct UDP path through NAT between two hosts"),
-    Mode("uot-server", UOT_SERVER, "carry UDP over TCP: the end next to the UDP service"),
-    Mode("uot-client", UOT_CLIENT, "carry UDP over TCP: the end next to the UDP clients"),
+    Mode("uot-server", UOT_SERVER, "carry UDP over TCP: the end next to the UDP service",
+         "udpmux.uot:server_main"),
+    Mode("uot-client", UOT_CLIENT, "carry UDP over TCP: the end next to the UDP clients",
+         "udpmux.uot:client_main"),
     Mode("status", STATUS, "show a running relay's tunnels and flows", "udpmux.status:main"),
     Mode("keygen", KEYGEN, "write a new random key file", "udpmux.cli:keygen"),
     Mode("demo", DEMO, "run a relay, an exposer and an echo service on loopback",
@@ -295,6 +306,9 @@ refused (bind, fork); 77 permission denied; 78 bad configuration.
 """
 
 
+OPTION_WORD = r"(?<![\w-])--?[\w-]+"      # an option in a usage line, not a hyphen in a name
+
+
 def diagnose(doc, argv, exc):
     """Say what is wrong with a command line that docopt refused, in one phrase."""
     message = str(exc)
@@ -318,13 +332,13 @@ def diagnose(doc, argv, exc):
         required = re.sub(r"\[[^\]]*\]", "", line)
         required = re.sub(r"(--?[\w-]+) [A-Z][A-Z:_-]*", r"\1", required)
         positionals = re.findall(r"(?<![\w-])[A-Z][A-Z_]+(?![\w:-])", required)
-        groups = [re.findall(r"--?[\w-]+", g) for g in re.findall(r"\(([^)]*)\)", required)]
-        singles = re.findall(r"--?[\w-]+", re.sub(r"\([^)]*\)", "", required))
+        groups = [re.findall(OPTION_WORD, g) for g in re.findall(r"\(([^)]*)\)", required)]
+        singles = re.findall(OPTION_WORD, re.sub(r"\([^)]*\)", "", required))
         missing = [s for s in singles if s not in given]
         missing += [" or ".join(g) for g in groups if not given & set(g)]
         missing += positionals[len(words):]
         # The form that uses most of what was given, then the one that lacks least.
-        score = (-len(given & set(re.findall(r"--?[\w-]+", line))), len(missing))
+        score = (-len(given & set(re.findall(OPTION_WORD, line))), len(missing))
         if best is None or score < best_score:
             best, best_score = missing, score
     if best:

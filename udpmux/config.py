@@ -311,7 +311,17 @@ def from_options(args, log=None):
                        metrics_listen=metrics)
 
 
-# -- single-host agents: `udpmux expose` (one exposer per file or command line)
+# -- single-host agents
+
+UOT_SETTINGS = [
+    Setting("flow_idle", _positive_number, 180.0, "seconds without datagrams before a flow ends"),
+    Setting("max_flows", _positive_int, 1024, "flows (UDP sockets at the server) kept at once"),
+    Setting("max_clients", _positive_int, 64, "uot-client connections served at once"),
+]
+UOT = {s.name: s for s in UOT_SETTINGS}
+
+
+# `udpmux expose` (one exposer per file or command line)
 
 def _carrier(value):
     if value not in ("udp", "tcp"):

@@ -1,5 +1,7 @@
-"""Rate limits: token buckets, alone or one per source address in a bounded table."""
+"""Limits: token buckets, alone or one per source address in a bounded table, and the
+process's open-files limit."""
 
+import resource
 from collections import OrderedDict
 
 
@@ -60,3 +62,20 @@ def source_of(peer):
     if peer[8:20] == _V4_MAPPED:
         return peer[20:24]
     return peer[8:16]
+
+
+def raise_open_files(needed, log, what):
+    """Make room for `needed` open descriptors: raise the soft limit as far as the hard
+    one allows.  When even that is too low, say so: beyond it, new flows are refused."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft
+    new = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    except (ValueError, OSError):
+        new = soft
+    if new < needed:
+        log.warning("%s need up to %d open files but the limit is %d; flows beyond it will be "
+                    "refused (raise LimitNOFILE= or `ulimit -n`)", what, needed, new)
+    return new

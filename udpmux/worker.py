@@ -103,12 +103,17 @@ class Worker:
         while self.alive:
             now = time.monotonic()
             timeout = max(0.0, next_tick - now)
-            handlers = self.poller.handlers
-            for fd, _ in self.poller.poll(timeout):
+            handlers, writers = self.poller.handlers, self.poller.writers
+            for fd, events in self.poller.poll(timeout):
                 # An earlier handler in this round may have closed this one's socket.
-                handler = handlers.get(fd)
-                if handler is not None:
-                    handler()
+                if events & WRITABLE:
+                    writer = writers.get(fd)
+                    if writer is not None:
+                        writer()
+                if events & READABLE:
+                    handler = handlers.get(fd)
+                    if handler is not None:
+                        handler()
             self.after_events()
             now = time.monotonic()
             if now >= next_tick:
@@ -169,26 +174,48 @@ class Worker:
         """The loop ended: flush what must survive into shared memory."""
 
 
+_EPOLL = hasattr(select, "epoll")
+# Readable includes hang-up and error, so that a handler's recv() finds out what happened.
+READABLE = (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR if _EPOLL
+            else select.POLLIN | select.POLLHUP | select.POLLERR)
+WRITABLE = select.EPOLLOUT if _EPOLL else select.POLLOUT
+_IN = select.EPOLLIN if _EPOLL else select.POLLIN
+
+
 class Poller:
     """The few calls a worker makes of a selector, straight on epoll (poll elsewhere):
     selectors' bookkeeping costs microseconds per wake-up, which on a busy data path
     is a share worth having back."""
 
     def __init__(self):
-        self._epoll = select.epoll() if hasattr(select, "epoll") else None
-        self._poll = None if self._epoll is not None else select.poll()
+        self._epoll = select.epoll() if _EPOLL else None
+        self._poll = None if _EPOLL else select.poll()
         self.handlers = {}              # fd -> what to call when it is readable
+        self.writers = {}               # fd -> what to call when it is writable, if asked
 
-    def register(self, fileobj, handler):
+    def register(self, fileobj, handler, writer=None):
+        """Call handler() when fileobj is readable; writer() when it is writable, once
+        want_write(fileobj, True) asked for that."""
         fd = fileobj.fileno()
         if self._epoll is not None:
-            self._epoll.register(fd, select.EPOLLIN)
+            self._epoll.register(fd, _IN)
         else:
-            self._poll.register(fd, select.POLLIN)
+            self._poll.register(fd, _IN)
         self.handlers[fd] = handler
+        if writer is not None:
+            self.writers[fd] = writer
+
+    def want_write(self, fileobj, wanted):
+        fd = fileobj.fileno()
+        mask = _IN | (WRITABLE if wanted else 0)
+        if self._epoll is not None:
+            self._epoll.modify(fd, mask)
+        else:
+            self._poll.modify(fd, mask)
 
     def unregister(self, fileobj):
         fd = fileobj.fileno()
+        self.writers.pop(fd, None)
         if self.handlers.pop(fd, None) is None:
             return
         if self._epoll is not None:
