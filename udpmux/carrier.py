@@ -23,9 +23,13 @@ How we name things:
   pending   the rest of a gathered write that the kernel did not take yet
 """
 
+import errno
+import os
 import socket
+import time
 from collections import OrderedDict, deque
 
+from udpmux import addr
 from udpmux.wire import FRAME, MAX_FRAME, Deframer, Malformed
 
 WRITE_CHUNK = 256 * 1024        # bytes gathered into one send()
@@ -201,3 +205,88 @@ class TcpCarrier:
         self.flows.clear()
         self.pending = b""
         self.on_closed(self, why)
+
+
+class Dialer:
+    """Connects to one address, and again after each failure or loss, with backoff.
+
+    on_connected(sock) gets each connected socket; failed(now, why) after a connect
+    that did not work, or lost(now) after a connection that worked and ended, schedule
+    the next attempt.  tick(now) starts attempts and times out the slow ones.
+    """
+
+    def __init__(self, endpoint, poller, on_connected, log, what,
+                 first=0.5, most=30.0, timeout=10.0):
+        self.endpoint = endpoint            # (family, sockaddr)
+        self.poller = poller
+        self.on_connected = on_connected
+        self.log = log
+        self.what = what
+        self.first, self.most, self.timeout = first, most, timeout
+        self.backoff = first
+        self.next_at = 0.0                  # when to try; None while a connection is up
+        self.sock = None                    # a connect() under way
+        self.deadline = None
+        self.failures = 0
+
+    def tick(self, now):
+        if self.sock is not None and now >= self.deadline:
+            self._abandon()
+            self.failed(now, "timed out")
+        if self.sock is None and self.next_at is not None and now >= self.next_at:
+            self._start(now)
+
+    def _start(self, now):
+        family, sockaddr = self.endpoint
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        err = sock.connect_ex(sockaddr)
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self.failed(now, os.strerror(err))
+            return
+        self.sock = sock
+        self.deadline = now + self.timeout
+        self.poller.register(sock, self._done, self._done)
+        self.poller.want_write(sock, True)
+
+    def _abandon(self):
+        sock, self.sock = self.sock, None
+        self.poller.unregister(sock)
+        sock.close()
+
+    def _done(self):
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return
+        self.poller.unregister(sock)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            sock.close()
+            self.failed(time.monotonic(), os.strerror(err))
+            return
+        self.next_at = None
+        self.on_connected(sock)
+
+    def failed(self, now, why):
+        """A connect, or a handshake on a new connection, did not work: try again later."""
+        self.failures += 1
+        if self.failures == 1 or self.failures % 10 == 0:
+            self.log.warning("cannot connect to %s (%s): %s; trying again in %.1f s",
+                             self.what, addr.format_endpoint(*self.endpoint), why, self.backoff)
+        self.next_at = now + self.backoff
+        self.backoff = min(self.most, self.backoff * 2)
+
+    def succeeded(self):
+        """The connection works (its handshake is done): the next loss retries at once."""
+        self.failures = 0
+        self.backoff = self.first
+
+    def lost(self, now):
+        """A working connection ended: connect again now."""
+        self.next_at = now
+
+    def stop(self):
+        if self.sock is not None:
+            self._abandon()
+        self.next_at = None

@@ -32,7 +32,6 @@ How we name things:
 """
 
 import errno
-import os
 import socket
 import time
 from collections import OrderedDict, deque
@@ -40,7 +39,7 @@ from collections import OrderedDict, deque
 from udpmux import addr, wire
 from udpmux.auth import read_key
 from udpmux.batchio import Batch, Outbox, recv_into
-from udpmux.carrier import TcpCarrier
+from udpmux.carrier import Dialer, TcpCarrier
 from udpmux.config import UOT_SETTINGS, option_values
 from udpmux.errors import EXIT_NOPERM, EXIT_OSERR, Fatal, UsageError
 from udpmux.limits import raise_open_files
@@ -411,11 +410,8 @@ class UotClient(Worker):
         self.initiator = Initiator(self.key, wire.ROLE_UOT)
         self.session = None
         self.carrier = None
-        self.connecting = None          # a socket whose connect() is under way
-        self.connect_at = now
-        self.connect_deadline = None
-        self.backoff = BACKOFF_FIRST
-        self.failures = 0
+        self.dialer = Dialer(self.server, self.poller, self.on_connected, self.log,
+                             "the uot-server", BACKOFF_FIRST, BACKOFF_MAX, CONNECT_TIMEOUT)
         self.heard = now
         self.sent = now
         self.drops = {}
@@ -433,42 +429,10 @@ class UotClient(Worker):
 
     # -- the connection
 
-    def connect(self, now):
-        family, sockaddr = self.server
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.setblocking(False)
-        err = sock.connect_ex(sockaddr)
-        if err not in (0, errno.EINPROGRESS):
-            sock.close()
-            self.connect_failed(now, os.strerror(err))
-            return
-        self.connecting = sock
-        self.connect_deadline = now + CONNECT_TIMEOUT
-        self.poller.register(sock, self.on_connected, self.on_connected)
-        self.poller.want_write(sock, True)
-
-    def on_connected(self):
-        sock, self.connecting = self.connecting, None
-        if sock is None:
-            return
-        self.poller.unregister(sock)
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        now = time.monotonic()
-        if err:
-            sock.close()
-            self.connect_failed(now, os.strerror(err))
-            return
+    def on_connected(self, sock):
         self.carrier = TcpCarrier(sock, self.poller, self.on_message, self.on_closed)
         self.carrier.send(self.initiator.hello())
-        self.heard = self.sent = now
-
-    def connect_failed(self, now, why):
-        self.failures += 1
-        if self.failures == 1 or self.failures % 10 == 0:
-            self.log.warning("cannot connect to %s: %s; trying again in %.1f s",
-                             addr.format_endpoint(*self.server), why, self.backoff)
-        self.connect_at = now + self.backoff
-        self.backoff = min(BACKOFF_MAX, self.backoff * 2)
+        self.heard = self.sent = time.monotonic()
 
     def on_closed(self, carrier, why):
         if carrier is not self.carrier:
@@ -481,10 +445,9 @@ class UotClient(Worker):
             self.log.warning("connection to %s lost (%s); reconnecting, the flows stay",
                              addr.format_endpoint(*self.server), why)
             self.session = None
-            self.backoff = BACKOFF_FIRST
-            self.connect_at = now
+            self.dialer.lost(now)
         else:
-            self.connect_failed(now, why)
+            self.dialer.failed(now, why)
 
     def on_message(self, carrier, msg):
         now = time.monotonic()
@@ -495,8 +458,7 @@ class UotClient(Worker):
                 if mtype != T_WELCOME:
                     raise Drop("unexpected")
                 self.session = session = self.initiator.welcome(msg)
-                self.failures = 0
-                self.backoff = BACKOFF_FIRST
+                self.dialer.succeeded()
                 self.log.info("connected to %s", addr.format_endpoint(*self.server))
                 self.keepalive(now)         # confirms the session at the server
                 self.heard = now
@@ -584,13 +546,7 @@ class UotClient(Worker):
     # -- housekeeping
 
     def tick(self, now):
-        if self.carrier is None and self.connecting is None and now >= self.connect_at:
-            self.connect(now)
-        if self.connecting is not None and now >= self.connect_deadline:
-            sock, self.connecting = self.connecting, None
-            self.poller.unregister(sock)
-            sock.close()
-            self.connect_failed(now, "timed out")
+        self.dialer.tick(now)
         if self.carrier is not None:
             if self.session is None and now - self.heard > CONNECT_TIMEOUT:
                 self.carrier.close("no answer to the handshake")
@@ -610,6 +566,7 @@ class UotClient(Worker):
 
     def on_stop(self, final):
         self.alive = False
+        self.dialer.stop()
         if self.carrier is not None:
             if self.session is not None:
                 self.carrier.send(self.session.seal(T_BYE, 0, REASON.pack(CLOSE_SHUTDOWN)))
