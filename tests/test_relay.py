@@ -503,3 +503,46 @@ def test_a_bad_exposer_file_is_refused_with_the_file_and_key(tmp_path, text, mes
                          text=True, timeout=WAIT)
     assert out.returncode == 78
     assert str(path) in out.stderr and message in out.stderr
+
+
+@pytest.mark.parametrize("size", [1, 1200, wire.MAX_DATAGRAM])
+def test_an_exposer_over_tcp(rig, size):
+    rig.relay()
+    exposer = rig.expose("--carrier", "tcp", wait=False)
+    exposer.wait_log("registered with the relay")
+    clients = [udp_client() for _ in range(3)]
+    for n, client in enumerate(clients):
+        data = bytes([n]) * size
+        assert exchange(client, data, (LOCAL, rig.public)) == data
+    t = rig.wait_tunnel("the exposer", lambda t: t["exposer"] is not None)
+    assert t["exposer"]["carrier"] == "tcp" and t["flows"] == 3
+    assert len(rig.echo.sources) == 3
+
+
+def test_an_exposer_over_tcp_comes_back_after_the_relay_restarts(rig):
+    relay = rig.relay()
+    exposer = rig.expose("--carrier", "tcp")
+    client = udp_client()
+    assert exchange(client, b"one", (LOCAL, rig.public)) == b"one"
+    assert relay.stop() == 0
+    exposer.wait_log("the relay ended our session")
+    rig.relay(public=rig.public, register=rig.register)
+    exposer.wait_log("registered with the relay", start=exposer.wait_log("ended our session"))
+    assert exchange(client, b"two", (LOCAL, rig.public)) == b"two"
+
+
+def test_a_bad_stream_on_the_relays_tcp_port_is_closed_and_counted(rig):
+    rig.relay()
+    rig.expose()
+    with socket.create_connection((LOCAL, rig.register), timeout=WAIT) as bad:
+        bad.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert bad.recv(100) == b""
+    client = udp_client()
+    assert exchange(client, b"fine", (LOCAL, rig.public)) == b"fine"
+    rig.wait_tunnel("a counted drop", lambda t: t["drops"].get("too-large", 0) >= 1)
+
+
+def test_no_tcp_means_no_tcp(rig):
+    rig.relay("--no-tcp")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((LOCAL, rig.register), timeout=WAIT)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""How fast is `udpmux relay` + `udpmux expose`, next to a C relay, socat and no relay?
+"""How fast is `udpmux relay` + `udpmux expose` (and uot), next to a C relay, socat and no relay?
 
     python3 tools/bench_relay.py [--quick] [--seconds S] [--rounds N] [--figures 1234]
                                  [--rounds4 N] [--flow-rate R] [--setup-rate R]
@@ -18,6 +18,8 @@ Paths compared (figures 1-3):
            separate --public and --register ports and a key (default limits).  CPU is the
            relay WORKER's (psutil on the worker_pid of `udpmux status --json`; the idle
            master is not counted) and the exposer's, shown apart and summed.
+  uot      client -> udpmux uot-client -> TCP -> udpmux uot-server -> echo, and back: UDP
+           carried over TCP, keyed; its two processes' CPU in the two columns of figure 2.
   C        crelay `fused` (tools/crelay.c; its header comment says exactly what it does): one
            process, epoll, recvmmsg/sendmmsg in batches of 64, a hash table of clients, one
            socket per client towards the service, no logging.  The baseline of every "x C"
@@ -473,6 +475,39 @@ class Udpmux(Relay):
         return udpmux_status(self.control)["flows"]
 
 
+class Uot(Relay):
+    """UDP over TCP: client -> uot-client -> TCP -> uot-server -> service, and back."""
+
+    name = "uot"
+
+    def __init__(self, tmp, service_port):
+        key = os.path.join(tmp, "key")
+        if not os.path.exists(key):
+            subprocess.run(udpmux_argv("keygen", key), env=env_for_udpmux(),
+                           check=True, capture_output=True)
+        tcp = free_port()
+        self.port = free_port()
+        self.server_args = ["uot-server", "--listen", f"{LOCAL}:{tcp}", "--target",
+                            f"{LOCAL}:{service_port}", "--key-file", key]
+        self.client_args = ["uot-client", "--listen", f"{LOCAL}:{self.port}", "--server",
+                            f"{LOCAL}:{tcp}", "--key-file", key]
+        self.server = Proc("uot-server", udpmux_argv(*self.server_args), RELAY,
+                           env=env_for_udpmux(), log_stderr=True)
+        self.procs = [self.server]
+        self.server.wait_log("carrying UDP for")
+        self.client = Proc("uot-client", udpmux_argv(*self.client_args), RELAY,
+                           env=env_for_udpmux(), log_stderr=True)
+        self.procs.append(self.client)
+        self.client.wait_log("connected to")
+
+    def groups(self):
+        return {"relay": lambda: [self.server.pid], "exposer": lambda: [self.client.pid]}
+
+    def commands(self):
+        return ["python3 -m udpmux " + " ".join(a) for a in (self.server_args,
+                                                             self.client_args)]
+
+
 def c_flows(proc):
     proc.proc.send_signal(signal.SIGUSR1)
     return int(proc.expect("FLOWS", timeout=5).split()[1])
@@ -591,9 +626,9 @@ def throughput(relay, size, seconds, warmup):
             "other": other, "cpu": {k: v / n * 1e6 if n else NAN for k, v in cpu.items()}}
 
 
-def latency(relay, seconds, warmup):
+def latency(relay, seconds, warmup, size=LATENCY_SIZE):
     loader = crelay(f"latency via {relay.name}", "latency", TRAFFIC, port=relay.port,
-                    flows=FLOWS, size=LATENCY_SIZE, rate=LATENCY_RATE, warmup=warmup,
+                    flows=FLOWS, size=size, rate=LATENCY_RATE, warmup=warmup,
                     seconds=seconds)
     stop, cpu, other = measure(loader, relay, warmup + seconds)
     stop["other"] = other
@@ -731,7 +766,8 @@ def figures_1_to_3(opts, tmp, results):
     echo_port = int(echo.expect("READY").split()[1])
     paths = []
     try:
-        paths += [Udpmux(tmp, echo_port), CFused(echo_port), CSplit(echo_port)]
+        paths += [Udpmux(tmp, echo_port), Uot(tmp, echo_port), CFused(echo_port),
+                  CSplit(echo_port)]
         if opts.socat:
             paths.append(Socat(echo_port))
         paths.append(Direct(echo_port))
@@ -742,7 +778,7 @@ def figures_1_to_3(opts, tmp, results):
                 print(f"  {p.name:9} {c}")
         print(f"  fig. 1-2  crelay load port=P flows={FLOWS} size=S window={WINDOW} "
               f"warmup={opts.warmup:g} seconds={opts.seconds:g} count={int(5e6 * opts.seconds)}")
-        print(f"  fig. 3    crelay latency port=P flows={FLOWS} size={LATENCY_SIZE} "
+        print(f"  fig. 3    crelay latency port=P flows={FLOWS} size=S "
               f"rate={LATENCY_RATE} warmup={opts.warmup:g} seconds={opts.lat_seconds:g}")
         print()
         runs = {}
@@ -754,8 +790,9 @@ def figures_1_to_3(opts, tmp, results):
                             throughput(p, size, opts.seconds, opts.warmup))
             report_1_2(opts, paths, runs, results)
         if "3" in opts.figures:
-            lat = {p.name: latency(p, opts.lat_seconds, opts.warmup) for p in paths}
-            report_3(opts, paths, lat, results)
+            for size in SIZES:
+                lat = {p.name: latency(p, opts.lat_seconds, opts.warmup, size) for p in paths}
+                report_3(opts, paths, lat, results, size)
     finally:
         for p in reversed(paths):
             p.stop()
@@ -809,13 +846,13 @@ def report_1_2(opts, paths, runs, results):
     table(f"Figure 2: relay CPU-seconds per million round trips (= CPU us per round trip, "
           f"each crossing the relay twice; lowest of {opts.rounds})",
           ["path", "size", "relay/worker", "exposer", "total", "x C"], rows,
-          ["udpmux: relay worker + udpmux expose (the idle master not counted); C split: "
-           "crelay relay + crelay expose;",
+          ["udpmux: relay worker + udpmux expose (the idle master not counted); uot: "
+           "uot-server + uot-client; C split: crelay relay + crelay expose;",
            "socat: the parent and every child.  x C: total / the C relay's total (lower is "
            "better)."])
 
 
-def report_3(opts, paths, lat, results):
+def report_3(opts, paths, lat, results, size):
     d = lat["direct"]
     c_add99 = lat["C"]["p99"] - d["p99"]
     rows = []
@@ -829,9 +866,10 @@ def report_3(opts, paths, lat, results):
                      "-" if direct else ratio(add99, c_add99),
                      "-" if direct else pct(s["busy"]),
                      f"{int(s['sent'] - s['received'])}/{int(s['sent'])}", pct(s["other"])])
-        results.setdefault("latency", {})[p.name] = (add50, add99)
-    table(f"Figure 3: round-trip latency, us, at {LATENCY_RATE:,} datagrams/s paced ({FLOWS} "
-          f"flows, {LATENCY_SIZE} B, {opts.lat_seconds:g} s)",
+        if size == LATENCY_SIZE:
+            results.setdefault("latency", {})[p.name] = (add50, add99)
+    table(f"Figure 3{'ab'[SIZES.index(size)]}: round-trip latency, us, at {LATENCY_RATE:,} "
+          f"datagrams/s paced ({FLOWS} flows, {size} B, {opts.lat_seconds:g} s)",
           ["path", "p50", "p90", "p99", "p99.9", "max", "+p50", "+p99", "x C", "relay CPU",
            "lost/sent", "other CPU"], rows,
           ["+p50, +p99: what the path adds to direct's percentile; x C: +p99 / the C relay's "

@@ -184,6 +184,7 @@ class TcpCarrier:
                 if self.closed:
                     return
         except Malformed as exc:
+            self.count(exc.reason)
             self.close(f"a frame that cannot be right ({exc.reason})")
 
     # -- the end

@@ -44,6 +44,8 @@ Options:
   --key-file FILE             The tunnel's key, shared with the exposer ("-": standard
                               input).
   --insecure                  No key: any host may register as the exposer.
+  --no-tcp                    Accept exposers over UDP only, not also over TCP at the
+                              register address.
   --name NAME                 The tunnel's name in logs and status [default: tunnel].
   --max-flows N               Flows kept at once; the idlest goes first
                               [default: {_d("max_flows")}].

@@ -72,6 +72,8 @@ TUNNEL_SETTINGS = [
     Setting("register", _text, None, "where the exposer registers (default: the public socket)"),
     Setting("key_file", _text, None, "the tunnel's key file"),
     Setting("insecure", _flag, False, "run without a key"),
+    Setting("tcp", _flag, True,
+            "also accept exposers over TCP at the register address (for networks that drop UDP)"),
     Setting("max_flows", _positive_int, 1024, "flows kept at once; the idlest goes first"),
     Setting("flow_idle", _positive_number, 180.0, "seconds without datagrams before a flow ends"),
     Setting("exposer_timeout", _positive_number, 90.0,
@@ -111,6 +113,7 @@ class TunnelConfig:
     public: tuple               # (family, sockaddr)
     register: tuple | None      # None: the public socket
     key: bytes | None           # None: --insecure
+    tcp: bool = True
     max_flows: int = 1024
     flow_idle: float = 180.0
     exposer_timeout: float = 90.0
@@ -120,10 +123,12 @@ class TunnelConfig:
     source: str = field(default="", compare=False)     # where it was defined, for messages
 
     def endpoints(self):
-        """The sockets this tunnel needs, by label."""
-        points = {"public": self.public}
+        """The sockets this tunnel needs, by label: (family, sockaddr, socket type)."""
+        points = {"public": (*self.public, socket.SOCK_DGRAM)}
         if self.register is not None:
-            points["register"] = self.register
+            points["register"] = (*self.register, socket.SOCK_DGRAM)
+        if self.tcp:
+            points["tcp"] = (*(self.register or self.public), socket.SOCK_STREAM)
         return points
 
 
@@ -191,8 +196,8 @@ def _check_settings(table, settings, where):
 def _check_unique(tunnels, complain):
     seen = {}
     for tunnel in tunnels.values():
-        for label, (family, sockaddr) in tunnel.endpoints().items():
-            key = (family, sockaddr[:2])
+        for label, (family, sockaddr, kind) in tunnel.endpoints().items():
+            key = (kind, family, sockaddr[:2])
             if sockaddr[1] == 0:
                 continue            # port 0: the kernel picks a free port for each
             if key in seen:
@@ -290,6 +295,7 @@ def _from_text(setting, raw):
 def from_options(args, log=None):
     """The one-tunnel form of `udpmux relay`; UsageError names the option."""
     values = option_values(args, TUNNEL_SETTINGS)
+    values["tcp"] = not args.get("--no-tcp")
     name = args.get("--name") or "tunnel"
     try:
         tunnel = _tunnel(name, values, "options", log)

@@ -31,8 +31,9 @@ from collections import OrderedDict
 
 from udpmux import addr, wire
 from udpmux.batchio import Batch, Outbox, recv_into
+from udpmux.carrier import Dialer, TcpCarrier
 from udpmux.config import expose_from_options, load_expose
-from udpmux.errors import EXIT_UNAVAILABLE, Fatal
+from udpmux.limits import raise_open_files
 from udpmux.log import DropLog, setup as setup_log
 from udpmux.session import R_SESSION, Drop, Initiator
 from udpmux.worker import Worker
@@ -47,6 +48,7 @@ BATCH = 64
 DRAIN_ROUNDS = 8
 SERVICE_DRAIN = 64              # datagrams read from one service socket per wake-up
 HELLO_FIRST = 0.5               # seconds before the first HELLO is repeated
+CONNECT_TIMEOUT = 10.0          # seconds for a TCP connection to be welcomed
 SOCKET_BUFFER = 4 * 1024 * 1024
 MSG_TRUNC = getattr(socket, "MSG_TRUNC", 0)
 
@@ -67,8 +69,9 @@ class Flow:
 
 class ExposeWorker(Worker):
     def __init__(self, relay, service, key, keepalive=25.0, flow_idle=180.0, max_flows=1024,
-                 log=None):
+                 carrier="udp", log=None):
         super().__init__("expose", None, (), log)
+        self.tcp = carrier == "tcp"
         self.relay = relay              # (family, sockaddr)
         self.service = service
         self.key = key
@@ -95,9 +98,16 @@ class ExposeWorker(Worker):
         self.scratch_view = memoryview(self.scratch)
         self.relay_key = None
         self.sock = None
-        self.open_relay_socket()
-        self.log.info("exposing %s through the relay at %s",
-                      addr.format_endpoint(*self.service), addr.format_endpoint(*self.relay))
+        self.carrier = None
+        if self.tcp:
+            self.hello_at = None        # HELLO goes once per connection
+            self.dialer = Dialer(self.relay, self.poller, self.on_connected, self.log,
+                                 "the relay")
+        else:
+            self.open_relay_socket()
+        self.log.info("exposing %s through the relay at %s%s",
+                      addr.format_endpoint(*self.service), addr.format_endpoint(*self.relay),
+                      " over TCP" if self.tcp else "")
 
     def open_relay_socket(self):
         if self.sock is not None:
@@ -211,6 +221,8 @@ class ExposeWorker(Worker):
                 return
         except (Malformed, Drop) as exc:
             self.drop(exc.reason)
+            if self.carrier is not None:    # a stream with a bad message in it is done
+                self.carrier.close(f"a message refused ({exc.reason})")
             return
         self.heard = now
         if mtype == T_DATA:
@@ -230,6 +242,8 @@ class ExposeWorker(Worker):
         self.session = session
         self.heard = now
         self.hello_at = None
+        if self.tcp:
+            self.dialer.succeeded()
         if self.epoch is not None and session.epoch != self.epoch and self.flows:
             self.log.info("the relay's flow table is new: closing %d flows", len(self.flows))
             for flow in self.flows.values():
@@ -307,14 +321,17 @@ class ExposeWorker(Worker):
                 self.drop(R_NO_SESSION)
                 continue
             length = session.seal_into(buf, 0, size, T_DATA, flow.tag)
-            if not self.outbox.room(length):
-                self.after_events()
-            self.outbox.add(view[:length], self.relay_key)
+            self.send_relay(view[:length], flow.tag)
         if flow.tag in self.flows:
             self.flows.move_to_end(flow.tag)
 
     def after_events(self):
-        if len(self.outbox):
+        if self.carrier is not None:
+            self.carrier.flush()
+            if self.carrier is not None and self.carrier.frames_out:
+                self.carrier.frames_out = 0
+                self.sent = time.monotonic()
+        elif len(self.outbox):
             self.outbox.flush(self.sock)
             self.sent = time.monotonic()
             if self.outbox.drops:
@@ -323,12 +340,46 @@ class ExposeWorker(Worker):
 
     # -- the session
 
+    def send_relay(self, msg, tag=None):
+        """A message to the relay: over UDP (copied into the outbox) or over TCP (into the
+        flow's queue on the connection, or the control queue for tag None)."""
+        if self.tcp:
+            if self.carrier is not None:
+                self.carrier.send(bytes(msg), tag)
+            return
+        if not self.outbox.room(len(msg)):
+            self.after_events()
+        self.outbox.add(msg, self.relay_key)
+
     def tell_relay(self, mtype, tag, body):
         if self.session is not None:
-            msg = self.session.seal(mtype, tag, body)
-            if not self.outbox.room(len(msg)):
-                self.after_events()
-            self.outbox.add(msg, self.relay_key)
+            self.send_relay(self.session.seal(mtype, tag, body))
+
+    # -- over TCP
+
+    def on_connected(self, sock):
+        self.carrier = TcpCarrier(sock, self.poller, self.on_carrier_message,
+                                  self.on_carrier_closed)
+        self.carrier.send(self.initiator.hello())
+        self.heard = time.monotonic()
+
+    def on_carrier_message(self, carrier, msg):
+        if carrier is self.carrier:
+            self.from_relay(msg, time.monotonic())
+
+    def on_carrier_closed(self, carrier, why):
+        if carrier is not self.carrier:
+            return
+        self.carrier = None
+        if not self.alive:
+            return
+        now = time.monotonic()
+        if self.session is not None:
+            self.session = None
+            self.log.warning("the connection to the relay ended (%s); connecting again", why)
+            self.dialer.lost(now)
+        else:
+            self.dialer.failed(now, why)
 
     def send_keepalive(self, now):
         stamp = int(now * 1000) & 0xFFFFFFFF
@@ -336,6 +387,10 @@ class ExposeWorker(Worker):
         self.after_events()
 
     def start_handshake(self, now):
+        if self.tcp:                    # a new connection starts a new session
+            if self.carrier is not None:
+                self.carrier.close("registering again")
+            return
         if self.hello_at is None:
             self.hello_wait = HELLO_FIRST
             self.hello_at = now
@@ -355,7 +410,12 @@ class ExposeWorker(Worker):
         self.hello_wait = min(self.hello_wait * 2, self.keepalive)
 
     def tick(self, now):
-        if self.hello_at is not None and now >= self.hello_at:
+        if self.tcp:
+            self.dialer.tick(now)
+            if self.carrier is not None and self.session is None \
+                    and now - self.heard > CONNECT_TIMEOUT:
+                self.carrier.close("no answer to HELLO")
+        elif self.hello_at is not None and now >= self.hello_at:
             self.send_hello(now)
         if self.session is not None:
             if now - self.heard > 2 * self.keepalive + 5:
@@ -381,6 +441,10 @@ class ExposeWorker(Worker):
             self.tell_relay(T_BYE, 0, REASON.pack(CLOSE_SHUTDOWN))
             self.after_events()
         self.alive = False
+        if self.tcp:
+            self.dialer.stop()
+            if self.carrier is not None:
+                self.carrier.close("stopping")
 
     def on_exit(self):
         for flow in self.flows.values():
@@ -394,9 +458,8 @@ def main(args):
         config = load_expose(args["--config"], log)
     else:
         config = expose_from_options(args, log)
-    if config.carrier == "tcp":
-        raise Fatal("carrier tcp: not implemented yet in this version", status=EXIT_UNAVAILABLE)
-    worker = ExposeWorker(config.relay, config.service, config.key,
+    raise_open_files(config.max_flows + 64, log, "max_flows service sockets")
+    worker = ExposeWorker(config.relay, config.service, config.key, carrier=config.carrier,
                           keepalive=config.keepalive, flow_idle=config.flow_idle,
                           max_flows=config.max_flows, log=log)
     return worker.serve()

@@ -53,17 +53,24 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
 
 
-def bind_udp(endpoint, what):
-    """A nonblocking UDP socket bound to endpoint, with large buffers."""
-    family, sockaddr = endpoint
-    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+def bind(endpoint, what):
+    """A nonblocking socket bound to endpoint: UDP with large buffers, or a TCP listener."""
+    family, sockaddr, kind = endpoint
+    sock = socket.socket(family, kind | socket.SOCK_CLOEXEC)
     try:
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        if kind == socket.SOCK_DGRAM:
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(sockaddr)
+        if kind == socket.SOCK_STREAM:
+            sock.listen(16)
     except OSError as exc:
         sock.close()
         where = format_endpoint(family, sockaddr)
+        if kind == socket.SOCK_STREAM:
+            where = "TCP " + where
         status = EXIT_OSERR if exc.errno != errno.EACCES else 77
         raise Fatal(f"{what}: cannot bind {where}: {exc.strerror}", status=status) from None
     sock.setblocking(False)
@@ -317,7 +324,7 @@ class Master:
                     for old_label, old_endpoint in old.config.endpoints().items():
                         if old_endpoint == endpoint:
                             reuse = old.sockets[old_label]
-                sockets[label] = reuse or bind_udp(endpoint, f"tunnel {tunnel_config.name}")
+                sockets[label] = reuse or bind(endpoint, f"tunnel {tunnel_config.name}")
         except Fatal:
             for sock in sockets.values():
                 if old is None or sock not in old.sockets.values():

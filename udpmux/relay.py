@@ -38,8 +38,9 @@ import time
 
 from udpmux import auth, wire
 from udpmux.auth import R_MAC, WINDOW
-from udpmux.addr import format_peer
+from udpmux.addr import format_peer, peer_key
 from udpmux.batchio import Batch, Outbox, recv_into
+from udpmux.carrier import TcpCarrier
 from udpmux.config import from_options, load
 from udpmux.limits import PerSource, TokenBucket, source_of
 from udpmux.log import DropLog, Every, setup as setup_log
@@ -57,6 +58,8 @@ from udpmux.wire import (
 BATCH = 64
 DRAIN_ROUNDS = 8                # batches per socket per wake-up, so no socket starves the rest
 STALE_RATE = 10.0               # STALE answers per second per tunnel
+TCP_WAITING = 8                 # TCP connections that have not registered, at most
+TCP_HANDSHAKE = 10.0            # seconds a TCP connection has to register
 NONCE_RESERVE = 1 << 24         # nonces a worker may use before its state block records them
 STATE_EVERY = 1.0               # seconds between writes of the state block
 DROP_LOG_EVERY = 60.0           # seconds between summaries of drops
@@ -67,6 +70,8 @@ R_FLOW_RATE = "flow-rate"       # a new flow over the tunnel's new_flows_rate
 R_SOURCE_RATE = "source-rate"   # a new flow over new_flows_per_source for its IP address
 R_UNKNOWN_TAG = "unknown-tag"   # exposer data for a flow that is gone
 R_SEND = "send"                 # the kernel refused to send (buffer full, unreachable)
+R_TCP_FULL = "tcp-full"         # a TCP connection beyond TCP_WAITING not yet registered
+R_TCP_SILENT = "tcp-silent"     # a TCP connection that did not register in time
 
 class RelayShared:
     """What the master maps for a tunnel before forking its worker."""
@@ -129,6 +134,7 @@ class RelayWorker(Worker):
         self.public = tunnel.sockets["public"]
         self.register = tunnel.sockets.get("register", self.public)
         self.shared_socket = self.register is self.public
+        self.tcp_listener = tunnel.sockets.get("tcp")
         self.table = tunnel.shared.table
         self.state = tunnel.shared.state
         self.epoch = tunnel.shared.epoch
@@ -142,6 +148,8 @@ class RelayWorker(Worker):
         self.table.attach()
         self.acceptor = Acceptor(config.key, [wire.ROLE_EXPOSE])
         self.session = None             # the exposer's session
+        self.carrier = None             # its TCP connection, when it came over TCP
+        self.tcp_peers = {}             # TcpCarrier -> (peer key, accepted at)
         self.restored = False           # the session came from a dead predecessor
         self.heard = 0.0                # when the exposer last sent an authentic message
         self.registered = 0.0
@@ -170,6 +178,8 @@ class RelayWorker(Worker):
         self.poller.register(self.public, self.on_public)
         if not self.shared_socket:
             self.poller.register(self.register, self.on_register)
+        if self.tcp_listener is not None:
+            self.poller.register(self.tcp_listener, self.on_tcp_accept)
 
     def restore(self, state, now):
         """Carry on from a predecessor's state block: counters and the exposer's session."""
@@ -178,7 +188,8 @@ class RelayWorker(Worker):
                 self.counters[name] = value
         self.drops.update(state.get("drops", {}))
         saved = state.get("session")
-        if not saved or (saved.get("keyed") != self.keyed):
+        # A session over TCP died with its connection: the exposer connects again.
+        if not saved or saved.get("keyed") != self.keyed or saved.get("carrier") == "tcp":
             return
         session = Session(saved["local_id"], saved["peer_id"],
                           bytes.fromhex(saved["send_key"]) if self.keyed else None,
@@ -212,7 +223,7 @@ class RelayWorker(Worker):
         batch = self.in_batch
         table = self.table
         get, touch, tags = table.get, table.touch, table.tags
-        buf, view, out = batch.buf, batch.view, self.to_exposer
+        buf, view = batch.buf, batch.view
         pack_into, blake2b = HEADER.pack_into, hashlib.blake2b
         shared = self.shared_socket
         counters = self.counters
@@ -228,7 +239,7 @@ class RelayWorker(Worker):
                 mac_key, nonce = session.send_key, session.send_nonce
             else:
                 exposer = None
-            queued, sizes = [], []
+            queued, sizes, flow_tags = [], [], []
             size_in = 0
             for i in range(n):
                 key = keys[i]
@@ -238,7 +249,7 @@ class RelayWorker(Worker):
                         or (shared and key == exposer):
                     if session is not None:
                         session.send_nonce = nonce
-                    self.queue(out, self.register, batch, queued, sizes, exposer)
+                    self.send_batch(batch, queued, sizes, flow_tags)
                     slot = self.client_slow(batch, i, now)
                     if self.session is not session:       # a handshake on a shared socket
                         session = self.session
@@ -254,7 +265,8 @@ class RelayWorker(Worker):
                     touch(slot, now, length)
                 start = starts[i] - HEADER_SIZE
                 nonce += 1
-                pack_into(buf, start, VERSION, T_DATA, flags, peer_id, tags[slot], nonce)
+                tag = tags[slot]
+                pack_into(buf, start, VERSION, T_DATA, flags, peer_id, tag, nonce)
                 end = start + HEADER_SIZE + length
                 if mac_key is not None:
                     buf[end:end + MAC_SIZE] = blake2b(view[start:end], key=mac_key,
@@ -262,17 +274,35 @@ class RelayWorker(Worker):
                     end += MAC_SIZE
                 queued.append(start)
                 sizes.append(end - start)
+                flow_tags.append(tag)
                 size_in += length
             if session is not None:
                 session.send_nonce = nonce
             counters["datagrams_in"] += len(queued)
             counters["bytes_in"] += size_in
-            self.queue(out, self.register, batch, queued, sizes, exposer)
+            self.send_batch(batch, queued, sizes, flow_tags)
             self.flush_exposer()
             if shared:
                 self.flush_clients()
             if n < batch.count:
                 break           # the socket is drained: spare the call that says so
+
+    def send_batch(self, batch, starts, sizes, flow_tags):
+        """Hand sealed DATA messages in a batch's buffer to the exposer: over UDP, queued
+        with one call and no copy; over its TCP connection, a copy each into its flow's
+        queue there.  Empties the lists."""
+        if not starts:
+            return
+        carrier = self.carrier
+        if carrier is None:
+            self.queue(self.to_exposer, self.register, batch, starts, sizes, self.session.peer)
+        else:
+            view = batch.view
+            for start, size, tag in zip(starts, sizes, flow_tags):
+                carrier.send(bytes(view[start:start + size]), tag)
+            starts.clear()
+            sizes.clear()
+        flow_tags.clear()
 
     def queue(self, out, sock, batch, starts, sizes, keys):
         """Queue datagrams of a batch (by start and size) for one or many peer keys,
@@ -433,34 +463,38 @@ class RelayWorker(Worker):
             if n < batch.count:
                 break
 
-    def from_exposer(self, msg, key, now, start):
-        """One message on the register socket.  msg is a view into a receive batch that
-        starts at `start` in the batch's buffer; DATA bodies are sent from there."""
+    def from_exposer(self, msg, key, now, start=None, carrier=None):
+        """One message from the exposer's side: from the register socket (msg a view into
+        the receive batch at `start`, where DATA bodies are sent from without a copy), or
+        from a TCP connection (`carrier`; msg is bytes)."""
         try:
             mtype, sid, tag, nonce = parse_header(msg, self.keyed)
         except Malformed as exc:
-            self.drop(exc.reason)
+            self.refuse(exc.reason, carrier)
             return
         session = self.session
         try:
             if session is not None and sid == session.local_id:
+                if carrier is not self.carrier:     # the session lives on the other carrier
+                    raise Drop(R_SESSION)
                 newest = session.open(msg, nonce)
             elif mtype == T_HELLO:
-                self.on_hello(msg, key, now)
+                self.on_hello(msg, key, now, carrier)
                 return
             elif sid in self.acceptor.pending:
                 session = self.acceptor.confirm(sid, msg, nonce)
-                self.new_session(session, key, now)
+                self.new_session(session, key, now, carrier)
                 newest = True
             else:
-                self.drop(R_SESSION)
-                self.answer_stale(msg, sid, nonce, key, now)
+                self.refuse(R_SESSION, carrier)
+                if carrier is None:
+                    self.answer_stale(msg, sid, nonce, key, now)
                 return
         except Drop as exc:
-            self.drop(exc.reason)
+            self.refuse(exc.reason, carrier)
             return
         self.heard = now
-        if key != session.peer:
+        if key != session.peer and carrier is None:
             if newest and not self.restored:
                 self.log.info("tunnel %s: exposer moved from %s to %s", self.name,
                               format_peer(session.peer), format_peer(key))
@@ -478,10 +512,14 @@ class RelayWorker(Worker):
                 self.tell_exposer(T_CLOSE, tag, REASON.pack(CLOSE_REFUSED))
                 return
             self.table.touch(slot, now, body, outward=True)
-            if not self.to_clients.room():
+            if not self.to_clients.room(body):
                 self.flush_clients()
-            self.to_clients.add_from(self.reg_batch, start + HEADER_SIZE, body,
-                                     self.table.key_of(slot))
+            if carrier is None:
+                self.to_clients.add_from(self.reg_batch, start + HEADER_SIZE, body,
+                                         self.table.key_of(slot))
+            else:
+                self.to_clients.add(memoryview(msg)[HEADER_SIZE:HEADER_SIZE + body],
+                                    self.table.key_of(slot))
             self.counters["datagrams_out"] += 1
             self.counters["bytes_out"] += body
         elif mtype == T_KEEPALIVE:
@@ -497,30 +535,52 @@ class RelayWorker(Worker):
         elif mtype == T_BYE:
             self.log.info("tunnel %s: the exposer at %s said goodbye", self.name,
                           format_peer(session.peer))
-            self.session = None
+            self.end_session()
         # Handshake types under a session key are not sent by exposers: ignore them.
 
-    def on_hello(self, msg, key, now):
+    def refuse(self, reason, carrier):
+        """Count a refused message; on a TCP connection it also ends the connection, since
+        a stream with one bad message in it cannot be trusted further."""
+        self.drop(reason)
+        if carrier is not None:
+            carrier.close(f"a message refused ({reason})")
+
+    def on_hello(self, msg, key, now, carrier=None):
         taken = (self.session.local_id,) if self.session is not None else ()
         welcome, _pending = self.acceptor.hello(msg, key, now, taken, self.epoch)
-        self.send_to(welcome, key)
+        if carrier is None:
+            self.send_to(welcome, key)
+        else:
+            carrier.send(welcome)
 
-    def new_session(self, session, key, now):
-        old = self.session
+    def new_session(self, session, key, now, carrier=None):
+        old, old_carrier = self.session, self.carrier
         session.peer = key
         self.session = session
+        self.carrier = carrier
         self.restored = False
         self.registered = self.heard = now     # before write_state() below reports them
         self.counters["sessions"] += 1
+        how = "over TCP " if carrier is not None else ""
         if old is None:
-            self.log.info("tunnel %s: exposer registered from %s", self.name, format_peer(key))
+            self.log.info("tunnel %s: exposer registered %sfrom %s", self.name, how,
+                          format_peer(key))
         elif old.peer != key:
-            self.log.info("tunnel %s: exposer at %s replaced by a new session from %s",
-                          self.name, format_peer(old.peer), format_peer(key))
+            self.log.info("tunnel %s: exposer at %s replaced by a new session %sfrom %s",
+                          self.name, format_peer(old.peer), how, format_peer(key))
         else:
             self.log.debug("tunnel %s: exposer at %s started a new session", self.name,
                            format_peer(key))
+        if old_carrier is not None and old_carrier is not carrier:
+            old_carrier.close("replaced by a new session")
         self.write_state(now)
+
+    def end_session(self):
+        self.session = None
+        if self.carrier is not None:
+            carrier, self.carrier = self.carrier, None
+            carrier.flush()
+            carrier.close("the session ended")
 
     def answer_stale(self, msg, sid, nonce, key, now):
         """Tell a sender whose session we do not know to start again: never larger than
@@ -531,11 +591,55 @@ class RelayWorker(Worker):
         if len(stale) <= len(msg):
             self.send_to(stale, key)
 
+    # -- exposers over TCP
+
+    def on_tcp_accept(self):
+        for _ in range(16):
+            try:
+                sock, sockaddr = self.tcp_listener.accept()
+            except (BlockingIOError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if self.limit_log("accept", time.monotonic()):
+                    self.log.error("tunnel %s: cannot accept a TCP connection: %s", self.name,
+                                   exc.strerror)
+                return
+            waiting = sum(1 for c in self.tcp_peers if c is not self.carrier)
+            if waiting >= TCP_WAITING:
+                self.drop(R_TCP_FULL)
+                sock.close()
+                continue
+            carrier = TcpCarrier(sock, self.poller, self.on_tcp_message, self.on_tcp_closed)
+            self.tcp_peers[carrier] = (peer_key(sock.family, sockaddr), time.monotonic())
+
+    def on_tcp_message(self, carrier, msg):
+        peer = self.tcp_peers.get(carrier)
+        if peer is not None:
+            self.from_exposer(msg, peer[0], time.monotonic(), carrier=carrier)
+
+    def on_tcp_closed(self, carrier, why):
+        peer = self.tcp_peers.pop(carrier, None)
+        for reason, n in carrier.drops.items():
+            self.drop(reason, n)
+        carrier.drops.clear()
+        if carrier is self.carrier:
+            self.carrier = None
+            if self.session is not None:
+                self.session = None
+                self.log.info("tunnel %s: the exposer's TCP connection from %s ended (%s)",
+                              self.name, format_peer(peer[0]) if peer else "?", why)
+
     # -- sending
 
     def tell_exposer(self, mtype, tag, body):
-        if self.session is not None:
-            self.send_to(self.session.seal(mtype, tag, body), self.session.peer)
+        session = self.session
+        if session is None:
+            return
+        msg = session.seal(mtype, tag, body)
+        if self.carrier is not None:
+            self.carrier.send(msg, tag if mtype == T_DATA else None)
+        else:
+            self.send_to(msg, session.peer)
 
     def send_to(self, msg, key):
         if not self.to_exposer.room(len(msg)):
@@ -560,6 +664,8 @@ class RelayWorker(Worker):
     def after_events(self):
         self.flush_exposer()
         self.flush_clients()
+        for carrier in list(self.tcp_peers):
+            carrier.flush()
 
     # -- housekeeping
 
@@ -577,8 +683,15 @@ class RelayWorker(Worker):
             self.log.warning("tunnel %s: no word from the exposer at %s for %d s; the tunnel "
                              "is down until it registers again", self.name,
                              format_peer(self.session.peer), now - self.heard)
-            self.session = None
-        self.flush_exposer()
+            self.end_session()
+        for carrier, (_peer, since) in list(self.tcp_peers.items()):
+            if carrier is not self.carrier and now - since > TCP_HANDSHAKE:
+                self.drop(R_TCP_SILENT)
+                carrier.close(f"no registration within {TCP_HANDSHAKE:.0f} s")
+            for reason, n in carrier.drops.items():
+                self.drop(reason, n)
+            carrier.drops.clear()
+        self.after_events()
         self.table.sync()
         self.write_state(now)
         self.drop_log.maybe_log(now)
@@ -597,6 +710,7 @@ class RelayWorker(Worker):
                 "recv_top": session.window.top,
                 "peer": session.peer.hex(),
                 "age": now - self.registered,
+                "carrier": "tcp" if self.carrier is not None else "udp",
             }
         self.state.write_json({
             "pid": os.getpid(),
@@ -605,6 +719,7 @@ class RelayWorker(Worker):
             "flows_now": len(self.table),
             "exposer": None if session is None else {
                 "address": format_peer(session.peer),
+                "carrier": "tcp" if self.carrier is not None else "udp",
                 "registered_ago": round(now - self.registered, 3),
                 "heard_ago": round(now - self.heard, 3),
             },
@@ -618,7 +733,7 @@ class RelayWorker(Worker):
         if final and self.session is not None:
             self.tell_exposer(T_BYE, 0, REASON.pack(CLOSE_SHUTDOWN))
             self.flush_exposer()
-            self.session = None
+            self.end_session()
         self.alive = False
 
     def on_exit(self):

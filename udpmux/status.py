@@ -167,7 +167,7 @@ def _bound(tunnel, label):
     try:
         return format_endpoint(sock.family, sock.getsockname())
     except OSError:
-        return format_endpoint(*tunnel.config.endpoints()[label])
+        return format_endpoint(*tunnel.config.endpoints()[label][:2])
 
 
 def _in_use(path):

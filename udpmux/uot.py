@@ -193,6 +193,9 @@ class UotServer(Worker):
         client = self.clients.pop(carrier, None)
         if client is None:
             return
+        for reason, n in carrier.drops.items():
+            self.drop(reason, n)
+        carrier.drops.clear()
         for flow in list(client.flows.values()):
             self.close_flow(flow)
         if client.ended is not None:
