@@ -284,3 +284,22 @@ def test_failed_up_leaves_nothing_behind(monkeypatch):
     assert not broken.is_up
     left = [n for n in os.listdir(lablib.NETNS_DIR) if n.startswith(broken.prefix + "-")]
     assert left == []
+
+
+def test_block_udp_can_close_one_nat_only(lab):
+    """block_udp(side="in") stops UDP to and from nat_in; outside's UDP still passes."""
+    receiver = lab.socket("public", bind=("0.0.0.0", 0))
+    port = receiver.getsockname()[1]
+    receiver.settimeout(1.0)
+    lab.block_udp(True, side="in")
+    inside = lab.socket("inside", bind=("0.0.0.0", 0))
+    outside = lab.socket("outside", bind=("0.0.0.0", 0))
+    inside.sendto(b"from inside", (lab.addr("public"), port))
+    outside.sendto(b"from outside", (lab.addr("public"), port))
+    assert receiver.recvfrom(100)[0] == b"from outside"
+    with pytest.raises(socket.timeout):
+        receiver.recvfrom(100)
+    assert lab.counter("wan", "block_udp") >= 1
+    lab.block_udp(False)
+    inside.sendto(b"again", (lab.addr("public"), port))
+    assert receiver.recvfrom(100)[0] == b"again"

@@ -540,9 +540,13 @@ table ip %(t)s {
 
     def _wan_rules(self):
         rules = "flush chain ip %s forward\n" % TABLE
-        if self._udp_blocked:
+        if self._udp_blocked is True:
             rules += ('add rule ip %s forward meta l4proto udp counter name "block_udp" drop\n'
                       % TABLE)
+        elif self._udp_blocked:
+            for way in ("iifname", "oifname"):
+                rules += ('add rule ip %s forward meta l4proto udp %s "to_%s" counter name '
+                          '"block_udp" drop\n' % (TABLE, way, self._udp_blocked))
         if self._loss > 0:
             rules += ('add rule ip %s forward meta l4proto udp numgen random mod 10000 < %d '
                       'counter name "loss" drop\n' % (TABLE, self._loss))
@@ -651,9 +655,11 @@ table ip %(t)s {
         self._loss = int(round(percent * 100))        # in 1/10000
         self._nft("wan", self._wan_rules())
 
-    def block_udp(self, blocked=True):
-        """wan drops every forwarded UDP datagram (True) or none (False). TCP still passes."""
-        self._udp_blocked = bool(blocked)
+    def block_udp(self, blocked=True, side=None):
+        """wan drops every forwarded UDP datagram (True) or none (False); with side "in" or
+        "out", only those to and from that NAT (the other side's UDP still passes). TCP
+        always passes."""
+        self._udp_blocked = (self._side(side) if side else True) if blocked else False
         self._nft("wan", self._wan_rules())
 
     def roam(self, side):
