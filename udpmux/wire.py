@@ -44,6 +44,13 @@ Bodies by type (offsets from the start of the body):
     BYE (1)       0 reason u8
     DATA (0..)    the datagram, whole
     CLOSE (1)     0 reason u8
+    STREAM (9..)  0 offset u64 | 8 flags u8 (1 = FIN: the stream ends after these bytes) |
+                  9 the stream's bytes from offset on
+    ACK (17..)    0 largest nonce received u64 | 8 delay u32 (us the ACK was held) |
+                  12 first u32 (nonces received just below largest) | 16 count u8 |
+                  17 count x (gap u32 | length u32): further ranges, downwards
+    WINDOW (8)    0 the offset up to which the sender may write on the stream (u64)
+    RESET (1)     0 reason u8: the stream is abandoned, its bytes undelivered
 
 How we name things:
   message   one header + body (+ MAC): a UDP datagram, or one frame of a TCP stream
@@ -86,7 +93,11 @@ T_BYE = 0x05            # the sender ends the session
 # 0x10-0x1f: datagram flows
 T_DATA = 0x10           # one datagram of the flow named by the tag
 T_CLOSE = 0x11          # the flow named by the tag is gone at the sender
-# 0x20-0x2f: stream flows (reserved for the reliable stream)
+# 0x20-0x2f: stream flows (the reliable stream of `udpmux link`)
+T_STREAM = 0x20         # bytes of the stream named by the tag, at an offset
+T_ACK = 0x21            # which messages (by nonce) arrived, as ranges
+T_WINDOW = 0x22         # how far the peer may write on the stream named by the tag
+T_RESET = 0x23          # the stream named by the tag is abandoned
 # 0x30-0x3f: hole punching and rendezvous (reserved)
 
 TYPE_NAMES = {
@@ -97,6 +108,10 @@ TYPE_NAMES = {
     T_BYE: "BYE",
     T_DATA: "DATA",
     T_CLOSE: "CLOSE",
+    T_STREAM: "STREAM",
+    T_ACK: "ACK",
+    T_WINDOW: "WINDOW",
+    T_RESET: "RESET",
 }
 
 # Roles an initiator asks for in HELLO; a responder refuses roles it does not serve.
@@ -109,6 +124,11 @@ ROLE_NAMES = {ROLE_EXPOSE: "expose", ROLE_LINK: "link", ROLE_UOT: "uot", ROLE_PU
 HELLO = struct.Struct("!I16sB43x")
 WELCOME = struct.Struct("!I16s16sBxH16sQ")
 KEEPALIVE = struct.Struct("!B3xII")
+STREAM = struct.Struct("!QB")           # offset, flags; the bytes follow
+ACK = struct.Struct("!QIIB")            # largest, delay, first, count; the ranges follow
+ACK_RANGE = struct.Struct("!II")        # gap, length
+WINDOW = struct.Struct("!Q")
+STREAM_FIN = 0x01
 STALE = struct.Struct("!IQ")
 REASON = struct.Struct("!B")
 RANDOM_SIZE = 16
@@ -132,7 +152,11 @@ BODY_SIZES = {
     T_STALE: STALE.size,
     T_BYE: REASON.size,
     T_CLOSE: REASON.size,
+    T_WINDOW: WINDOW.size,
+    T_RESET: REASON.size,
 }
+# Types whose body size varies, with the least it can be.
+BODY_MINIMUM = {T_DATA: 0, T_STREAM: STREAM.size, T_ACK: ACK.size}
 
 # Reasons a message is dropped, as counted by every receiver.  auth adds its own.
 R_SHORT = "short"               # shorter than a header (+ MAC)
@@ -176,10 +200,13 @@ def parse_header(msg, keyed):
     body_size = len(msg) - HEADER_SIZE - trailer
     expected = BODY_SIZES.get(mtype)
     if expected is None:
-        if mtype != T_DATA:
+        least = BODY_MINIMUM.get(mtype)
+        if least is None:
             raise Malformed(R_TYPE)
         if body_size > MAX_UDP_PAYLOAD:
             raise Malformed(R_TOO_LARGE)
+        if body_size < least:
+            raise Malformed(R_LENGTH)
     elif body_size != expected:
         raise Malformed(R_LENGTH)
     return mtype, session, tag, nonce
