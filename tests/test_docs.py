@@ -24,7 +24,7 @@ from unittest import mock
 
 import pytest
 
-from udpmux import addr, auth, cli, config, errors, relay, session, wire
+from udpmux import addr, auth, carrier, cli, config, errors, relay, session, uot, wire
 
 REPO = Path(__file__).resolve().parent.parent
 MAN = REPO / "man"
@@ -273,22 +273,43 @@ def test_every_exit_status_is_in_exit_status():
 
 # -- (f) the relay's command-line defaults are config.py's
 
-def test_relay_option_defaults_match_config():
+def option_defaults(doc):
     options = {}
-    for spec, default in docopt_options(cli.RELAY):
+    for spec, default in docopt_options(doc):
         for name in re.findall(r"--[\w-]+", spec):
             options[name] = default
-    for setting in config.TUNNEL_SETTINGS:
-        assert setting.option in options, f"relay has no option {setting.option}"
-        given = options[setting.option]
+    return options
+
+
+def check_option_defaults(mode, options, settings):
+    for setting in settings:
+        option = setting.option
+        if setting.default is True:
+            # A setting that is on by default is turned off on the command line.
+            option = "--no-" + setting.name.replace("_", "-")
+        assert option in options, f"{mode} has no option {option}"
+        given = options[option]
         if setting.default is None or isinstance(setting.default, bool):
-            assert given is None, f"{setting.option}: [default: {given}] but config.py has none"
+            assert given is None, f"{option}: [default: {given}] but config.py has none"
             continue
-        assert given is not None, f"{setting.option}: no [default: ...] in relay's usage text"
+        assert given is not None, f"{option}: no [default: ...] in {mode}'s usage text"
         value = type(setting.default)(float(given)) if isinstance(setting.default, float) \
             else int(given)
         assert setting.check(value) == setting.default, \
-            f"{setting.option}: [default: {given}] but config.py says {setting.default!r}"
+            f"{option}: [default: {given}] but config.py says {setting.default!r}"
+
+
+def test_relay_option_defaults_match_config():
+    check_option_defaults("relay", option_defaults(cli.RELAY), config.TUNNEL_SETTINGS)
+
+
+def test_uot_option_defaults_match_config():
+    server = option_defaults(cli.UOT_SERVER)
+    check_option_defaults("uot-server", server, config.UOT_SETTINGS)
+    client = option_defaults(cli.UOT_CLIENT)
+    shared = [s for s in config.UOT_SETTINGS if s.option in client]
+    assert {s.name for s in shared} >= {"flow_idle", "max_flows"}
+    check_option_defaults("uot-client", client, shared)
 
 
 # -- (g) the example configuration loads and shows every key
@@ -444,6 +465,13 @@ def test_protocol_limits_and_types_match_the_code():
         "HELLOs answered, per tunnel": f"{session.HELLO_RATE:g}/s",
         "STALEs sent, per tunnel": f"{relay.STALE_RATE:g}/s",
         "nonces skipped by a restarted worker": f"2^{relay.NONCE_RESERVE.bit_length() - 1}",
+        "TCP messages queued per flow": carrier.FLOW_QUEUE,
+        "TCP control messages queued": carrier.CONTROL_QUEUE,
+        "TCP connections waiting, per tunnel": relay.TCP_WAITING,
+        "TCP registration time, relay": f"{relay.TCP_HANDSHAKE:g} s",
+        "TCP handshake time, uot-server": f"{uot.HANDSHAKE_TIMEOUT:g} s",
+        "uot-client keepalive interval": f"{uot.KEEPALIVE_EVERY:g} s",
+        "uot-client silence before reconnecting": f"{uot.DEAD_AFTER * uot.KEEPALIVE_EVERY:g} s",
     }
     assert relay.NONCE_RESERVE == 1 << (relay.NONCE_RESERVE.bit_length() - 1)
     for name, value in expected.items():
@@ -455,7 +483,8 @@ def test_protocol_limits_and_types_match_the_code():
     for mtype, name in wire.TYPE_NAMES.items():
         row = types_[f"0x{mtype:02x}"]
         size = wire.BODY_SIZES.get(mtype)
-        body = str(size) if size is not None else f"0 to {wire.MAX_UDP_PAYLOAD}"
+        body = str(size) if size is not None \
+            else f"{wire.BODY_MINIMUM[mtype]} to {wire.MAX_UDP_PAYLOAD}"
         assert row[1] == name and row[3] == body, f"MESSAGE TYPES: {row} is not {name}, {body}"
 
 
