@@ -24,7 +24,7 @@ class TunnelConfig:
         self.name = name
 
     def endpoints(self):
-        return {"public": (2, ("127.0.0.1", 0))}
+        return {"public": (2, ("127.0.0.1", 0), 2)}       # AF_INET, SOCK_DGRAM
 
 
 class Config:

@@ -260,3 +260,20 @@ def test_sigterm_stops_both_ends_cleanly(uot):
     server.wait_log("the client said goodbye")
     server.signal(signal.SIGTERM)
     assert server.proc.wait(WAIT) == 0
+
+
+def test_strangers_waiting_in_the_handshake_do_not_take_the_clients_places(uot):
+    server = uot.server("--max-clients", "2")
+    client = uot.connected_client()
+    sock = udp_client()
+    assert exchange(sock, b"before", (LOCAL, client.port)) == b"before"
+    idle = [socket.create_connection((LOCAL, uot.tcp), timeout=WAIT) for _ in range(16)]
+    try:
+        with socket.create_connection((LOCAL, uot.tcp), timeout=WAIT) as one_more:
+            assert one_more.recv(100) == b""        # closed at once: too many waiting
+        # The client that holds the key keeps its place and its flows.
+        assert exchange(sock, b"after", (LOCAL, client.port)) == b"after"
+        assert server.proc.poll() is None
+    finally:
+        for conn in idle:
+            conn.close()

@@ -217,8 +217,7 @@ class ExposeWorker(Worker):
                 self.start_handshake(now)
                 return
             else:
-                self.drop(R_SESSION)
-                return
+                raise Drop(R_SESSION)
         except (Malformed, Drop) as exc:
             self.drop(exc.reason)
             if self.carrier is not None:    # a stream with a bad message in it is done
@@ -244,6 +243,7 @@ class ExposeWorker(Worker):
         self.hello_at = None
         if self.tcp:
             self.dialer.succeeded()
+            self.welcomed_here = True
         if self.epoch is not None and session.epoch != self.epoch and self.flows:
             self.log.info("the relay's flow table is new: closing %d flows", len(self.flows))
             for flow in self.flows.values():
@@ -358,6 +358,7 @@ class ExposeWorker(Worker):
     # -- over TCP
 
     def on_connected(self, sock):
+        self.welcomed_here = False      # whether this connection ever carried a session
         self.carrier = TcpCarrier(sock, self.poller, self.on_carrier_message,
                                   self.on_carrier_closed)
         self.carrier.send(self.initiator.hello())
@@ -374,9 +375,11 @@ class ExposeWorker(Worker):
         if not self.alive:
             return
         now = time.monotonic()
-        if self.session is not None:
+        if self.welcomed_here:
+            if self.session is not None:
+                self.log.warning("the connection to the relay ended (%s); connecting again",
+                                 why)
             self.session = None
-            self.log.warning("the connection to the relay ended (%s); connecting again", why)
             self.dialer.lost(now)
         else:
             self.dialer.failed(now, why)

@@ -141,6 +141,7 @@ def tunnel_status(tunnel):
         "restarts": tunnel.restarts,
         "public": _bound(tunnel, "public"),
         "register": _bound(tunnel, "register" if "register" in tunnel.sockets else "public"),
+        "tcp": _bound(tunnel, "tcp") if "tcp" in tunnel.sockets else None,
         "keyed": tunnel.config.key is not None,
         "flows": len(tunnel.shared.table),
         "max_flows": tunnel.config.max_flows,

@@ -54,6 +54,7 @@ from udpmux.wire import (
 )
 
 HANDSHAKE_TIMEOUT = 10.0        # seconds a new connection has to finish its handshake
+HANDSHAKING = 16                # connections at once that have not finished their handshake
 KEEPALIVE_EVERY = 15.0          # seconds between the client's keepalives when idle
 DEAD_AFTER = 3                  # keepalive intervals without a word: the connection is dead
 CONNECT_TIMEOUT = 10.0
@@ -69,6 +70,8 @@ R_QUEUE = "queue"               # the oldest datagram of a full per-flow queue
 R_TARGET = "target"             # the target refused a datagram (not running: ICMP)
 R_NO_CONNECTION = "no-connection"   # a local datagram while the client is not connected
 R_UNKNOWN_TAG = "unknown-tag"   # data from the server for a flow the client no longer has
+R_TCP_FULL = "tcp-full"         # a connection beyond HANDSHAKING or max_clients
+R_RECEIVE = "receive"           # receiving on the client's UDP socket failed (ICMP, mostly)
 
 
 def _tcp_listen(endpoint, what):
@@ -128,6 +131,7 @@ class Client:
         self.since = now
         self.session = None
         self.pending = None             # the session id welcomed, not yet confirmed
+        self.heard = now
         self.flows = {}                 # tag -> TargetFlow
         self.ended = None               # why the server ended it, for the log
 
@@ -173,10 +177,11 @@ class UotServer(Worker):
                 if self.every("accept", time.monotonic()):
                     self.log.error("cannot accept a connection: %s", exc.strerror)
                 return
-            if len(self.clients) >= self.max_clients:
-                if self.every("max_clients", time.monotonic()):
-                    self.log.warning("max_clients (%d) connections already; refusing more",
-                                     self.max_clients)
+            # Connections still shaking hands have their own, small bound, so strangers
+            # cannot take the places of clients that hold the key.
+            waiting = sum(1 for c in self.clients.values() if c.session is None)
+            if waiting >= HANDSHAKING or len(self.clients) >= self.max_clients + HANDSHAKING:
+                self.drop(R_TCP_FULL)
                 sock.close()
                 continue
             carrier = TcpCarrier(sock, self.poller, self.on_message, self.on_closed)
@@ -184,9 +189,12 @@ class UotServer(Worker):
             self.clients[carrier] = client
             self.log.debug("connection from %s", client.name)
 
-    def end(self, client, why):
-        """End a connection because of what it sent (the log says what)."""
+    def end(self, client, why, reason=None):
+        """End a connection because of what it sent: counted, and logged (at most a line
+        per reason every minute, so that strangers do not write the log)."""
         client.ended = why
+        if reason is not None:
+            self.drop(reason)
         client.carrier.close(why)
 
     def on_closed(self, carrier, why):
@@ -199,7 +207,8 @@ class UotServer(Worker):
         for flow in list(client.flows.values()):
             self.close_flow(flow)
         if client.ended is not None:
-            self.log.warning("client %s: %s; its connection is closed", client.name, why)
+            if self.every(client.ended, time.monotonic()):
+                self.log.warning("client %s: %s; its connection is closed", client.name, why)
         elif client.session is not None:
             self.log.info("client %s: connection closed (%s)", client.name, why)
         else:
@@ -225,8 +234,9 @@ class UotServer(Worker):
             else:
                 session.open(msg, nonce)
         except (Malformed, Drop) as exc:
-            self.end(client, f"a message refused ({exc.reason})")
+            self.end(client, f"a message refused ({exc.reason})", exc.reason)
             return
+        client.heard = now
         if mtype == T_DATA:
             self.to_target(client, tag, memoryview(msg)[HEADER_SIZE:len(msg) - self.trailer()],
                            now)
@@ -258,6 +268,10 @@ class UotServer(Worker):
         if sid != client.pending:
             raise Drop("unexpected")
         session = self.acceptor.confirm(sid, msg, nonce)
+        if len(self.clients) - sum(1 for c in self.clients.values() if c.session is None) \
+                >= self.max_clients:
+            self.end(client, f"max_clients ({self.max_clients}) already connected", R_TCP_FULL)
+            return None
         client.session = session
         self.log.info("client %s: connected", client.name)
         return session
@@ -368,6 +382,8 @@ class UotServer(Worker):
         for client in list(self.clients.values()):
             if client.session is None and now - client.since > HANDSHAKE_TIMEOUT:
                 self.end(client, "no handshake within %d s" % HANDSHAKE_TIMEOUT)
+            elif client.session is not None and now - client.heard > DEAD_AFTER * KEEPALIVE_EVERY:
+                self.end(client, f"no word for {now - client.heard:.0f} s")
         while self.lru:
             (_client, _tag), flow = next(iter(self.lru.items()))
             if now - flow.seen <= self.flow_idle:
@@ -530,6 +546,9 @@ class UotClient(Worker):
                                           view[start:start + length]), table.tags[slot])
             if n < batch.count:
                 break
+        if batch.errors:
+            self.drop(R_RECEIVE, sum(batch.errors.values()))
+            batch.errors.clear()
 
     def flush_udp(self):
         if len(self.outbox):
