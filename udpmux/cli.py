@@ -13,7 +13,9 @@ import sys
 from docopt import DocoptExit, docopt
 
 from udpmux import __version__
-from udpmux.config import EXPOSE as _EXPOSE, TUNNEL as _TUNNEL, UOT as _UOT, default_text
+from udpmux.config import (
+    EXPOSE as _EXPOSE, LINK as _LINK, TUNNEL as _TUNNEL, UOT as _UOT, default_text,
+)
 from udpmux.errors import (
     EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE, Fatal,
 )
@@ -24,6 +26,10 @@ def _d(name):
 
 def _e(name):
     return default_text(_EXPOSE[name])
+
+
+def _l(name):
+    return default_text(_LINK[name])
 
 
 RELAY = f"""\
@@ -96,7 +102,7 @@ Options:
   -h, --help                  Show this text.
 """
 
-LINK = """\
+LINK = f"""\
 udpmux link: a reliable stream over UDP that survives loss, roaming and sleep.  Made
 for ssh's ProxyCommand: starts its server end over ssh, then carries standard input and
 output to a TCP target on the server's side.
@@ -108,22 +114,27 @@ Usage:
 Options:
   -t HOST:PORT, --target HOST:PORT
                               The TCP service, as the server sees it
-                              [default: 127.0.0.1:22].
+                              [default: {_l("target")}].
   -b RANGE, --bind RANGE      The server's UDP port, or a MIN-MAX range to pick from
-                              [default: 40000-40999].
-  --listen-tcp ADDR           Accept local TCP connections here instead of using standard
-                              I/O.
+                              [default: {_l("bind")}].
+  --listen-tcp ADDR           Accept local TCP connections here, each its own stream,
+                              instead of using standard input and output.
   --ssh-command CMD           The ssh that starts the server end [default: ssh].
-  --segment BYTES             Largest payload per packet [default: 1200].
-  --idle-limit SECONDS        The server end exits after this long without the client
-                              [default: 43200].
+  --server-command CMD        How the server runs udpmux [default: udpmux].
+  --packet-size BYTES         Largest UDP payload sent, header and MAC included
+                              [default: {_l("packet_size")}].
+  --idle-limit SECONDS        Give up after this long without a word from the other end
+                              [default: {_l("idle_limit")}].
+  --linger SECONDS            After the local side closed, how long to wait for the rest
+                              to be acknowledged [default: {_l("linger")}].
   --debug                     Log both ends' session events.
   -h, --help                  Show this text.
 """
 
-LINK_SERVER = """\
+LINK_SERVER = f"""\
 udpmux link-server: the server end of `udpmux link`, started by it over ssh.  Reads
-the session key on standard input, prints the port it bound, and serves one session.
+the session key on standard input, prints the address and port it bound, leaves the
+ssh session, and serves one session.
 
 Usage:
   udpmux link-server [options]
@@ -131,11 +142,14 @@ Usage:
 
 Options:
   -t HOST:PORT, --target HOST:PORT
-                              The TCP service to connect streams to [default: 127.0.0.1:22].
+                              The TCP service to connect streams to
+                              [default: {_l("target")}].
   -b RANGE, --bind RANGE      The UDP port, or a MIN-MAX range to pick from
-                              [default: 40000-40999].
-  --idle-limit SECONDS        Exit after this long without the client [default: 43200].
-  --debug                     Log session events.
+                              [default: {_l("bind")}].
+  --packet-size BYTES         Largest UDP payload sent [default: {_l("packet_size")}].
+  --idle-limit SECONDS        Exit after this long without the client
+                              [default: {_l("idle_limit")}].
+  --debug                     Log session events to standard error (through ssh).
   -h, --help                  Show this text.
 """
 
@@ -267,8 +281,10 @@ MODES = {m.name: m for m in [
          "udpmux.relay:main"),
     Mode("expose", EXPOSE, "make a UDP service behind NAT reachable through a relay",
          "udpmux.expose:main"),
-    Mode("link", LINK, "a reliable stream over UDP for ssh's ProxyCommand and local TCP listeners"),
-    Mode("link-server", LINK_SERVER, "the server end of link, started by link over ssh"),
+    Mode("link", LINK, "a reliable stream over UDP for ssh's ProxyCommand and local TCP listeners",
+         "udpmux.link:main"),
+    Mode("link-server", LINK_SERVER, "the server end of link, started by link over ssh",
+         "udpmux.link:server_main"),
     Mode("punch", PUNCH, "punch a direct UDP path through NAT between two hosts"),
     Mode("uot-server", UOT_SERVER, "carry UDP over TCP: the end next to the UDP service",
          "udpmux.uot:server_main"),

@@ -21,7 +21,7 @@ import socket
 import tomllib
 from dataclasses import dataclass, field
 
-from udpmux import addr, auth
+from udpmux import addr, auth, wire
 from udpmux.errors import ConfigError, Fatal, UsageError
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
@@ -284,6 +284,8 @@ def _from_text(setting, raw):
     if not isinstance(raw, str):
         return raw
     convert = {_positive_int: int, _positive_number: float}.get(setting.check)
+    if convert is None and type(setting.default) in (int, float):
+        convert = type(setting.default)
     if convert is None:
         return raw
     try:
@@ -325,6 +327,36 @@ UOT_SETTINGS = [
     Setting("max_clients", _positive_int, 64, "uot-client connections served at once"),
 ]
 UOT = {s.name: s for s in UOT_SETTINGS}
+
+
+def _port_range(value):
+    low, high = addr.parse_port_range(_text(value))
+    return f"{low}-{high}" if low != high else str(low)
+
+
+def _hostport(value):
+    addr.split_hostport(_text(value))
+    return value
+
+
+def _packet_size(value):
+    value = _positive_int(value)
+    if not 576 <= value <= wire.MAX_UDP_PAYLOAD:
+        raise ValueError(f"expected 576 to {wire.MAX_UDP_PAYLOAD} bytes, got {value}")
+    return value
+
+
+LINK_SETTINGS = [
+    Setting("target", _hostport, "127.0.0.1:22", "the TCP service, as the server sees it"),
+    Setting("bind", _port_range, "40000-40999", "the server's UDP port or MIN-MAX range"),
+    Setting("packet_size", _packet_size, 1232,
+            "largest UDP payload sent; 1232 fits a 1,280-byte IPv6 path"),
+    Setting("idle_limit", _positive_number, 43200.0,
+            "seconds without a word from the other end before giving up"),
+    Setting("linger", _positive_number, 30.0,
+            "seconds to wait, once the local side closed, for the rest to be acknowledged"),
+]
+LINK = {s.name: s for s in LINK_SETTINGS}
 
 
 # `udpmux expose` (one exposer per file or command line)

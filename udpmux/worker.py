@@ -102,7 +102,8 @@ class Worker:
         next_tick = time.monotonic()
         while self.alive:
             now = time.monotonic()
-            timeout = max(0.0, next_tick - now)
+            wake = self.wake_at()
+            timeout = max(0.0, (next_tick if wake is None else min(wake, next_tick)) - now)
             handlers, writers = self.poller.handlers, self.poller.writers
             for fd, events in self.poller.poll(timeout):
                 # An earlier handler in this round may have closed this one's socket.
@@ -116,6 +117,9 @@ class Worker:
                         handler()
             self.after_events()
             now = time.monotonic()
+            wake = self.wake_at()
+            if wake is not None and now >= wake:
+                self.on_wake(now)
             if now >= next_tick:
                 self.tick(now)
                 next_tick = now + self.TICK
@@ -163,6 +167,14 @@ class Worker:
     def after_events(self):
         """After each round of events: flush what they queued."""
 
+    def wake_at(self):
+        """When (time.monotonic()) the loop must call on_wake(), or None: for timers
+        finer than tick()'s second."""
+        return None
+
+    def on_wake(self, now):
+        """The time wake_at() named has come."""
+
     def tick(self, now):
         """About once a second: expiry, keepalives, syncing shared state."""
 
@@ -206,8 +218,13 @@ class Poller:
             self.writers[fd] = writer
 
     def want_write(self, fileobj, wanted):
+        self.interest(fileobj, True, wanted)
+
+    def interest(self, fileobj, read, write):
+        """What to be woken for: readable, writable, both or (hang-ups and errors still
+        wake) neither."""
         fd = fileobj.fileno()
-        mask = _IN | (WRITABLE if wanted else 0)
+        mask = (_IN if read else 0) | (WRITABLE if write else 0)
         if self._epoll is not None:
             self._epoll.modify(fd, mask)
         else:

@@ -1,0 +1,886 @@
+"""`udpmux link` and `udpmux link-server`: reliable streams over UDP that survive loss,
+roaming and sleep; made for ssh's ProxyCommand.
+
+    ssh -o ProxyCommand="udpmux link %r@%h" host
+
+How a session starts (nothing to configure on the server but udpmux itself)::
+
+    udpmux link                          ssh host ...                 server host
+      | key = 32 random bytes                                   udpmux link-server
+      |-- ssh DEST "udpmux link-server ..." -------------------> reads the key (stdin),
+      |      key on ssh's standard input                          binds a UDP port of --bind,
+      |<---- "UDPMUX-LINK 1 <address> <port>" (stdout) ---------  prints it, leaves the ssh
+      |      ssh ends: nothing but udpmux stays on the server     session and serves
+      |
+      |== HELLO / WELCOME under the key; then STREAM, ACK, WINDOW, RESET (stream.py) ==>
+      |                                                           each stream: a TCP
+    stdin/stdout, or one stream per connection accepted           connection to --target
+    on --listen-tcp
+
+The key never appears on a command line.  Every message is sealed with the session;
+a message from a new address moves the server's side of the session only when it
+authenticates with the newest nonce yet (roaming).  The client rebinds its socket
+(a new source port, so a new NAT mapping) when the server stops answering, and either
+end keeps probing with a capped backoff, so the session comes back within about a
+second of the path coming back, after a blackout or a laptop's sleep.
+
+Exit statuses of `udpmux link`: 0 when every byte went both ways and was acknowledged;
+1 (with a message saying why) when the other end could not be reached for --idle-limit
+seconds, when what the local side wrote was not acknowledged within --linger seconds
+of it closing, or when the server refused a stream (its target did not answer).
+
+How we name things:
+  stream     one TCP connection (or stdin/stdout) carried over the session
+  endpoint   the local side of a stream: stdin/stdout, or a TCP socket
+  rebind     the client's new UDP socket, for a new NAT mapping
+"""
+
+import base64
+import errno
+import os
+import random
+import select
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from udpmux import addr, auth, wire
+from udpmux.batchio import Batch, Outbox, recv_into
+from udpmux.config import LINK_SETTINGS, option_values
+from udpmux.errors import EXIT_FAILURE, EXIT_OK, EXIT_OSERR, Fatal, KeyFileError, UsageError
+from udpmux.log import DropLog, setup as setup_log
+from udpmux.session import Acceptor, Drop, Initiator
+from udpmux.stream import (
+    EV_ACKED, EV_NEW, EV_READABLE, EV_RESET, EV_WRITABLE, Connection, ProtocolError,
+    StreamClosed,
+)
+from udpmux.worker import Worker
+from udpmux.wire import (
+    CLOSE_SHUTDOWN, KEEPALIVE, KEEPALIVE_REPLY, REASON, T_BYE, T_HELLO, T_KEEPALIVE, T_WELCOME,
+    Malformed, parse_header,
+)
+
+BANNER = "UDPMUX-LINK 1"            # what link-server prints: BANNER address port
+BOOT_TIMEOUT = 60.0                 # seconds ssh may take to start the server (a password)
+FIRST_CONTACT = 60.0                # seconds the server waits for the client's first word
+HELLO_FIRST = 0.25                  # seconds before the first HELLO is repeated
+HELLO_MOST = 2.0
+KEEPALIVE_EVERY = 15.0              # seconds between keepalives when nothing else is sent
+REBIND_AFTER = 3.0                  # seconds without an answer before the client rebinds
+BATCH = 64
+READ_CHUNK = 65536
+SOCKET_BUFFER = 4 * 1024 * 1024
+RESET_CONNECT = 2                   # the server could not connect to the target
+
+R_PROTOCOL = "protocol"             # the peer broke the stream protocol
+
+
+# -- local endpoints
+
+class _Fd:
+    """A descriptor as the poller wants it: something with fileno()."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def fileno(self):
+        return self.fd
+
+
+class Endpoint:
+    """The local side of a stream: a read descriptor and a write descriptor (the same
+    socket for TCP, 0 and 1 for standard I/O), non-blocking."""
+
+    def __init__(self, rfd, wfd, sock=None):
+        self.rfd, self.wfd, self.sock = rfd, wfd, sock
+        for fd in {rfd, wfd}:
+            os.set_blocking(fd, False)
+        self.pending = b""              # bytes for the local side that it has not taken
+        self.read_open = True           # not yet at EOF on the read side
+        self.write_open = True
+        self.room = True                # the stream takes more bytes (else stop reading)
+        self.keys = {}                  # fd -> (_Fd, (read, write) interest) registered
+
+    def read(self, n):
+        """Bytes, b"" at EOF, None when nothing is there now."""
+        try:
+            return os.read(self.rfd, n)
+        except BlockingIOError:
+            return None
+        except OSError:                 # a reset connection: as good as EOF
+            return b""
+
+    def write(self, data):
+        """How many bytes the local side took; OSError when it is gone."""
+        try:
+            return os.write(self.wfd, data)
+        except BlockingIOError:
+            return 0
+
+    def shutdown_write(self):
+        if not self.write_open:
+            return
+        self.write_open = False
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        else:
+            try:
+                os.close(self.wfd)
+            except OSError:
+                pass
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            return
+        if self.read_open or self.rfd != self.wfd:
+            try:
+                os.close(self.rfd)
+            except OSError:
+                pass
+        if self.write_open:
+            self.shutdown_write()
+
+
+# -- one end of a session
+
+class LinkEnd(Worker):
+    """What both ends share: the UDP socket, the session, the stream engine, and the
+    pumping of bytes between streams and local endpoints."""
+
+    def __init__(self, name, key, packet_size, idle_limit, log):
+        super().__init__(name, None, (), log)
+        self.key = key
+        self.packet_size = packet_size
+        self.idle_limit = idle_limit
+
+    def setup(self):
+        now = time.monotonic()
+        self.conn = Connection(client=isinstance(self, LinkClient),
+                               max_message=self.packet_size)
+        self.session = None
+        self.endpoints = {}             # sid -> Endpoint
+        self.heard = now                # the peer's last authentic message
+        self.sent = now
+        self.status = EXIT_OK
+        self.failure = None             # why the session failed, for the exit message
+        self.drops = {}
+        self.drop_log = DropLog(self.log, self.name, 60.0)
+        self.batch = Batch(BATCH, wire.MAX_UDP_PAYLOAD + 64)
+        self.outbox = Outbox(2 * BATCH)
+
+    def drop(self, reason, n=1):
+        self.drops[reason] = self.drops.get(reason, 0) + n
+        self.drop_log.count(reason, n)
+
+    # -- the network
+
+    def on_udp(self):
+        batch = self.batch
+        for _ in range(8):
+            n = recv_into(self.sock, batch, 0)
+            if not n:
+                break
+            now = time.monotonic()
+            view, lengths, keys, starts = batch.view, batch.lengths, batch.keys, batch.starts
+            for i in range(n):
+                if lengths[i] > batch.capacity:
+                    self.drop(wire.R_TOO_LARGE)
+                    continue
+                start = starts[i]
+                self.on_message(view[start:start + lengths[i]], keys[i], now)
+            if n < batch.count:
+                break
+        if batch.errors:
+            self.drop("receive", sum(batch.errors.values()))
+            batch.errors.clear()
+        self.pump(time.monotonic())
+
+    def on_message(self, msg, key, now):
+        try:
+            mtype, sid, tag, nonce = parse_header(msg, self.key is not None)
+            session = self.session
+            if session is not None and sid == session.local_id:
+                newest = session.open(msg, nonce)
+            elif self.handshake(msg, mtype, sid, nonce, key, now):
+                newest = True           # the message that confirmed a new session
+            else:
+                return
+        except (Malformed, Drop) as exc:
+            self.drop(exc.reason)
+            return
+        self.heard = now
+        self.moved(key, newest)
+        body = msg[wire.HEADER_SIZE:len(msg) - (wire.MAC_SIZE if self.key else 0)]
+        try:
+            self.conn.on_message(nonce, mtype, tag, bytes(body), now)
+        except ProtocolError as exc:
+            self.drop(R_PROTOCOL)
+            self.fail(f"the other end broke the stream protocol ({exc.reason})")
+            return
+        if mtype == T_KEEPALIVE:
+            flags, stamp, _echo = KEEPALIVE.unpack_from(msg, wire.HEADER_SIZE)
+            if flags & KEEPALIVE_REPLY:
+                self.send_plain(T_KEEPALIVE, KEEPALIVE.pack(0, 0, stamp), now)
+        elif mtype == T_BYE:
+            self.on_bye(now)
+
+    def moved(self, key, newest):
+        """A message from `key` authenticated (newest: its nonce the newest yet)."""
+
+    def send_plain(self, mtype, body, now):
+        """A message the engine did not make (keepalive, bye): sealed, sent, and its nonce
+        told to the engine so that the peer's ACK of it is not taken for nonsense."""
+        msg = self.session.seal(mtype, 0, body)
+        self.conn.on_sent(self.session.send_nonce, None, now)
+        self.queue(msg)
+
+    def queue(self, msg):
+        if not self.outbox.room(len(msg)):
+            self.flush()
+        self.outbox.add(msg, self.peer)
+
+    def flush(self):
+        if len(self.outbox):
+            self.outbox.flush(self.sock)
+            self.sent = time.monotonic()
+            if self.outbox.drops:
+                self.drop("send", sum(self.outbox.drops.values()))
+                self.outbox.drops.clear()
+
+    # -- moving bytes
+
+    def pump(self, now):
+        """Act on the engine's events, move bytes between streams and endpoints, and send
+        what the engine has to send."""
+        if self.session is None:
+            return
+        conn = self.conn
+        for _ in range(4):
+            for event in conn.streams_ready():
+                self.on_event(event, now)
+            for sid, ep in list(self.endpoints.items()):
+                self.deliver(sid, ep)
+                self.take(sid, ep)
+                self.refresh(ep)
+            sending = conn.messages_to_send(now, 64)
+            session, on_sent = self.session, conn.on_sent
+            for message in sending:
+                self.queue(session.seal(message.mtype, message.tag, message.body))
+                on_sent(session.send_nonce, message, now)
+            self.flush()
+            if len(sending) < 64:
+                break
+        self.check_done(now)
+
+    def on_event(self, event, now):
+        ep = self.endpoints.get(event.sid)
+        if event.kind == EV_NEW:
+            self.new_stream(event.sid, now)
+        elif event.kind == EV_RESET and ep is not None:
+            self.stream_reset(event.sid, event.code)
+        elif event.kind == EV_WRITABLE and ep is not None:
+            ep.room = True
+        elif event.kind in (EV_READABLE, EV_ACKED):
+            pass                        # deliver() and check_done() look at every stream
+
+    def deliver(self, sid, ep):
+        """Bytes the stream has for the local side, as far as the local side takes them."""
+        conn = self.conn
+        if not ep.write_open:
+            return
+        while True:
+            if not ep.pending:
+                ep.pending = conn.read(sid, READ_CHUNK)
+                if not ep.pending:
+                    break
+            try:
+                n = ep.write(ep.pending)
+            except OSError:             # the local side is gone: nobody will read the rest
+                ep.pending = b""
+                ep.write_open = False
+                conn.reset(sid)
+                return
+            ep.pending = ep.pending[n:]
+            if ep.pending:
+                return
+        if conn.at_eof(sid):
+            ep.shutdown_write()
+
+    def take(self, sid, ep):
+        """Bytes from the local side into the stream, as far as the stream takes them."""
+        conn = self.conn
+        while ep.read_open:
+            space = conn.send_space(sid)
+            ep.room = space > 0
+            if not ep.room:             # EV_WRITABLE: room again
+                return
+            data = ep.read(min(space, READ_CHUNK))
+            if data is None:
+                return
+            if not data:
+                ep.read_open = False
+                try:
+                    conn.finish(sid)
+                except StreamClosed:
+                    pass
+                return
+            try:
+                conn.write(sid, data)
+            except StreamClosed:
+                ep.read_open = False
+                return
+
+    def refresh(self, ep):
+        """Register for what the endpoint needs now: reading while the stream takes more
+        and the local side is open, writing while bytes wait for it; nothing else, so
+        that a closed or full side never wakes the loop in vain."""
+        want = {}
+        if ep.read_open and ep.room:
+            want[ep.rfd] = (True, False)
+        if ep.write_open and ep.pending:
+            read, _ = want.get(ep.wfd, (False, False))
+            want[ep.wfd] = (read, True)
+        for fd in list(ep.keys):
+            if fd not in want:
+                key, _ = ep.keys.pop(fd)
+                self.poller.unregister(key)
+        for fd, interest in want.items():
+            entry = ep.keys.get(fd)
+            if entry is None:
+                key = _Fd(fd)
+                wake = self.on_endpoint
+                self.poller.register(key, wake, wake)
+                ep.keys[fd] = (key, (True, False))
+                entry = ep.keys[fd]
+            if entry[1] != interest:
+                self.poller.interest(entry[0], *interest)
+                ep.keys[fd] = (entry[0], interest)
+
+    def on_endpoint(self):
+        self.pump(time.monotonic())
+
+    def close_stream(self, sid):
+        ep = self.endpoints.pop(sid, None)
+        if ep is None:
+            return
+        for key, _ in ep.keys.values():
+            self.poller.unregister(key)
+        ep.keys.clear()
+        ep.close()
+
+    def stream_reset(self, sid, code):
+        self.close_stream(sid)
+
+    def stream_done(self, sid):
+        """Both directions of a stream ended, and what we wrote was acknowledged."""
+        ep = self.endpoints.get(sid)
+        return (ep is not None and not ep.read_open and not ep.write_open
+                and not ep.pending and self.conn.all_acknowledged())
+
+    def check_done(self, now):
+        for sid in list(self.endpoints):
+            if self.stream_done(sid):
+                self.log.debug("stream %d done", sid)
+                self.close_stream(sid)
+
+    def fail(self, why):
+        if self.failure is None:
+            self.failure = why
+            self.status = EXIT_FAILURE
+        self.alive = False
+
+    # -- timers
+
+    def wake_at(self):
+        timer = self.conn.next_timer(time.monotonic()) if self.session is not None else None
+        return None if timer is None else time.monotonic() + timer
+
+    def on_wake(self, now):
+        self.conn.on_timer(now)
+        self.pump(now)
+
+    def keepalive(self, now):
+        if self.session is not None and now - self.sent >= KEEPALIVE_EVERY:
+            stamp = int(now * 1000) & 0xFFFFFFFF
+            self.send_plain(T_KEEPALIVE, KEEPALIVE.pack(KEEPALIVE_REPLY, stamp, 0), now)
+            self.flush()
+
+    def say_bye(self, now):
+        if self.session is not None:
+            self.send_plain(T_BYE, REASON.pack(CLOSE_SHUTDOWN), now)
+            self.flush()
+
+
+# -- the server
+
+class LinkServer(LinkEnd):
+    def __init__(self, sock, target, key, packet_size, idle_limit, log):
+        super().__init__("link-server", key, packet_size, idle_limit, log)
+        self.sock = sock
+        self.target = target            # (host, port) text, resolved per stream
+        self.peer = None
+
+    def setup(self):
+        super().setup()
+        self.acceptor = Acceptor(self.key, [wire.ROLE_LINK])
+        self.started = time.monotonic()
+        self.connecting = {}            # sid -> socket whose connect() is under way
+        self.poller.register(self.sock, self.on_udp)
+
+    def handshake(self, msg, mtype, sid, nonce, key, now):
+        if mtype == T_HELLO:
+            welcome, _pending = self.acceptor.hello(msg, key, now)
+            self.outbox.add(welcome, key)
+            self.flush()
+            return False
+        if sid in self.acceptor.pending and self.session is None:
+            self.session = self.acceptor.confirm(sid, msg, nonce)
+            self.peer = key
+            self.log.info("client %s: session up", addr.format_peer(key))
+            return True
+        raise Drop("session")
+
+    def moved(self, key, newest):
+        if key != self.peer and newest:
+            self.log.info("client moved from %s to %s", addr.format_peer(self.peer),
+                          addr.format_peer(key))
+            self.peer = key
+
+    def new_stream(self, sid, now):
+        """The client opened a stream: connect to the target for it."""
+        host, port = self.target
+        try:
+            family, sockaddr = addr.resolve(host, port, socket.SOCK_STREAM)
+        except ValueError as exc:
+            self.log.warning("stream %d: %s", sid, exc)
+            self.conn.reset(sid, RESET_CONNECT)
+            return
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        err = sock.connect_ex(sockaddr)
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self.log.warning("stream %d: cannot connect to %s: %s", sid,
+                             addr.format_endpoint(family, sockaddr), os.strerror(err))
+            self.conn.reset(sid, RESET_CONNECT)
+            return
+        self.connecting[sid] = sock
+        self.poller.register(sock, lambda: self.connected(sid), lambda: self.connected(sid))
+        self.poller.want_write(sock, True)
+
+    def connected(self, sid):
+        sock = self.connecting.pop(sid, None)
+        if sock is None:
+            return
+        self.poller.unregister(sock)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            sock.close()
+            self.log.warning("stream %d: cannot connect to %s:%d: %s", sid, *self.target,
+                             os.strerror(err))
+            self.conn.reset(sid, RESET_CONNECT)
+        else:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.endpoints[sid] = Endpoint(sock.fileno(), sock.fileno(), sock)
+            self.log.debug("stream %d: connected to %s:%d", sid, *self.target)
+        self.pump(time.monotonic())
+
+    def stream_reset(self, sid, code):
+        sock = self.connecting.pop(sid, None)
+        if sock is not None:
+            self.poller.unregister(sock)
+            sock.close()
+        super().stream_reset(sid, code)
+
+    def on_bye(self, now):
+        self.log.info("the client ended the session")
+        self.alive = False
+
+    def tick(self, now):
+        if self.session is None:
+            if now - self.started > FIRST_CONTACT:
+                self.log.error("no client came within %d s; exiting", FIRST_CONTACT)
+                self.status = EXIT_FAILURE
+                self.alive = False
+            return
+        if now - self.heard > self.idle_limit:
+            self.log.warning("no word from the client for %d s; exiting", now - self.heard)
+            self.alive = False
+            return
+        self.acceptor.expire(now)
+        self.pump(now)
+        self.drop_log.maybe_log(now)
+
+    def on_stop(self, final):
+        self.say_bye(time.monotonic())
+        self.alive = False
+
+    def on_exit(self):
+        for sid in list(self.endpoints):
+            self.close_stream(sid)
+        self.log.info("session over")
+
+
+# -- the client
+
+class LinkClient(LinkEnd):
+    def __init__(self, server, key, packet_size, idle_limit, linger, listener, log):
+        super().__init__("link", key, packet_size, idle_limit, log)
+        self.server = server            # (family, sockaddr)
+        self.listener = listener        # a TCP listener, or None for standard I/O
+        self.linger = linger
+
+    def setup(self):
+        super().setup()
+        now = time.monotonic()
+        self.initiator = Initiator(self.key, wire.ROLE_LINK)
+        self.hello_at = now
+        self.hello_wait = HELLO_FIRST
+        self.sock = None
+        self.rebind(now)
+        self.last_rebind = now
+        self.closing_since = None       # when the local side closed (stdin EOF, a signal)
+        self.started = now
+        self.had_stream = False
+        if self.listener is not None:
+            self.poller.register(self.listener, self.on_accept)
+
+    def rebind(self, now):
+        """A new UDP socket: a new source port, so a new NAT mapping, on the same path."""
+        if self.sock is not None:
+            self.flush()
+            self.poller.unregister(self.sock)
+            self.sock.close()
+        family, sockaddr = self.server
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        sock.connect(sockaddr)
+        sock.setblocking(False)
+        self.sock = sock
+        self.peer = addr.peer_key(family, sock.getpeername())
+        self.poller.register(sock, self.on_udp)
+        self.last_rebind = now
+
+    def handshake(self, msg, mtype, sid, nonce, key, now):
+        if mtype != T_WELCOME or self.session is not None:
+            raise Drop("session")
+        self.session = self.initiator.welcome(msg)
+        self.heard = now
+        self.hello_at = None
+        self.log.debug("session up; the server sees us as %s", self.session.observed)
+        stamp = int(now * 1000) & 0xFFFFFFFF   # confirms the session at the server
+        self.send_plain(T_KEEPALIVE, KEEPALIVE.pack(KEEPALIVE_REPLY, stamp, 0), now)
+        if self.listener is None:
+            sid = self.conn.open_stream()
+            self.endpoints[sid] = Endpoint(sys.stdin.fileno(), sys.stdout.fileno())
+            self.had_stream = True
+        self.pump(now)
+        return False
+
+    def on_accept(self):
+        for _ in range(16):
+            try:
+                sock, _sockaddr = self.listener.accept()
+            except (BlockingIOError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                self.log.error("cannot accept a connection: %s", exc.strerror)
+                return
+            if self.session is None:
+                sock.close()            # not connected yet: the caller may try again
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sid = self.conn.open_stream()
+            self.endpoints[sid] = Endpoint(sock.fileno(), sock.fileno(), sock)
+            self.log.debug("stream %d: a local connection", sid)
+        self.pump(time.monotonic())
+
+    def stream_reset(self, sid, code):
+        if code == RESET_CONNECT:
+            why = "the server could not connect to the target"
+        else:
+            why = f"the server reset the stream (reason {code})"
+        self.log.warning("stream %d: %s", sid, why)
+        super().stream_reset(sid, code)
+        if self.listener is None:
+            self.fail(why)
+
+    def on_bye(self, now):
+        if self.endpoints or not self.conn.all_acknowledged():
+            self.fail("the server ended the session")
+        else:
+            self.alive = False
+
+    def check_done(self, now):
+        super().check_done(now)
+        if self.listener is None and self.had_stream and not self.endpoints:
+            self.say_bye(now)
+            self.alive = False
+        if self.closing_since is None and self.listener is None and self.endpoints:
+            ep = next(iter(self.endpoints.values()))
+            if not ep.read_open:
+                self.closing_since = now
+
+    def wake_at(self):
+        wake = super().wake_at()
+        if self.hello_at is not None and (wake is None or self.hello_at < wake):
+            wake = self.hello_at
+        return wake
+
+    def on_wake(self, now):
+        if self.hello_at is not None and now >= self.hello_at:
+            self.send_hello(now)
+        if self.session is not None:
+            super().on_wake(now)
+
+    def send_hello(self, now):
+        try:
+            self.sock.send(self.initiator.hello())
+        except OSError as exc:
+            self.log.debug("sending HELLO: %s", exc.strerror)
+            if exc.errno != errno.ECONNREFUSED:
+                self.rebind(now)
+        self.hello_at = now + self.hello_wait
+        self.hello_wait = min(self.hello_wait * 2, HELLO_MOST)
+
+    def tick(self, now):
+        if self.session is None:
+            if now - self.started > BOOT_TIMEOUT:
+                self.fail("the server never answered")
+            return
+        silent = now - self.heard
+        if silent > self.idle_limit:
+            self.fail(f"no word from the server for {silent:.0f} s")
+            return
+        if self.closing_since is not None and silent > self.linger \
+                and not self.conn.all_acknowledged():
+            self.fail(f"the server acknowledged nothing for {silent:.0f} s after the local "
+                      "side closed")
+            return
+        waiting = self.conn.unreachable_for(now)
+        if (waiting > REBIND_AFTER or silent > 2 * KEEPALIVE_EVERY) \
+                and now - self.last_rebind > REBIND_AFTER:
+            self.log.debug("no answer for %.1f s: a new socket", max(waiting, silent))
+            self.rebind(now)
+        self.keepalive(now)
+        self.pump(now)
+        self.drop_log.maybe_log(now)
+
+    def stop(self, deadline, final=True):
+        """A signal: stop reading the local side, and give what was written --linger
+        seconds to be acknowledged."""
+        if self.closing_since is None:
+            self.closing_since = time.monotonic()
+            for sid, ep in self.endpoints.items():
+                ep.read_open = False
+                self.refresh(ep)
+                try:
+                    self.conn.finish(sid)
+                except StreamClosed:
+                    pass
+            if self.session is None or self.conn.all_acknowledged():
+                self.say_bye(time.monotonic())
+                self.alive = False
+            self.pump(time.monotonic())
+
+    def on_exit(self):
+        if self.alive is False and self.failure is None and self.session is not None:
+            self.say_bye(time.monotonic())
+        for sid in list(self.endpoints):
+            self.close_stream(sid)
+        if self.failure is not None:
+            self.log.error("%s", self.failure)
+
+
+# -- starting the server over ssh
+
+def _values(args):
+    values = option_values(args, LINK_SETTINGS)
+    return {s.name: values.get(s.name, s.default) for s in LINK_SETTINGS}
+
+
+def _server_command(args, values):
+    parts = [args["--server-command"], "link-server",
+             "--bind", shlex.quote(values["bind"]), "--target", shlex.quote(values["target"]),
+             "--packet-size", str(values["packet_size"]),
+             "--idle-limit", f"{values['idle_limit']:g}"]
+    if args["--debug"]:
+        parts.append("--debug")
+    return " ".join(parts)
+
+
+def start_server(args, values, key, log):
+    """Run link-server on DEST over ssh; returns ((family, sockaddr) of the server, the
+    ssh process if it stays (--debug carries the server's log), else None)."""
+    dest = args["DEST"]
+    try:
+        ssh = shlex.split(args["--ssh-command"])
+    except ValueError as exc:
+        raise UsageError(f"--ssh-command: {exc}") from None
+    argv = ssh + [dest, _server_command(args, values)]
+    log.debug("starting the server: %s", " ".join(shlex.quote(a) for a in argv))
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    except OSError as exc:
+        raise Fatal(f"cannot run {ssh[0]}: {exc.strerror}", status=EXIT_OSERR) from None
+    try:
+        proc.stdin.write(base64.b64encode(key) + b"\n")
+        proc.stdin.close()
+    except OSError:
+        pass
+    line = b""
+    end = time.monotonic() + BOOT_TIMEOUT
+    while not line.endswith(b"\n"):
+        left = end - time.monotonic()
+        if left <= 0:
+            proc.kill()
+            raise Fatal(f"{dest}: link-server did not answer within {BOOT_TIMEOUT:.0f} s")
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        if not ready:
+            continue
+        chunk = os.read(proc.stdout.fileno(), 256)
+        if not chunk:
+            status = proc.wait()
+            raise Fatal(f"{dest}: could not start the server end (ssh exited with status "
+                        f"{status}); is udpmux installed there? (--server-command)")
+        line += chunk
+    words = line.decode(errors="replace").split()
+    if words[:2] != BANNER.split() or len(words) != 4 or not words[3].isdigit():
+        proc.kill()
+        raise Fatal(f"{dest}: unexpected answer from the server end: {line[:80]!r}")
+    host, port = words[2], int(words[3])
+    if host == "-":
+        host = _ssh_hostname(ssh, dest)
+    try:
+        server = addr.resolve(host, port)
+    except ValueError as exc:
+        proc.kill()
+        raise Fatal(f"{dest}: {exc}") from None
+    if args["--debug"]:
+        return server, proc            # it carries the server's log to our stderr
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return server, None
+
+
+def _ssh_hostname(ssh, dest):
+    """The host name ssh connects to for dest (its configuration may rename it)."""
+    try:
+        out = subprocess.run(ssh + ["-G", dest], capture_output=True, text=True, timeout=10)
+        for line in out.stdout.splitlines():
+            if line.startswith("hostname "):
+                return line.split(None, 1)[1]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return dest.rpartition("@")[2]
+
+
+def main(args):
+    """`udpmux link`."""
+    log = setup_log(args["--debug"])
+    values = _values(args)
+    listener = None
+    if args["--listen-tcp"]:
+        try:
+            family, sockaddr = addr.parse_endpoint(args["--listen-tcp"], socket.SOCK_STREAM,
+                                                   passive=True)
+        except ValueError as exc:
+            raise UsageError(f"--listen-tcp: {exc}") from None
+        listener = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(sockaddr)
+            listener.listen(64)
+        except OSError as exc:
+            raise Fatal(f"--listen-tcp: cannot listen on {args['--listen-tcp']}: "
+                        f"{exc.strerror}", status=EXIT_OSERR) from None
+        listener.setblocking(False)
+    key = auth.generate_key()
+    server, ssh = start_server(args, values, key, log)
+    log.debug("the server listens at %s", addr.format_endpoint(*server))
+    client = LinkClient(server, key, values["packet_size"], values["idle_limit"],
+                        values["linger"], listener, log)
+    try:
+        client.serve()
+    finally:
+        if ssh is not None and ssh.poll() is None:
+            ssh.terminate()
+    return client.status
+
+
+def server_main(args):
+    """`udpmux link-server`: read the key, bind, tell, detach, serve."""
+    debug = args["--debug"]
+    log = setup_log(debug)
+    values = _values(args)
+    try:
+        host, port = addr.split_hostport(values["target"])
+    except ValueError as exc:
+        raise UsageError(f"--target: {exc}") from None
+    try:
+        key = auth.decode_key(sys.stdin.readline(), "standard input")
+    except KeyFileError:
+        raise
+    low, high = addr.parse_port_range(values["bind"])
+    sock = _bind_in_range(low, high)
+    where = os.environ.get("SSH_CONNECTION", "").split()
+    address = where[2] if len(where) == 4 else "-"
+    sys.stdout.write(f"{BANNER} {address} {sock.getsockname()[1]}\n")
+    sys.stdout.flush()
+    _detach(debug)
+    server = LinkServer(sock, (host, port), key, values["packet_size"], values["idle_limit"],
+                        log)
+    server.serve()
+    return server.status
+
+
+def _bind_in_range(low, high):
+    ports = list(range(low, high + 1))
+    random.shuffle(ports)
+    last = None
+    for port in ports[:256]:
+        for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+            sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            try:
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                    sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+                sock.bind((host, port))
+            except OSError as exc:
+                sock.close()
+                last = exc
+                if exc.errno == errno.EADDRINUSE:
+                    break               # this port is taken in any family: the next one
+                continue                # no IPv6 here: IPv4 alone
+            sock.setblocking(False)
+            return sock
+    raise Fatal(f"no free UDP port in {low}-{high}"
+                + (f": {last.strerror}" if last is not None else ""), status=EXIT_OSERR)
+
+
+def _detach(debug):
+    """Leave the ssh session: a child goes on, the parent exits so that ssh can end.
+    With debug, standard error stays: ssh carries the log back to the client."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1) if debug else (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if debug:
+        import logging
+        logging.raiseExceptions = False     # a log line to a closed ssh is lost, no more
