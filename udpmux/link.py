@@ -74,6 +74,7 @@ BATCH = 64
 READ_CHUNK = 65536
 SOCKET_BUFFER = 4 * 1024 * 1024
 RESET_CONNECT = 2                   # the server could not connect to the target
+WAITING_CONNECTIONS = 64            # local connections held until the session is up
 
 R_PROTOCOL = "protocol"             # the peer broke the stream protocol
 
@@ -549,6 +550,7 @@ class LinkClient(LinkEnd):
         self.closing_since = None       # when the local side closed (stdin EOF, a signal)
         self.started = now
         self.had_stream = False
+        self.waiting = []               # local connections accepted before the session
         if self.listener is not None:
             self.poller.register(self.listener, self.on_accept)
 
@@ -582,6 +584,9 @@ class LinkClient(LinkEnd):
             sid = self.conn.open_stream()
             self.endpoints[sid] = Endpoint(sys.stdin.fileno(), sys.stdout.fileno())
             self.had_stream = True
+        for sock in self.waiting:
+            self.new_local_stream(sock)
+        self.waiting.clear()
         self.pump(now)
         return False
 
@@ -595,13 +600,19 @@ class LinkClient(LinkEnd):
                 self.log.error("cannot accept a connection: %s", exc.strerror)
                 return
             if self.session is None:
-                sock.close()            # not connected yet: the caller may try again
+                if len(self.waiting) >= WAITING_CONNECTIONS:
+                    sock.close()
+                else:
+                    self.waiting.append(sock)   # a stream once the session is up
                 continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sid = self.conn.open_stream()
-            self.endpoints[sid] = Endpoint(sock.fileno(), sock.fileno(), sock)
-            self.log.debug("stream %d: a local connection", sid)
+            self.new_local_stream(sock)
         self.pump(time.monotonic())
+
+    def new_local_stream(self, sock):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sid = self.conn.open_stream()
+        self.endpoints[sid] = Endpoint(sock.fileno(), sock.fileno(), sock)
+        self.log.debug("stream %d: a local connection", sid)
 
     def stream_reset(self, sid, code):
         if code == RESET_CONNECT:

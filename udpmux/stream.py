@@ -148,9 +148,11 @@ E_ACK_UNSENT = "ack-unsent"     # an ACK of a nonce this end never used
 E_ACK_RANGE = "ack-range"       # an ACK range below nonce 1, or a gap or length of 0
 E_FLOW = "flow-control"         # stream bytes beyond the granted window
 E_FINAL = "final-size"          # FIN at an offset other than an earlier FIN or the data
-E_STREAM_ID = "stream-id"       # a stream id the peer may not use
+E_STREAM_ID = "stream-id"       # a stream id the peer may not use (ours, never opened;
+                                # or one skipping more than max_streams ids at once)
+E_STREAMS = "stream-limit"      # more streams than max_streams + REFUSED_MAX open at once
 PROTOCOL_ERRORS = (E_LENGTH, E_TAG, E_FLAGS, E_ACK_UNSENT, E_ACK_RANGE, E_FLOW, E_FINAL,
-                   E_STREAM_ID)
+                   E_STREAM_ID, E_STREAMS)
 
 _STREAM_SIZE = STREAM.size
 _ACK_SIZE = ACK.size
@@ -158,7 +160,7 @@ _RANGE_SIZE = ACK_RANGE.size
 _WINDOW_SIZE = WINDOW.size
 _REASON_SIZE = REASON.size
 _KEEP_RANGES = MAX_ACK_RANGES + 1
-_REFUSED_MAX = 64               # refused stream ids whose RESET awaits an ACK
+REFUSED_MAX = 64                # refused stream ids whose RESET awaits an ACK
 
 # A sent record is a list (cheaper than an object): these are its fields.  INFO is the
 # Outgoing's info: (offset, end, fin, retransmission) of a STREAM, (value,) of a WINDOW,
@@ -362,10 +364,11 @@ class Connection:
 
     def open_stream(self):
         """A new stream of ours; the peer learns of it at once (a WINDOW goes out).
-        Raises StreamClosed when the session has used up its ids (2**31 streams).
-        The peer refuses streams beyond its max_streams with RESET(RESET_REFUSED)."""
+        Raises StreamClosed when max_streams of ours are open (the peer, with the same
+        setting, would refuse another with RESET(RESET_REFUSED)), or the session has
+        used up its ids (2**31 streams)."""
         sid = self._next_local
-        if sid > U32:
+        if sid > U32 or len(self._streams) - self._peer_open >= self.max_streams:
             raise StreamClosed(sid)
         self._next_local = sid + 2
         st = self._streams[sid] = Stream(sid, True)
@@ -732,17 +735,20 @@ class Connection:
         else:
             skipped = (sid - self._peer_next) // 2
             if skipped:
-                if len(self._peer_skipped) + skipped > self.max_streams:
+                if len(self._peer_skipped) + skipped > self.max_streams + REFUSED_MAX:
                     raise ProtocolError(E_STREAM_ID)
                 self._peer_skipped.update(range(self._peer_next, sid, 2))
             self._peer_next = sid + 2
         if not create:
             return None
         if self._peer_open >= self.max_streams:
+            # Refused with RESET, sent until acknowledged: never dropped in silence,
+            # or the peer would take the ACKs of its bytes for their delivery.
+            if len(self._refused) >= REFUSED_MAX:
+                raise ProtocolError(E_STREAMS)
             self.counts["streams_refused"] += 1
-            if len(self._refused) < _REFUSED_MAX:
-                self._refused[sid] = True
-                self._control[sid] = None
+            self._refused[sid] = True
+            self._control[sid] = None
             return None
         st = self._streams[sid] = Stream(sid, False)
         self._peer_open += 1

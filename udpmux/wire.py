@@ -49,8 +49,17 @@ Bodies by type (offsets from the start of the body):
     ACK (17..)    0 largest nonce received u64 | 8 delay u32 (us the ACK was held) |
                   12 first u32 (nonces received just below largest) | 16 count u8 |
                   17 count x (gap u32 | length u32): further ranges, downwards
+                  (tag 0.  The top range is largest - first .. largest; below it each
+                  pair says: gap nonces not received (>= 1), then length nonces received
+                  (>= 1).  Every nonce of the session counts, whatever its message type.)
     WINDOW (8)    0 the offset up to which the sender may write on the stream (u64)
-    RESET (1)     0 reason u8: the stream is abandoned, its bytes undelivered
+                  (before any WINDOW a sender may write 65536 bytes of a stream)
+    RESET (1)     0 reason u8: the stream is abandoned in both directions, its bytes
+                  undelivered (0 = cancelled, 1 = refused: too many streams)
+
+Streams (STREAM, WINDOW, RESET: tag = stream id, never 0): the initiator (client) opens
+odd ids, the responder even ones, each in increasing order; an end learns of a peer's
+stream from its first STREAM or WINDOW.  udpmux/stream.py is the engine.
 
 How we name things:
   message   one header + body (+ MAC): a UDP datagram, or one frame of a TCP stream

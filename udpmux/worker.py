@@ -235,10 +235,13 @@ class Poller:
         self.writers.pop(fd, None)
         if self.handlers.pop(fd, None) is None:
             return
-        if self._epoll is not None:
-            self._epoll.unregister(fd)
-        else:
-            self._poll.unregister(fd)
+        try:
+            if self._epoll is not None:
+                self._epoll.unregister(fd)
+            else:
+                self._poll.unregister(fd)
+        except (OSError, KeyError):
+            pass                        # closed already: the kernel forgot it itself
 
     def poll(self, timeout):
         """[(fd, events)] ready within timeout seconds."""
