@@ -399,13 +399,23 @@ class LinkEnd(Worker):
 
     # -- timers
 
-    def wake_at(self):
-        timer = self.conn.next_timer(time.monotonic()) if self.session is not None else None
-        return None if timer is None else time.monotonic() + timer
+    def wake_at(self, now):
+        timer = self.conn.next_timer(now) if self.session is not None else None
+        return None if timer is None else now + timer
 
     def on_wake(self, now):
         self.conn.on_timer(now)
         self.pump(now)
+
+    def log_stats(self, now):
+        """At --debug, the engine's figures every few seconds."""
+        if now - getattr(self, "stats_at", 0.0) >= 5.0 and self.log.isEnabledFor(10):
+            self.stats_at = now
+            st = self.conn.stats()
+            self.log.debug("rtt %.1f ms, cwnd %d, in flight %d, sent %s, lost %s, pto %d, "
+                           "drops %s", st["srtt"] * 1000, st["cwnd"], st["bytes_in_flight"],
+                           st.get("messages_sent"), st.get("lost"), st["pto_count"],
+                           self.drops or "none")
 
     def keepalive(self, now):
         if self.session is not None and now - self.sent >= KEEPALIVE_EVERY:
@@ -517,6 +527,7 @@ class LinkServer(LinkEnd):
             return
         self.acceptor.expire(now)
         self.pump(now)
+        self.log_stats(now)
         self.drop_log.maybe_log(now)
 
     def on_stop(self, final):
@@ -570,6 +581,12 @@ class LinkClient(LinkEnd):
         self.peer = addr.peer_key(family, sock.getpeername())
         self.poller.register(sock, self.on_udp)
         self.last_rebind = now
+        if getattr(self, "session", None) is not None:
+            # Say something at once from the new port, so that the server follows now,
+            # even when we have no data to send.
+            stamp = int(now * 1000) & 0xFFFFFFFF
+            self.send_plain(T_KEEPALIVE, KEEPALIVE.pack(KEEPALIVE_REPLY, stamp, 0), now)
+            self.flush()
 
     def handshake(self, msg, mtype, sid, nonce, key, now):
         if mtype != T_WELCOME or self.session is not None:
@@ -640,8 +657,8 @@ class LinkClient(LinkEnd):
             if not ep.read_open:
                 self.closing_since = now
 
-    def wake_at(self):
-        wake = super().wake_at()
+    def wake_at(self, now):
+        wake = super().wake_at(now)
         if self.hello_at is not None and (wake is None or self.hello_at < wake):
             wake = self.hello_at
         return wake
@@ -683,6 +700,7 @@ class LinkClient(LinkEnd):
             self.rebind(now)
         self.keepalive(now)
         self.pump(now)
+        self.log_stats(now)
         self.drop_log.maybe_log(now)
 
     def stop(self, deadline, final=True):

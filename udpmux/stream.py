@@ -338,6 +338,8 @@ class Connection:
         # RTT (RFC 9002 section 5)
         self.srtt = initial_rtt
         self.rttvar = initial_rtt / 2
+        self._pto_base = 0.0
+        self._set_pto_base()
         self.min_rtt = None
         self.latest_rtt = 0.0
         self._has_sample = False
@@ -831,6 +833,7 @@ class Connection:
             self.min_rtt = latest
             self.srtt = latest
             self.rttvar = latest / 2
+            self._set_pto_base()
             return
         if latest < self.min_rtt:
             self.min_rtt = latest
@@ -841,6 +844,11 @@ class Connection:
             adjusted = latest - ack_delay
         self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - adjusted)
         self.srtt = 0.875 * self.srtt + 0.125 * adjusted
+        self._set_pto_base()
+
+    def _set_pto_base(self):
+        """The PTO before backoff: srtt + max(4 rttvar, granularity) + max_ack_delay."""
+        self._pto_base = self.srtt + max(4 * self.rttvar, GRANULARITY) + self.max_ack_delay
 
     def _on_acked(self, newly):
         """Records just acknowledged: congestion window, streams, resets."""
@@ -1003,8 +1011,7 @@ class Connection:
         first = self._first_sample_time
         if first is None:
             return False
-        span = (self.srtt + max(4 * self.rttvar, GRANULARITY) + self.max_ack_delay) \
-            * PERSISTENT_CONGESTION
+        span = self._pto_base * PERSISTENT_CONGESTION
         run = self._loss_run
         declared = False
         for rec in lost:
@@ -1048,8 +1055,9 @@ class Connection:
     # ------------------------------------------------------------------ timers
 
     def _pto_period(self):
-        base = self.srtt + max(4 * self.rttvar, GRANULARITY) + self.max_ack_delay
-        period = base * (1 << min(self.pto_count, 30))
+        """The PTO with its backoff, capped at max_pto."""
+        count = self.pto_count
+        period = self._pto_base * (1 << count) if count < 30 else self.max_pto
         return period if period < self.max_pto else self.max_pto
 
     def next_timer(self, now):
@@ -1137,12 +1145,22 @@ class Connection:
         """What to send now, at most `limit` messages: an ACK, resets and window
         updates, probes, then lost and new stream bytes as the congestion window
         allows.  A list of Outgoing; see the module docstring for what to do with it."""
-        out = []
         self._planned = 0
+        if not (self._ack_now or self._ack_deadline is not None or self._control
+                or self._probes or self._sendable):
+            return []
+        out = []
         if self._ack_now or (self._ack_deadline is not None
                              and now + TIMER_SLACK >= self._ack_deadline):
             if self._rr:
-                out.append(self._make_ack(now))
+                ack = self._make_ack(now)
+                out.append(ack)
+                if self._ae_unacked >= 2 * self.ack_every:
+                    # A batch of messages gets one ACK where one-at-a-time arrivals
+                    # get several: a second copy, so that one lost ACK does not leave
+                    # a small window waiting for the PTO.
+                    out.append(_out(Outgoing, tuple(ack)))
+                    self.counts["acks_sent"] += 1
             self._ack_now = False
             self._ack_deadline = None
             self._ae_unacked = 0

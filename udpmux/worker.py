@@ -102,7 +102,7 @@ class Worker:
         next_tick = time.monotonic()
         while self.alive:
             now = time.monotonic()
-            wake = self.wake_at()
+            wake = self.wake_at(now)
             timeout = max(0.0, (next_tick if wake is None else min(wake, next_tick)) - now)
             handlers, writers = self.poller.handlers, self.poller.writers
             for fd, events in self.poller.poll(timeout):
@@ -117,7 +117,7 @@ class Worker:
                         handler()
             self.after_events()
             now = time.monotonic()
-            wake = self.wake_at()
+            wake = self.wake_at(now)
             if wake is not None and now >= wake:
                 self.on_wake(now)
             if now >= next_tick:
@@ -167,9 +167,9 @@ class Worker:
     def after_events(self):
         """After each round of events: flush what they queued."""
 
-    def wake_at(self):
-        """When (time.monotonic()) the loop must call on_wake(), or None: for timers
-        finer than tick()'s second."""
+    def wake_at(self, now):
+        """When (time.monotonic(), `now` at the latest if it is due) the loop must call
+        on_wake(), or None: for timers finer than tick()'s second."""
         return None
 
     def on_wake(self, now):
