@@ -37,9 +37,13 @@ Two agents, each with a Connection for their session:
 Packet numbers are the session's nonces: every message a side sends has a new, larger
 nonce, and the peer acknowledges nonces (ACK: the largest, the ones just below it, then
 at most MAX_ACK_RANGES (gap, length) ranges downwards; a range below the top one is
-reported ACK_REPEAT times, then forgotten).  Lost bytes are sent again in a new message
-with a new nonce, never as "the same packet", so every RTT sample is unambiguous.  ACK
-messages elicit no ACK and do not count in flight; STREAM, WINDOW and RESET do.
+reported ACK_REPEAT times, then forgotten).  A receiver acknowledges every ack_every-th
+ack-eliciting message, and at once on a gap, on bytes out of order, on FIN, WINDOW and
+RESET; otherwise within MAX_ACK_DELAY.  A batch of at least 2 x ack_every of them gets
+the ACK twice, so that one lost ACK does not leave a small window waiting for the PTO.
+Lost bytes are sent again in a new message with a new nonce, never as "the same
+packet", so every RTT sample is unambiguous.  ACK messages elicit no ACK and do not
+count in flight; STREAM, WINDOW and RESET do.
 
 Streams are named by the message tag.  The client opens odd ids (1, 3, 5, ...), the
 server even ones (2, 4, ...), in increasing order; an end learns of a peer's stream from
