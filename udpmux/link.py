@@ -97,6 +97,9 @@ class Endpoint:
 
     def __init__(self, rfd, wfd, sock=None):
         self.rfd, self.wfd, self.sock = rfd, wfd, sock
+        # Standard I/O may share its file with others (a terminal, a shell): put back
+        # the blocking mode found there when done.
+        self.blocking = {fd: os.get_blocking(fd) for fd in {rfd, wfd}} if sock is None else {}
         for fd in {rfd, wfd}:
             os.set_blocking(fd, False)
         self.pending = b""              # bytes for the local side that it has not taken
@@ -131,20 +134,22 @@ class Endpoint:
             except OSError:
                 pass
         else:
-            try:
-                os.close(self.wfd)
-            except OSError:
-                pass
+            self.release(self.wfd)
+
+    def release(self, fd):
+        """Close one of standard I/O's descriptors, its blocking mode put back."""
+        try:
+            if self.blocking.get(fd):
+                os.set_blocking(fd, True)
+            os.close(fd)
+        except OSError:
+            pass
 
     def close(self):
         if self.sock is not None:
             self.sock.close()
             return
-        if self.read_open or self.rfd != self.wfd:
-            try:
-                os.close(self.rfd)
-            except OSError:
-                pass
+        self.release(self.rfd)
         if self.write_open:
             self.shutdown_write()
 
