@@ -50,6 +50,8 @@ Options:
   --key-file FILE             The tunnel's key, shared with the exposer ("-": standard
                               input).
   --insecure                  No key: any host may register as the exposer.
+  --mode MODE                 expose, or rendezvous: where punch peers meet
+                              [default: {_d("mode")}].
   --no-tcp                    Accept exposers over UDP only, not also over TCP at the
                               register address.
   --name NAME                 The tunnel's name in logs and status [default: tunnel].
@@ -154,28 +156,34 @@ Options:
 """
 
 PUNCH = """\
-udpmux punch: a direct UDP path between two hosts behind NAT, with the relay as
-broker and as fallback.
+udpmux punch: a direct UDP path between two hosts behind NAT, with a rendezvous relay
+as broker and as fallback.  One side forwards to a local UDP service, the other listens
+for local UDP clients.
 
 Usage:
-  udpmux punch --peer HOST:PORT --port PORT (--key-file FILE | --insecure) (--forward HOST:PORT | --listen ADDR) [options]
-  udpmux punch --relay HOST:PORT --rendezvous NAME --key-file FILE (--forward HOST:PORT | --listen ADDR) [options]
-  udpmux punch --once --peer HOST:PORT --port PORT
+  udpmux punch --peer HOST:PORT --port PORT (--key-file FILE | --insecure) (--forward HOST:PORT | --listen ADDR) [--debug] [options]
+  udpmux punch --relay HOST:PORT --rendezvous NAME --key-file FILE (--forward HOST:PORT | --listen ADDR) [--debug] [options]
+  udpmux punch --once --peer HOST:PORT --port PORT [--debug]
   udpmux punch -h | --help
 
 Options:
   --peer HOST:PORT            The other host's public address.
-  --port PORT                 The local UDP port to punch from.
-  --relay HOST:PORT           A relay that brokers the meeting and carries traffic if no
-                              direct path works.
+  --port PORT                 The local UDP port to punch from (0: any) [default: 0].
+  --relay HOST:PORT           A relay's rendezvous tunnel: it brokers the meeting and
+                              carries the datagrams while no direct path works.
   --rendezvous NAME           The name both sides give the relay.
-  --key-file FILE             The key both sides share ("-": standard input).
+  --key-file FILE             The key both sides (and the relay's tunnel) share ("-":
+                              standard input).
   --insecure                  No key.
   --forward HOST:PORT         Pass datagrams to this local UDP service.
-  --listen ADDR               Accept datagrams from a local UDP client here.
-  --once                      Send the punch packets and exit, leaving the hole for another
-                              program.
+  --listen ADDR               Accept datagrams from local UDP clients here.
+  --once                      Send a few probes from --port and exit, leaving the hole
+                              for another program.
   --keepalive SECONDS         Keepalive interval [default: 25].
+  --probe-ports N             Sockets and guessed ports for symmetric NATs (0: none)
+                              [default: 256].
+  --flow-idle SECONDS         A flow without datagrams this long ends [default: 180].
+  --max-flows N               Flows kept at once [default: 1024].
   --debug                     Log every punch attempt.
   -h, --help                  Show this text.
 """
@@ -285,7 +293,8 @@ MODES = {m.name: m for m in [
          "udpmux.link:main"),
     Mode("link-server", LINK_SERVER, "the server end of link, started by link over ssh",
          "udpmux.link:server_main"),
-    Mode("punch", PUNCH, "punch a direct UDP path through NAT between two hosts"),
+    Mode("punch", PUNCH, "punch a direct UDP path through NAT between two hosts",
+         "udpmux.punch:main"),
     Mode("uot-server", UOT_SERVER, "carry UDP over TCP: the end next to the UDP service",
          "udpmux.uot:server_main"),
     Mode("uot-client", UOT_CLIENT, "carry UDP over TCP: the end next to the UDP clients",

@@ -67,7 +67,15 @@ class Setting:
         return "--" + self.name.replace("_", "-")
 
 
+def _mode(value):
+    if value not in ("expose", "rendezvous"):
+        raise ValueError(f"expected \"expose\" or \"rendezvous\", got {value!r}")
+    return value
+
+
 TUNNEL_SETTINGS = [
+    Setting("mode", _mode, "expose",
+            "expose: clients reach an exposer's service; rendezvous: punch peers meet"),
     Setting("public", _text, None, "the UDP address clients send to"),
     Setting("register", _text, None, "where the exposer registers (default: the public socket)"),
     Setting("key_file", _text, None, "the tunnel's key file"),
@@ -113,6 +121,7 @@ class TunnelConfig:
     public: tuple               # (family, sockaddr)
     register: tuple | None      # None: the public socket
     key: bytes | None           # None: --insecure
+    mode: str = "expose"
     tcp: bool = True
     max_flows: int = 1024
     flow_idle: float = 180.0
@@ -125,6 +134,8 @@ class TunnelConfig:
     def endpoints(self):
         """The sockets this tunnel needs, by label: (family, sockaddr, socket type)."""
         points = {"public": (*self.public, socket.SOCK_DGRAM)}
+        if self.mode == "rendezvous":
+            return points           # peers register where they meet: one UDP socket
         if self.register is not None:
             points["register"] = (*self.register, socket.SOCK_DGRAM)
         if self.tcp:

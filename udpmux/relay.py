@@ -109,6 +109,9 @@ class RelayKind:
         return RelayShared(config, old)
 
     def worker(self, tunnel, pipe, inherited, log):
+        if tunnel.config.mode == "rendezvous":
+            from udpmux.rendezvous import RendezvousWorker
+            return RendezvousWorker(tunnel, pipe, inherited, log)
         return RelayWorker(tunnel, pipe, inherited, log)
 
     def event(self, tunnel, body, log):

@@ -136,6 +136,7 @@ def tunnel_status(tunnel):
         state = {}          # its worker died while saving; the next one rewrites it
     info = {
         "name": tunnel.name,
+        "mode": tunnel.config.mode,
         "state": tunnel.state,
         "worker_pid": tunnel.pid,
         "restarts": tunnel.restarts,
@@ -148,6 +149,7 @@ def tunnel_status(tunnel):
         "counters": state.get("counters", {}),
         "drops": state.get("drops", {}),
         "exposer": state.get("exposer"),
+        "pairs": state.get("pairs", []) if tunnel.config.mode == "rendezvous" else None,
         "cpu_seconds": None,
         "memory_bytes": None,
     }
@@ -257,6 +259,16 @@ def format_status(reply):
         if t["drops"]:
             detail = ", ".join(f"{k} {v}" for k, v in sorted(t["drops"].items()))
             lines.append(f"{t['name']} drops: {detail}")
+    for t in reply["tunnels"]:
+        if t.get("pairs"):
+            rows = [("RENDEZVOUS", "LISTEN", "FORWARD", "PATH", "RELAYED")] + [
+                (p["name"], p["listen"] or "-", p["forward"] or "-", p["path"],
+                 f"{p['relayed_datagrams']} ({_size(p['relayed_bytes'])})")
+                for p in t["pairs"]]
+            widths = [max(len(row[i]) for row in rows) for i in range(5)]
+            lines.append(f"\n{t['name']}: punch pairs")
+            lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+                      for row in rows]
     return "\n".join(lines)
 
 

@@ -53,6 +53,10 @@ Bodies by type (offsets from the start of the body):
                   pair says: gap nonces not received (>= 1), then length nonces received
                   (>= 1).  Every nonce of the session counts, whatever its message type.)
     WINDOW (8)    0 the offset up to which the sender may write on the stream (u64)
+    PUNCH (32)    0 random 16B | 16 flags u8 (1 = an answer) | 17 zero 15B
+    RENDEZVOUS    0 side u8 (1 listen, 2 forward) | 1 the rendezvous name, 1-64 bytes UTF-8
+    PEER (24)     0 family u8 (4|6) | 1 zero | 2 port u16 | 4 address 16B | 20 pair u32
+    PATH (1)      0 path u8 (1 direct, 2 through the relay)
                   (before any WINDOW a sender may write 65536 bytes of a stream)
     RESET (1)     0 reason u8: the stream is abandoned in both directions, its bytes
                   undelivered (0 = cancelled, 1 = refused: too many streams)
@@ -107,7 +111,11 @@ T_STREAM = 0x20         # bytes of the stream named by the tag, at an offset
 T_ACK = 0x21            # which messages (by nonce) arrived, as ranges
 T_WINDOW = 0x22         # how far the peer may write on the stream named by the tag
 T_RESET = 0x23          # the stream named by the tag is abandoned
-# 0x30-0x3f: hole punching and rendezvous (reserved)
+# 0x30-0x3f: hole punching and rendezvous
+T_PUNCH = 0x30          # a probe that opens a NAT mapping (handshake key, no session)
+T_RENDEZVOUS = 0x31     # to a rendezvous relay: meet the peer of this name
+T_PEER = 0x32           # from a rendezvous relay: your peer's address, as the relay sees it
+T_PATH = 0x33           # to a rendezvous relay: how the pair's datagrams travel now
 
 TYPE_NAMES = {
     T_HELLO: "HELLO",
@@ -121,6 +129,10 @@ TYPE_NAMES = {
     T_ACK: "ACK",
     T_WINDOW: "WINDOW",
     T_RESET: "RESET",
+    T_PUNCH: "PUNCH",
+    T_RENDEZVOUS: "RENDEZVOUS",
+    T_PEER: "PEER",
+    T_PATH: "PATH",
 }
 
 # Roles an initiator asks for in HELLO; a responder refuses roles it does not serve.
@@ -138,6 +150,15 @@ ACK = struct.Struct("!QIIB")            # largest, delay, first, count; the rang
 ACK_RANGE = struct.Struct("!II")        # gap, length
 WINDOW = struct.Struct("!Q")
 STREAM_FIN = 0x01
+PUNCH = struct.Struct("!16sB15x")       # random, flags; padded so that any answer fits
+PEER = struct.Struct("!BxH16sI")        # family 4|6, port, address, pair number
+PATH = struct.Struct("!B")              # PATH_DIRECT or PATH_RELAYED
+PUNCH_ANSWER = 0x01                     # PUNCH flags: this one answers a PUNCH
+PATH_DIRECT = 1
+PATH_RELAYED = 2
+RENDEZVOUS_NAME_MAX = 64                # bytes of UTF-8
+SIDE_LISTEN = 1                         # RENDEZVOUS: the side that listens for local clients
+SIDE_FORWARD = 2                        # ... and the side that forwards to a local service
 STALE = struct.Struct("!IQ")
 REASON = struct.Struct("!B")
 RANDOM_SIZE = 16
@@ -163,9 +184,12 @@ BODY_SIZES = {
     T_CLOSE: REASON.size,
     T_WINDOW: WINDOW.size,
     T_RESET: REASON.size,
+    T_PUNCH: PUNCH.size,
+    T_PEER: PEER.size,
+    T_PATH: PATH.size,
 }
 # Types whose body size varies, with the least it can be.
-BODY_MINIMUM = {T_DATA: 0, T_STREAM: STREAM.size, T_ACK: ACK.size}
+BODY_MINIMUM = {T_DATA: 0, T_STREAM: STREAM.size, T_ACK: ACK.size, T_RENDEZVOUS: 2}
 
 # Reasons a message is dropped, as counted by every receiver.  auth adds its own.
 R_SHORT = "short"               # shorter than a header (+ MAC)

@@ -1,0 +1,303 @@
+"""A rendezvous tunnel of `udpmux relay` (mode = "rendezvous"): where `udpmux punch`
+peers meet, learn each other's public address, and, when no direct path can be made,
+what carries their datagrams.
+
+    punch --listen  ==session==>  relay (rendezvous tunnel)  <==session==  punch --forward
+        RENDEZVOUS(listen, "mosh")  -->  pairs them by name  <--  RENDEZVOUS(forward, "mosh")
+        <--  PEER (the other's address, as the relay sees it)  -->
+        ====================== PUNCH, HELLO, ... directly ======================
+        DATA  -->  (re-sealed for the partner's session)  -->  DATA     (only while relayed)
+
+Each peer keeps an authenticated session with the relay (the tunnel's key): a stranger
+learns no address from it and moves no peer; a peer's new address is followed on an
+authenticated message with the newest nonce, and its partner is told at once.  A name
+pairs one listen side with one forward side; a newer registration of the same name and
+side takes the place of the older.  PATH tells the relay whether the pair's datagrams
+go directly or through it, for `udpmux status`.
+
+Bounds: at most max_flows peers (a HELLO beyond is not answered), each forgotten after
+flow_idle seconds without a word; handshakes as for every responder.
+
+How we name things:
+  peer      one `udpmux punch` registered here, with its session and its address
+  pair      a listen peer and a forward peer of the same name
+  partner   the other peer of a pair
+"""
+
+import os
+import time
+
+from udpmux import wire
+from udpmux.addr import format_peer
+from udpmux.batchio import Batch, Outbox, recv_into
+from udpmux.log import DropLog, Every
+from udpmux.session import R_SESSION, Acceptor, Drop, observed_fields
+from udpmux.worker import Worker
+from udpmux.wire import (
+    KEEPALIVE, KEEPALIVE_REPLY, PATH, PATH_DIRECT, PATH_RELAYED, PEER, RENDEZVOUS_NAME_MAX,
+    SIDE_FORWARD, SIDE_LISTEN, T_BYE, T_CLOSE, T_DATA, T_HELLO, T_KEEPALIVE, T_PATH,
+    T_RENDEZVOUS, Malformed, parse_header,
+)
+
+BATCH = 64
+STATE_EVERY = 1.0
+
+R_FULL = "full"                 # a peer beyond max_flows: its handshake is not answered
+R_NO_PARTNER = "no-partner"     # data from a peer whose partner has not registered
+R_NAME = "name"                 # a RENDEZVOUS whose side or name cannot be right
+
+PATH_NAMES = {PATH_DIRECT: "direct", PATH_RELAYED: "relayed"}
+
+
+class Peer:
+    __slots__ = ("session", "key", "name", "side", "partner", "path", "heard", "since",
+                 "relayed", "relayed_bytes", "pair")
+
+    def __init__(self, session, key, now):
+        self.session = session
+        self.key = key
+        self.name = None
+        self.side = None
+        self.partner = None
+        self.path = None
+        self.heard = self.since = now
+        self.relayed = self.relayed_bytes = 0
+        self.pair = 0
+
+
+class RendezvousWorker(Worker):
+    def __init__(self, tunnel, pipe, inherited=(), log=None):
+        super().__init__(tunnel.name, pipe, inherited, log)
+        self.config = tunnel.config
+        self.sock = tunnel.sockets["public"]
+        self.state = tunnel.shared.state
+        self.keyed = self.config.key is not None
+
+    def setup(self):
+        self.acceptor = Acceptor(self.config.key, [wire.ROLE_PUNCH])
+        self.peers = {}                 # our session id -> Peer
+        self.names = {}                 # (name, side) -> Peer
+        self.pairs = 0
+        self.counters = dict.fromkeys(("sessions", "pairs", "relayed", "relayed_bytes"), 0)
+        self.drops = {}
+        self.drop_log = DropLog(self.log, f"tunnel {self.name}", 60.0)
+        self.every = Every(60.0)
+        self.batch = Batch(BATCH)
+        self.outbox = Outbox(2 * BATCH)
+        self.poller.register(self.sock, self.on_udp)
+
+    def drop(self, reason, n=1):
+        self.drops[reason] = self.drops.get(reason, 0) + n
+        self.drop_log.count(reason, n)
+
+    def send(self, msg, key):
+        if not self.outbox.room(len(msg)):
+            self.flush()
+        self.outbox.add(msg, key)
+
+    def flush(self):
+        if len(self.outbox):
+            self.outbox.flush(self.sock)
+            if self.outbox.drops:
+                self.drop("send", sum(self.outbox.drops.values()))
+                self.outbox.drops.clear()
+
+    def after_events(self):
+        self.flush()
+
+    # -- messages
+
+    def on_udp(self):
+        batch = self.batch
+        for _ in range(8):
+            n = recv_into(self.sock, batch, 0)
+            if not n:
+                break
+            now = time.monotonic()
+            view, lengths, keys, starts = batch.view, batch.lengths, batch.keys, batch.starts
+            for i in range(n):
+                if lengths[i] > batch.capacity:
+                    self.drop(wire.R_TOO_LARGE)
+                    continue
+                start = starts[i]
+                self.on_message(bytes(view[start:start + lengths[i]]), keys[i], now)
+            self.flush()
+            if n < batch.count:
+                break
+
+    def on_message(self, msg, key, now):
+        try:
+            mtype, sid, tag, nonce = parse_header(msg, self.keyed)
+            peer = self.peers.get(sid)
+            if peer is not None:
+                newest = peer.session.open(msg, nonce)
+            elif mtype == T_HELLO:
+                if len(self.peers) >= self.config.max_flows:
+                    raise Drop(R_FULL)
+                welcome, _pending = self.acceptor.hello(msg, key, now, self.peers.keys())
+                self.send(welcome, key)
+                return
+            elif sid in self.acceptor.pending:
+                session = self.acceptor.confirm(sid, msg, nonce)
+                peer = self.peers[session.local_id] = Peer(session, key, now)
+                self.counters["sessions"] += 1
+                newest = True
+                self.log.debug("tunnel %s: a punch peer registered from %s", self.name,
+                               format_peer(key))
+            else:
+                raise Drop(R_SESSION)
+        except (Malformed, Drop) as exc:
+            self.drop(exc.reason)
+            return
+        peer.heard = now
+        if key != peer.key and newest:
+            self.log.info("tunnel %s: peer %s moved from %s to %s", self.name,
+                          peer.name or "?", format_peer(peer.key), format_peer(key))
+            peer.key = key
+            if peer.partner is not None:
+                self.tell_peer(peer.partner, peer)
+        body = msg[wire.HEADER_SIZE:len(msg) - (wire.MAC_SIZE if self.keyed else 0)]
+        if mtype in (T_DATA, T_CLOSE):
+            partner = peer.partner
+            if partner is None:
+                self.drop(R_NO_PARTNER)
+                return
+            self.send(partner.session.seal(mtype, tag, body), partner.key)
+            if mtype == T_DATA:
+                peer.relayed += 1
+                peer.relayed_bytes += len(body)
+                self.counters["relayed"] += 1
+                self.counters["relayed_bytes"] += len(body)
+        elif mtype == T_RENDEZVOUS:
+            self.register(peer, body, now)
+        elif mtype == T_PATH:
+            (path,) = PATH.unpack(body)
+            if path in PATH_NAMES and path != peer.path:
+                peer.path = path
+                self.log.debug("tunnel %s: pair %s goes %s", self.name, peer.name,
+                               PATH_NAMES[path])
+        elif mtype == T_KEEPALIVE:
+            flags, stamp, _echo = KEEPALIVE.unpack(body)
+            if flags & KEEPALIVE_REPLY:
+                self.send(peer.session.seal(T_KEEPALIVE, 0, KEEPALIVE.pack(0, 0, stamp)),
+                          peer.key)
+        elif mtype == T_BYE:
+            self.forget(peer, "said goodbye")
+
+    def register(self, peer, body, now):
+        side = body[0]
+        try:
+            name = bytes(body[1:]).decode("utf-8")
+        except UnicodeDecodeError:
+            name = ""
+        if side not in (SIDE_LISTEN, SIDE_FORWARD) or not name \
+                or len(body) - 1 > RENDEZVOUS_NAME_MAX:
+            self.drop(R_NAME)
+            return
+        if peer.name is not None and (peer.name, peer.side) != (name, side):
+            self.unpair(peer)
+            self.names.pop((peer.name, peer.side), None)
+        older = self.names.get((name, side))
+        if older is not None and older is not peer:
+            self.log.info("tunnel %s: a newer %s peer for %r, from %s, takes the place of "
+                          "the one at %s", self.name, _side(side), name,
+                          format_peer(peer.key), format_peer(older.key))
+            self.forget(older, "replaced")
+        peer.name, peer.side = name, side
+        self.names[(name, side)] = peer
+        partner = self.names.get((name, SIDE_FORWARD if side == SIDE_LISTEN else SIDE_LISTEN))
+        if partner is None:
+            return
+        if peer.partner is not partner:
+            self.pairs += 1
+            self.counters["pairs"] += 1
+            peer.pair = partner.pair = self.pairs
+            peer.partner, partner.partner = partner, peer
+            peer.path = partner.path = None
+            self.log.info("tunnel %s: %r paired: %s (listen) and %s (forward)", self.name,
+                          name, format_peer(peer.key if side == SIDE_LISTEN else partner.key),
+                          format_peer(partner.key if side == SIDE_LISTEN else peer.key))
+        # Each learns the other's address (again, if this was a repeated RENDEZVOUS).
+        self.tell_peer(peer, partner)
+        self.tell_peer(partner, peer)
+
+    def tell_peer(self, peer, other):
+        """Tell `peer` where `other` is, as this relay sees it."""
+        family, port, address = observed_fields(other.key)
+        self.send(peer.session.seal(wire.T_PEER, 0, PEER.pack(family, port, address,
+                                                              peer.pair)), peer.key)
+
+    def unpair(self, peer):
+        partner = peer.partner
+        if partner is not None:
+            partner.partner = None
+            peer.partner = None
+
+    def forget(self, peer, why):
+        self.unpair(peer)
+        if peer.name is not None and self.names.get((peer.name, peer.side)) is peer:
+            del self.names[(peer.name, peer.side)]
+        self.peers.pop(peer.session.local_id, None)
+        self.log.debug("tunnel %s: peer %s at %s %s", self.name, peer.name or "?",
+                       format_peer(peer.key), why)
+
+    # -- housekeeping
+
+    def tick(self, now):
+        for peer in list(self.peers.values()):
+            if now - peer.heard > self.config.flow_idle:
+                self.forget(peer, f"silent for {now - peer.heard:.0f} s")
+        self.acceptor.expire(now)
+        self.flush()
+        self.write_state(now)
+        self.drop_log.maybe_log(now)
+
+    def write_state(self, now):
+        pairs = []
+        for (name, side), peer in self.names.items():
+            if side != SIDE_LISTEN:
+                continue
+            partner = peer.partner
+            paths = {PATH_NAMES.get(p.path) for p in (peer, partner) if p is not None}
+            path = ("direct" if paths == {"direct"} else "relayed" if "relayed" in paths
+                    else "punching" if partner is not None else "waiting")
+            pairs.append({
+                "name": name,
+                "listen": format_peer(peer.key),
+                "forward": format_peer(partner.key) if partner is not None else None,
+                "path": path,
+                "relayed_datagrams": peer.relayed + (partner.relayed if partner else 0),
+                "relayed_bytes": peer.relayed_bytes + (partner.relayed_bytes if partner else 0),
+            })
+        for (name, side), peer in self.names.items():
+            if side == SIDE_FORWARD and peer.partner is None:
+                pairs.append({"name": name, "listen": None, "forward": format_peer(peer.key),
+                              "path": "waiting", "relayed_datagrams": peer.relayed,
+                              "relayed_bytes": peer.relayed_bytes})
+        self.state.write_json({
+            "pid": os.getpid(),
+            "mode": "rendezvous",
+            "counters": {**self.counters, "datagrams_in": self.counters["relayed"],
+                         "datagrams_out": self.counters["relayed"],
+                         "bytes_in": self.counters["relayed_bytes"],
+                         "bytes_out": self.counters["relayed_bytes"]},
+            "drops": self.drops,
+            "peers": len(self.peers),
+            "pairs": sorted(pairs, key=lambda p: p["name"]),
+            "exposer": None,
+        })
+
+    def on_stop(self, final):
+        if final:
+            for peer in self.peers.values():
+                self.send(peer.session.seal(T_BYE, 0, wire.REASON.pack(wire.CLOSE_SHUTDOWN)),
+                          peer.key)
+            self.flush()
+        self.alive = False
+
+    def on_exit(self):
+        self.write_state(time.monotonic())
+
+
+def _side(side):
+    return "listen" if side == SIDE_LISTEN else "forward"
