@@ -1,0 +1,169 @@
+"""udpmux punch and rendezvous tunnels, as real processes on loopback.  Real NATs (cone
+and symmetric), the relayed fallback and its upgrade, and mosh are in
+tests/test_lab_punch.py."""
+
+import socket
+import subprocess
+
+import pytest
+
+from procs import (
+    WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, free_udp_port, tunnel,
+    udp_client, udpmux_argv,
+)
+from udpmux import auth, wire
+from udpmux.session import Initiator
+
+LOCAL = "127.0.0.1"
+
+
+class Pair:
+    """An echo service, and two punch agents: one forwarding to it, one listening."""
+
+    def __init__(self, tmp_path):
+        self.key = str(tmp_path / "key")
+        subprocess.run(udpmux_argv("keygen", self.key), env=env(), check=True)
+        self.echo = Echo()
+        self.daemons = []
+        self.tmp = tmp_path
+
+    def start(self, args):
+        daemon = Daemon(args)
+        self.daemons.append(daemon)
+        return daemon
+
+    def direct(self, key=None):
+        a, b, self.listen = free_udp_port(), free_udp_port(), free_udp_port()
+        self.forwarder = self.start(["punch", "--peer", f"{LOCAL}:{b}", "--port", a,
+                                     "--key-file", self.key, "--forward",
+                                     f"{LOCAL}:{self.echo.port}", "--debug"])
+        self.listener = self.start(["punch", "--peer", f"{LOCAL}:{a}", "--port", b,
+                                    "--key-file", key or self.key, "--listen",
+                                    f"{LOCAL}:{self.listen}", "--debug"])
+
+    def relay(self):
+        self.control = str(self.tmp / "control.sock")
+        self.meet = free_udp_port()
+        config = self.tmp / "relay.toml"
+        config.write_text(f'control_socket = "{self.control}"\n[tunnels.meet]\n'
+                          f'mode = "rendezvous"\npublic = "{LOCAL}:{self.meet}"\n'
+                          f'key_file = "{self.key}"\n')
+        self.notify = Notify(str(self.tmp))
+        self.relay_daemon = Daemon(["relay", "-c", config, "--debug"], notify=self.notify)
+        self.daemons.append(self.relay_daemon)
+        self.notify.wait_for("READY=1")
+
+    def brokered(self, name="mosh"):
+        self.listen = free_udp_port()
+        self.forwarder = self.start(["punch", "--relay", f"{LOCAL}:{self.meet}",
+                                     "--rendezvous", name, "--key-file", self.key,
+                                     "--forward", f"{LOCAL}:{self.echo.port}", "--debug"])
+        self.listener = self.start(["punch", "--relay", f"{LOCAL}:{self.meet}",
+                                    "--rendezvous", name, "--key-file", self.key,
+                                    "--listen", f"{LOCAL}:{self.listen}", "--debug"])
+
+    def close(self):
+        for daemon in reversed(self.daemons):
+            daemon.stop()
+        self.echo.close()
+
+
+@pytest.fixture
+def pair(tmp_path):
+    p = Pair(tmp_path)
+    yield p
+    p.close()
+
+
+def test_two_agents_punch_a_direct_path_and_carry_every_size(pair):
+    pair.direct()
+    pair.listener.wait_log("direct path to")
+    pair.forwarder.wait_log("direct path to")
+    clients = [udp_client() for _ in range(3)]
+    for n, client in enumerate(clients):
+        for size in (0, 1200, wire.MAX_DATAGRAM):
+            data = bytes([n]) * size
+            assert exchange(client, data, (LOCAL, pair.listen)) == data
+    assert len(pair.echo.sources) == 3          # one service socket per local client
+
+
+def test_a_peer_with_another_key_gets_no_path(pair, tmp_path):
+    other = str(tmp_path / "other")
+    subprocess.run(udpmux_argv("keygen", other), env=env(), check=True)
+    pair.direct(key=other)
+    client = udp_client(timeout=0.5)
+    client.sendto(b"anyone?", (LOCAL, pair.listen))
+    with pytest.raises(socket.timeout):
+        client.recv(100)
+    assert pair.echo.count == 0
+    assert "direct path" not in pair.listener.log()
+
+
+def test_the_relay_pairs_two_peers_by_name_and_they_go_direct(pair):
+    pair.relay()
+    pair.brokered()
+    pair.listener.wait_log("direct path to")
+    client = udp_client()
+    assert exchange(client, b"met", (LOCAL, pair.listen)) == b"met"
+    for _ in deadline_loop(what="the pair in the relay's status"):
+        pairs = tunnel(pair.control, "meet")["pairs"]
+        if pairs and pairs[0]["path"] == "direct":
+            break
+    assert pairs[0]["name"] == "mosh" and pairs[0]["listen"] and pairs[0]["forward"]
+    assert pairs[0]["relayed_datagrams"] == 0
+
+
+def test_strangers_learn_no_address_from_the_rendezvous(pair):
+    pair.relay()
+    pair.brokered()
+    pair.listener.wait_log("direct path to")
+    stranger = udp_client(timeout=0.5)
+    hello = Initiator(auth.generate_key(), wire.ROLE_PUNCH).hello()
+    stranger.sendto(hello, (LOCAL, pair.meet))
+    with pytest.raises(socket.timeout):
+        stranger.recv(1000)
+    for _ in deadline_loop(what="the stranger's HELLO counted"):
+        if tunnel(pair.control, "meet")["drops"].get("mac"):
+            break
+
+
+def test_a_bad_rendezvous_name_is_a_counted_drop(pair):
+    pair.relay()
+    key = auth.read_key(pair.key)
+    initiator = Initiator(key, wire.ROLE_PUNCH)
+    sock = udp_client()
+    sock.sendto(initiator.hello(), (LOCAL, pair.meet))
+    session = initiator.welcome(sock.recv(1000))
+    for side, name in ((3, b"x"), (1, b"\xff\xfe"), (2, b"y" * 65)):
+        sock.sendto(session.seal(wire.T_RENDEZVOUS, 0, bytes([side]) + name),
+                    (LOCAL, pair.meet))
+    for _ in deadline_loop(what="the drops"):
+        if tunnel(pair.control, "meet")["drops"].get("name") == 3:
+            break
+
+
+def test_once_punches_and_leaves_the_port_free(pair):
+    receiver = udp_client(timeout=WAIT)
+    port = free_udp_port()
+    out = subprocess.run(udpmux_argv("punch", "--once", "--peer",
+                                     f"{LOCAL}:{receiver.getsockname()[1]}", "--port", port),
+                         env=env(), capture_output=True, text=True, timeout=WAIT)
+    assert out.returncode == 0, out.stderr
+    data, source = receiver.recvfrom(100)
+    assert source[1] == port and data.startswith(b"udpmux punch")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as app:
+        app.bind(("0.0.0.0", port))             # the program can have the port now
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--relay", "127.0.0.1:1", "--rendezvous", "x" * 65, "--key-file", "k", "--listen",
+      "127.0.0.1:0"], "--rendezvous: 1 to 64 bytes"),
+    (["--peer", "127.0.0.1:1", "--port", "70000", "--insecure", "--listen", "127.0.0.1:0"],
+     "--port: expected 0 to 65535"),
+    (["--peer", "127.0.0.1:1", "--port", "5", "--insecure", "--listen", "127.0.0.1:0",
+      "--probe-ports", "many"], "--probe-ports: expected a number"),
+])
+def test_bad_punch_options(args, message):
+    out = subprocess.run(udpmux_argv("punch", *args), env=env(), capture_output=True,
+                         text=True, timeout=WAIT)
+    assert out.returncode == 64 and message in out.stderr
