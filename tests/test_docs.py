@@ -3,9 +3,10 @@
 man/udpmux.8 must list every mode's usage lines (SYNOPSIS) and options with their
 defaults (one subsection per mode) and every exit status of udpmux/errors.py;
 man/udpmux.conf.5 every configuration key with its type and default;
-man/udpmux-protocol.7 every drop reason the code counts and test vectors that the
-code reproduces; conf/relay.toml must load and use every key.  The pages must
-pass `mandoc -T lint` and render.
+man/udpmux-protocol.7 every drop reason the code counts, test vectors that the
+code reproduces, and the limits, protocol errors and RESET reasons of the stream
+engine as `udpmux link` runs it; conf/relay.toml must load and use every key.  The
+pages must pass `mandoc -T lint` and render.
 
 The mdoc source is read with a small interpreter of the few macros these pages use
 in list heads and bodies (Fl, Ar, Cm, Ns, ...); the SYNOPSIS is checked as mandoc or
@@ -19,12 +20,13 @@ import socket
 import subprocess
 import tomllib
 import types
+from fractions import Fraction
 from pathlib import Path
 from unittest import mock
 
 import pytest
 
-from udpmux import addr, auth, carrier, cli, config, errors, relay, session, uot, wire
+from udpmux import addr, auth, carrier, cli, config, errors, link, relay, session, stream, uot, wire
 
 REPO = Path(__file__).resolve().parent.parent
 MAN = REPO / "man"
@@ -293,8 +295,12 @@ def check_option_defaults(mode, options, settings):
             assert given is None, f"{option}: [default: {given}] but config.py has none"
             continue
         assert given is not None, f"{option}: no [default: ...] in {mode}'s usage text"
-        value = type(setting.default)(float(given)) if isinstance(setting.default, float) \
-            else int(given)
+        if isinstance(setting.default, str):
+            value = given
+        elif isinstance(setting.default, float):
+            value = float(given)
+        else:
+            value = int(given)
         assert setting.check(value) == setting.default, \
             f"{option}: [default: {given}] but config.py says {setting.default!r}"
 
@@ -310,6 +316,14 @@ def test_uot_option_defaults_match_config():
     shared = [s for s in config.UOT_SETTINGS if s.option in client]
     assert {s.name for s in shared} >= {"flow_idle", "max_flows"}
     check_option_defaults("uot-client", client, shared)
+
+
+def test_link_option_defaults_match_config():
+    check_option_defaults("link", option_defaults(cli.LINK), config.LINK_SETTINGS)
+    server = option_defaults(cli.LINK_SERVER)
+    shared = [s for s in config.LINK_SETTINGS if s.option in server]
+    assert {s.name for s in shared} == {"target", "bind", "packet_size", "idle_limit"}
+    check_option_defaults("link-server", server, shared)
 
 
 # -- (g) the example configuration loads and shows every key
@@ -486,6 +500,64 @@ def test_protocol_limits_and_types_match_the_code():
         body = str(size) if size is not None \
             else f"{wire.BODY_MINIMUM[mtype]} to {wire.MAX_UDP_PAYLOAD}"
         assert row[1] == name and row[3] == body, f"MESSAGE TYPES: {row} is not {name}, {body}"
+
+
+def link_engine():
+    """The stream engine as `udpmux link` sets it up for a session."""
+    end = link.LinkServer(None, ("127.0.0.1", 22), None, config.LINK["packet_size"].default,
+                          config.LINK["idle_limit"].default, None)
+    link.LinkEnd.setup(end)
+    return end.conn
+
+
+def test_protocol_stream_limits_match_the_code():
+    sections = blocks(page("udpmux-protocol.7"), ".Sh")
+    limits = {row[0]: row[1] for row in table_rows(sections["LIMITS"])}
+    conn = link_engine()
+    mib = 1 << 20
+    assert conn.stream_window % mib == 0 and conn.session_buffer % mib == 0
+    expected = {
+        "stream bytes before a WINDOW": stream.INITIAL_WINDOW,
+        "ACK ranges below the top one": stream.MAX_ACK_RANGES,
+        "ACKs that report a lower range": stream.ACK_REPEAT,
+        "ACK delay, at most": f"{conn.max_ack_delay:g} s",
+        "loss threshold, messages": stream.PACKET_THRESHOLD,
+        "loss threshold, round trips": Fraction(stream.TIME_THRESHOLD).limit_denominator(100),
+        "round-trip time before a sample": f"{conn.srtt:g} s",
+        "longest round-trip sample": f"{stream.MAX_RTT_SAMPLE:g} s",
+        "probes per PTO": stream.PROBES,
+        "PTOs in a row before loss": stream.PTO_LOST_AFTER,
+        "PTO, at most, link": f"{conn.max_pto:g} s",
+        "stream window, link": f"{conn.stream_window // mib} MiB",
+        "session buffer, link": f"{conn.session_buffer // mib} MiB",
+        "peer's streams open at once, link": conn.max_streams,
+        "link HELLO repeated after": f"{link.HELLO_FIRST:g} s",
+        "link HELLO interval, at most": f"{link.HELLO_MOST:g} s",
+        "link wait for the server, each step": f"{link.BOOT_TIMEOUT:g} s",
+        "link-server wait for its client": f"{link.FIRST_CONTACT:g} s",
+        "link keepalive interval": f"{link.KEEPALIVE_EVERY:g} s",
+        "link new socket, nothing acknowledged": f"{link.REBIND_AFTER:g} s",
+        "link new socket, nothing heard": f"{2 * link.KEEPALIVE_EVERY:g} s",
+        "link connections waiting for a session": link.WAITING_CONNECTIONS,
+    }
+    for name, value in expected.items():
+        assert limits.get(name) == str(value), \
+            f"LIMITS: {name} is {limits.get(name)!r} in the page, {value} in the code"
+
+
+def test_protocol_errors_and_reset_reasons_match_the_code():
+    sections = blocks(page("udpmux-protocol.7"), ".Ss")
+    documented = {head for head, _ in items(sections["Protocol errors"])}
+    assert documented == set(stream.PROTOCOL_ERRORS), \
+        f"Protocol errors: the page lists {sorted(documented)}, stream.py {stream.PROTOCOL_ERRORS}"
+    codes = [row[0] for row in table_rows(sections["STREAM, ACK, WINDOW and RESET"])]
+    assert codes == [str(c) for c in (stream.RESET_CANCEL, stream.RESET_REFUSED,
+                                      link.RESET_CONNECT)], f"RESET reasons: {codes}"
+
+
+def test_link_banner_is_in_the_page():
+    text = normal(render("udpmux.8"))
+    assert f"{link.BANNER} ADDRESS PORT" in text
 
 
 # -- (h) mandoc -T lint
