@@ -123,6 +123,8 @@ Options:
                               instead of using standard input and output.
   --ssh-command CMD           The ssh that starts the server end [default: ssh].
   --server-command CMD        How the server runs udpmux [default: udpmux].
+  --server-address HOST       Send to this address of the server instead of the one ssh
+                              reached (a server behind a port forward or a jump host).
   --packet-size BYTES         Largest UDP payload sent, header and MAC included
                               [default: {_l("packet_size")}].
   --idle-limit SECONDS        Give up after this long without a word from the other end

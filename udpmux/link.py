@@ -51,7 +51,7 @@ from udpmux import addr, auth, wire
 from udpmux.batchio import Batch, Outbox, recv_into
 from udpmux.config import LINK_SETTINGS, option_values
 from udpmux.errors import EXIT_FAILURE, EXIT_OK, EXIT_OSERR, Fatal, KeyFileError, UsageError
-from udpmux.log import DropLog, setup as setup_log
+from udpmux.log import DropLog, Every, setup as setup_log
 from udpmux.session import Acceptor, Drop, Initiator
 from udpmux.stream import (
     EV_ACKED, EV_NEW, EV_READABLE, EV_RESET, EV_WRITABLE, Connection, ProtocolError,
@@ -176,6 +176,8 @@ class LinkEnd(Worker):
         self.sent = now
         self.status = EXIT_OK
         self.failure = None             # why the session failed, for the exit message
+        self.bye_said = False
+        self.limit_log = Every(60.0)
         self.drops = {}
         self.drop_log = DropLog(self.log, self.name, 60.0)
         self.batch = Batch(BATCH, wire.MAX_UDP_PAYLOAD + 64)
@@ -429,7 +431,10 @@ class LinkEnd(Worker):
             self.flush()
 
     def say_bye(self, now):
-        if self.session is not None:
+        """Tell the other end the session is over (once), so that it leaves now instead
+        of after its idle limit."""
+        if self.session is not None and not self.bye_said:
+            self.bye_said = True
             self.send_plain(T_BYE, REASON.pack(CLOSE_SHUTDOWN), now)
             self.flush()
 
@@ -548,6 +553,8 @@ class LinkServer(LinkEnd):
 # -- the client
 
 class LinkClient(LinkEnd):
+    HUP_STOPS = True                    # ssh hangs up its ProxyCommand when it exits
+
     def __init__(self, server, key, packet_size, idle_limit, linger, listener, log):
         super().__init__("link", key, packet_size, idle_limit, log)
         self.server = server            # (family, sockaddr)
@@ -566,6 +573,7 @@ class LinkClient(LinkEnd):
         self.closing_since = None       # when the local side closed (stdin EOF, a signal)
         self.started = now
         self.had_stream = False
+        self.stopping = False           # a signal came: finishing, then exit
         self.waiting = []               # local connections accepted before the session
         if self.listener is not None:
             self.poller.register(self.listener, self.on_accept)
@@ -631,8 +639,15 @@ class LinkClient(LinkEnd):
         self.pump(time.monotonic())
 
     def new_local_stream(self, sock):
+        try:
+            sid = self.conn.open_stream()
+        except StreamClosed:
+            if self.limit_log("streams", time.monotonic()):
+                self.log.warning("as many streams as the session carries are open; "
+                                 "closing the new connection")
+            sock.close()
+            return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sid = self.conn.open_stream()
         self.endpoints[sid] = Endpoint(sock.fileno(), sock.fileno(), sock)
         self.log.debug("stream %d: a local connection", sid)
 
@@ -654,7 +669,7 @@ class LinkClient(LinkEnd):
 
     def check_done(self, now):
         super().check_done(now)
-        if self.listener is None and self.had_stream and not self.endpoints:
+        if not self.endpoints and (self.stopping or self.listener is None and self.had_stream):
             self.say_bye(now)
             self.alive = False
         if self.closing_since is None and self.listener is None and self.endpoints:
@@ -693,11 +708,15 @@ class LinkClient(LinkEnd):
         if silent > self.idle_limit:
             self.fail(f"no word from the server for {silent:.0f} s")
             return
-        if self.closing_since is not None and silent > self.linger \
-                and not self.conn.all_acknowledged():
-            self.fail(f"the server acknowledged nothing for {silent:.0f} s after the local "
-                      "side closed")
-            return
+        if self.closing_since is not None and now - self.closing_since > self.linger:
+            if not self.conn.all_acknowledged():
+                self.fail(f"what was written was not all acknowledged within {self.linger:g} s "
+                          "of the local side closing")
+                return
+            if self.stopping:           # stopped by a signal: ours is delivered; done
+                self.say_bye(now)
+                self.alive = False
+                return
         waiting = self.conn.unreachable_for(now)
         if (waiting > REBIND_AFTER or silent > 2 * KEEPALIVE_EVERY) \
                 and now - self.last_rebind > REBIND_AFTER:
@@ -709,25 +728,36 @@ class LinkClient(LinkEnd):
         self.drop_log.maybe_log(now)
 
     def stop(self, deadline, final=True):
-        """A signal: stop reading the local side, and give what was written --linger
-        seconds to be acknowledged."""
-        if self.closing_since is None:
-            self.closing_since = time.monotonic()
-            for sid, ep in self.endpoints.items():
-                ep.read_open = False
-                self.refresh(ep)
-                try:
-                    self.conn.finish(sid)
-                except StreamClosed:
-                    pass
-            if self.session is None or self.conn.all_acknowledged():
-                self.say_bye(time.monotonic())
-                self.alive = False
-            self.pump(time.monotonic())
+        """A signal (SIGTERM, SIGINT, or SIGHUP from ssh): accept and read no more, and
+        give what was written --linger seconds to be acknowledged.  A second signal
+        ends the link at once."""
+        now = time.monotonic()
+        if self.stopping:
+            self.fail("stopped by a second signal before everything was acknowledged")
+            return
+        self.stopping = True
+        if self.session is None:
+            self.fail("stopped before the session with the server was up")
+            return
+        self.closing_since = self.closing_since or now
+        if self.listener is not None:
+            self.poller.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+        for sock in self.waiting:
+            sock.close()
+        self.waiting.clear()
+        for sid, ep in self.endpoints.items():
+            ep.read_open = False
+            self.refresh(ep)
+            try:
+                self.conn.finish(sid)
+            except StreamClosed:
+                pass
+        self.pump(now)
 
     def on_exit(self):
-        if self.alive is False and self.failure is None and self.session is not None:
-            self.say_bye(time.monotonic())
+        self.say_bye(time.monotonic())
         for sid in list(self.endpoints):
             self.close_stream(sid)
         if self.failure is not None:
@@ -791,7 +821,9 @@ def start_server(args, values, key, log):
         proc.kill()
         raise Fatal(f"{dest}: unexpected answer from the server end: {line[:80]!r}")
     host, port = words[2], int(words[3])
-    if host == "-":
+    if args.get("--server-address"):
+        host = args["--server-address"]
+    elif host == "-":
         host = _ssh_hostname(ssh, dest)
     try:
         server = addr.resolve(host, port)

@@ -53,13 +53,15 @@ Bodies by type (offsets from the start of the body):
                   pair says: gap nonces not received (>= 1), then length nonces received
                   (>= 1).  Every nonce of the session counts, whatever its message type.)
     WINDOW (8)    0 the offset up to which the sender may write on the stream (u64)
+                  (before any WINDOW a sender may write 65536 bytes of a stream)
+    RESET (1)     0 reason u8: the stream is abandoned in both directions, its bytes
+                  undelivered (0 = cancelled, 1 = refused: too many streams,
+                  2 = the server could not connect to the target)
     PUNCH (32)    0 random 16B | 16 flags u8 (1 = an answer) | 17 zero 15B
+                  (under the handshake key, session 0: it opens a NAT mapping)
     RENDEZVOUS    0 side u8 (1 listen, 2 forward) | 1 the rendezvous name, 1-64 bytes UTF-8
     PEER (24)     0 family u8 (4|6) | 1 zero | 2 port u16 | 4 address 16B | 20 pair u32
     PATH (1)      0 path u8 (1 direct, 2 through the relay)
-                  (before any WINDOW a sender may write 65536 bytes of a stream)
-    RESET (1)     0 reason u8: the stream is abandoned in both directions, its bytes
-                  undelivered (0 = cancelled, 1 = refused: too many streams)
 
 Streams (STREAM, WINDOW, RESET: tag = stream id, never 0): the initiator (client) opens
 odd ids, the responder even ones, each in increasing order; an end learns of a peer's

@@ -35,6 +35,7 @@ class BootError(Exception):
 
 class Worker:
     TICK = 1.0          # seconds between tick() calls at most
+    HUP_STOPS = False   # standalone: SIGHUP stops too (what ssh sends its ProxyCommand)
 
     def __init__(self, name, pipe, inherited=(), log=None):
         """In the master, before fork: remember, do nothing."""
@@ -82,7 +83,9 @@ class Worker:
         signal.signal(signal.SIGTERM, _ignore)      # handled in the loop: a graceful stop
         # Under a master, ^C reaches the whole process group: the master decides.
         signal.signal(signal.SIGINT, _ignore if standalone else signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)    # reloads go through the master
+        # Reloads go through the master; alone, a hang-up may mean "stop".
+        signal.signal(signal.SIGHUP, _ignore if standalone and self.HUP_STOPS
+                      else signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         for thing in self.inherited:
@@ -148,7 +151,7 @@ class Worker:
             data = self._wake_r.recv(64)
         except BlockingIOError:
             return
-        if signal.SIGTERM in data or signal.SIGINT in data:
+        if signal.SIGTERM in data or signal.SIGINT in data or signal.SIGHUP in data:
             self.stop(5.0, final=True)
 
     def stop(self, deadline, final=True):
