@@ -184,6 +184,8 @@ Options:
   --keepalive SECONDS         Keepalive interval [default: 25].
   --probe-ports N             Sockets and guessed ports for symmetric NATs (0: none)
                               [default: 256].
+  --retry SECONDS             While relayed, try a direct path again this often
+                              [default: 30].
   --flow-idle SECONDS         A flow without datagrams this long ends [default: 180].
   --max-flows N               Flows kept at once [default: 1024].
   --debug                     Log every punch attempt.

@@ -52,7 +52,8 @@ from udpmux.batchio import Batch, Outbox, recv_into
 from udpmux.errors import EXIT_NOPERM, EXIT_OSERR, Fatal, UsageError
 from udpmux.limits import raise_open_files
 from udpmux.log import DropLog, setup as setup_log
-from udpmux.session import R_SESSION, Acceptor, Drop, Initiator, observed_text
+from udpmux.auth import R_REPLAY
+from udpmux.session import R_SESSION, Acceptor, Drop, Initiator
 from udpmux.tagtable import TagTable
 from udpmux.worker import Worker
 from udpmux.wire import (
@@ -65,12 +66,13 @@ from udpmux.wire import (
 PUNCH_EVERY = 0.1               # seconds between probes during an attempt
 PUNCH_TIMEOUT = 5.0             # seconds an attempt lasts
 SLOW_PUNCH = 2.0                # seconds between probes after an attempt (direct mode)
-RETRY_EVERY = 30.0              # seconds between attempts while relayed
+RETRY_EVERY = 30.0              # seconds between attempts while relayed (--retry)
 PROBE_RATE = 2000               # birthday probes a second at most
 HELLO_FIRST = 0.25
 BATCH = 64
 SERVICE_DRAIN = 64
 ONCE_PROBES = 3
+PUNCHES_REMEMBERED = 4096       # PUNCH randoms remembered, so a replayed probe is refused
 
 R_NO_PATH = "no-path"           # a datagram while neither a direct path nor the relay works
 R_SERVICE = "service"
@@ -87,7 +89,7 @@ class Flow:
 class PunchWorker(Worker):
     def __init__(self, key, port, peer=None, relay=None, rendezvous=None, forward=None,
                  listen=None, keepalive=25.0, probe_ports=256, flow_idle=180.0,
-                 max_flows=1024, log=None):
+                 max_flows=1024, retry=RETRY_EVERY, log=None):
         super().__init__("punch", None, (), log)
         self.key = key
         self.keyed = key is not None
@@ -100,6 +102,7 @@ class PunchWorker(Worker):
         self.side = SIDE_FORWARD if forward is not None else SIDE_LISTEN
         self.keepalive = keepalive
         self.probe_ports = probe_ports
+        self.retry = retry
         self.flow_idle = flow_idle
         self.max_flows = max_flows
 
@@ -126,6 +129,7 @@ class PunchWorker(Worker):
         self.next_attempt = now
         self.birthday_at = None
         self.birthday_left = 0
+        self.punches_seen = OrderedDict()   # PUNCH randoms seen: a replay is refused
         # The relay.
         self.relay_key = None
         self.relay_session = None
@@ -333,13 +337,20 @@ class PunchWorker(Worker):
                                   addr.format_peer(key))
                     self.peer_key = key
             elif mtype == T_PUNCH:
-                self.initiator.open(msg, T_PUNCH)       # a peer's probe: it verifies
-                flags = msg[HEADER_SIZE + 16]
+                body = self.initiator.open(msg, T_PUNCH)    # a peer's probe: it verifies
+                if self.direct is not None:
+                    return              # the path is up: probes are late, or replayed
+                random_, flags = PUNCH.unpack(body)
+                if random_ in self.punches_seen:
+                    raise Drop(R_REPLAY)
+                self.punches_seen[random_] = None
+                if len(self.punches_seen) > PUNCHES_REMEMBERED:
+                    self.punches_seen.popitem(last=False)
                 self.adopt(sock)
                 self.peer_key = key
                 if not flags & PUNCH_ANSWER:
                     self.punch(key, answer=True)
-                if self.side == SIDE_LISTEN and self.direct is None:
+                if self.side == SIDE_LISTEN:
                     self.send(self.initiator.hello(), key)
                 return
             elif mtype == T_HELLO and self.side == SIDE_FORWARD:
@@ -422,13 +433,13 @@ class PunchWorker(Worker):
         self.relay_heard = now
         if mtype == T_PEER:
             family, port, address, _pair = PEER.unpack_from(msg, HEADER_SIZE)
-            text = observed_text(family, port, address)
-            host, _, _ = text.rpartition(":")
-            try:
-                fam, sockaddr = addr.resolve(host.strip("[]"), port)
-            except ValueError:
-                return
-            key = addr.peer_key(fam, sockaddr)
+            if family == 4:
+                key = addr.peer_key(socket.AF_INET,
+                                    (socket.inet_ntop(socket.AF_INET, address[:4]), port))
+            else:
+                key = addr.peer_key(socket.AF_INET6,
+                                    (socket.inet_ntop(socket.AF_INET6, address), port))
+            text = addr.format_peer(key)
             fresh = not self.paired
             self.paired = True
             if key != self.peer_key or self.direct is None:
@@ -584,10 +595,10 @@ class PunchWorker(Worker):
         self.close_probes()
         if self.relay is not None:
             self.attempt_until = None           # relayed; tick() tries again later
-            self.next_attempt = now + RETRY_EVERY
+            self.next_attempt = now + self.retry
             if self.paired:
                 self.set_path(PATH_RELAYED)
-            self.log.debug("no direct path this time; trying again in %d s", RETRY_EVERY)
+            self.log.debug("no direct path this time; trying again in %g s", self.retry)
         else:
             # Direct only: keep knocking, slower, until the peer answers.
             self.attempt_until = float("inf")
@@ -724,5 +735,6 @@ def main(args):
                          keepalive=_number(args, "--keepalive", float, 1),
                          probe_ports=_number(args, "--probe-ports", int, 0),
                          flow_idle=_number(args, "--flow-idle", float, 1),
-                         max_flows=_number(args, "--max-flows", int, 1), log=log)
+                         max_flows=_number(args, "--max-flows", int, 1),
+                         retry=_number(args, "--retry", float, 1), log=log)
     return worker.serve()

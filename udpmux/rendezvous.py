@@ -30,6 +30,7 @@ import time
 from udpmux import wire
 from udpmux.addr import format_peer
 from udpmux.batchio import Batch, Outbox, recv_into
+from udpmux.limits import TokenBucket
 from udpmux.log import DropLog, Every
 from udpmux.session import R_SESSION, Acceptor, Drop, observed_fields
 from udpmux.worker import Worker
@@ -40,7 +41,7 @@ from udpmux.wire import (
 )
 
 BATCH = 64
-STATE_EVERY = 1.0
+STALE_RATE = 10.0               # STALE answers a second
 
 R_FULL = "full"                 # a peer beyond max_flows: its handshake is not answered
 R_NO_PARTNER = "no-partner"     # data from a peer whose partner has not registered
@@ -75,6 +76,7 @@ class RendezvousWorker(Worker):
 
     def setup(self):
         self.acceptor = Acceptor(self.config.key, [wire.ROLE_PUNCH])
+        self.stale_bucket = TokenBucket(STALE_RATE, now=time.monotonic())
         self.peers = {}                 # our session id -> Peer
         self.names = {}                 # (name, side) -> Peer
         self.pairs = 0
@@ -145,7 +147,9 @@ class RendezvousWorker(Worker):
                 self.log.debug("tunnel %s: a punch peer registered from %s", self.name,
                                format_peer(key))
             else:
-                raise Drop(R_SESSION)
+                self.drop(R_SESSION)
+                self.answer_stale(msg, sid, nonce, key, now)
+                return
         except (Malformed, Drop) as exc:
             self.drop(exc.reason)
             return
@@ -183,6 +187,15 @@ class RendezvousWorker(Worker):
                           peer.key)
         elif mtype == T_BYE:
             self.forget(peer, "said goodbye")
+
+    def answer_stale(self, msg, sid, nonce, key, now):
+        """A peer whose session this worker does not know (it came after a restart): ask
+        it to start again -- rate limited, and never larger than what it sent."""
+        if sid == 0 or not self.stale_bucket.take(now):
+            return
+        stale = self.acceptor.stale(sid, nonce)
+        if len(stale) <= len(msg):
+            self.send(stale, key)
 
     def register(self, peer, body, now):
         side = body[0]
