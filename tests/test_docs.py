@@ -26,7 +26,7 @@ from unittest import mock
 
 import pytest
 
-from udpmux import addr, auth, carrier, cli, config, errors, link, relay, session, stream, uot, wire
+from udpmux import addr, auth, carrier, cli, config, errors, link, punch, relay, session, stream, uot, wire
 
 REPO = Path(__file__).resolve().parent.parent
 MAN = REPO / "man"
@@ -196,7 +196,7 @@ def test_synopsis_has_every_usage_line_in_order():
 
 TYPES = {config._positive_int: {"integer"}, config._positive_number: {"number"},
          config._flag: {"boolean"}, config._text: {"string", "address"},
-         config._carrier: {"string"}}
+         config._carrier: {"string"}, config._mode: {"string"}}
 
 
 def default_text(value):
@@ -345,8 +345,12 @@ def load_text(text, tmp_path, name):
 
 def test_example_config_loads(tmp_path):
     loaded = load_text(EXAMPLE.read_text(), tmp_path, "relay.toml")
-    assert len(loaded.tunnels) == 2
+    assert len(loaded.tunnels) == 3
     assert all(t.key is not None for t in loaded.tunnels.values())
+    modes = sorted(t.mode for t in loaded.tunnels.values())
+    assert modes == ["expose", "expose", "rendezvous"], f"conf/relay.toml: modes {modes}"
+    meet = next(t for t in loaded.tunnels.values() if t.mode == "rendezvous")
+    assert set(meet.endpoints()) == {"public"}, "a rendezvous tunnel binds its public socket only"
 
 
 def test_example_config_shows_every_key_and_true_defaults():
@@ -486,6 +490,13 @@ def test_protocol_limits_and_types_match_the_code():
         "TCP handshake time, uot-server": f"{uot.HANDSHAKE_TIMEOUT:g} s",
         "uot-client keepalive interval": f"{uot.KEEPALIVE_EVERY:g} s",
         "uot-client silence before reconnecting": f"{uot.DEAD_AFTER * uot.KEEPALIVE_EVERY:g} s",
+        "punch attempt": f"{punch.PUNCH_TIMEOUT:g} s",
+        "PUNCH interval in an attempt": f"{punch.PUNCH_EVERY:g} s",
+        "PUNCH interval, no relay, after an attempt": f"{punch.SLOW_PUNCH:g} s",
+        "punch retry, default": f"{punch.RETRY_EVERY:g} s",
+        "random-port PUNCH a second, at most": punch.PROBE_RATE,
+        "PUNCH randoms remembered": punch.PUNCHES_REMEMBERED,
+        "rendezvous name, bytes": wire.RENDEZVOUS_NAME_MAX,
     }
     assert relay.NONCE_RESERVE == 1 << (relay.NONCE_RESERVE.bit_length() - 1)
     for name, value in expected.items():

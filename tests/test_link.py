@@ -14,7 +14,7 @@ import threading
 import psutil
 import pytest
 
-from procs import ROOT, WAIT, deadline_loop, env, udpmux_argv
+from procs import ROOT, WAIT, Daemon, deadline_loop, env, udpmux_argv
 
 LOCAL = "127.0.0.1"
 FAKESSH = f"{sys.executable} {os.path.join(ROOT, 'tests', 'fakessh.py')}"
@@ -173,6 +173,30 @@ def test_local_tcp_connections_are_each_a_stream(service, bind_range):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(WAIT) == 0
         proc.stderr.close()
+
+
+def test_connections_made_while_the_session_is_up_are_served(service, bind_range):
+    """Connections to --listen-tcp made after the session is up (the usual case: the
+    link runs, clients come later), one after the other, each a stream of its own."""
+    with socket.socket() as s:
+        s.bind((LOCAL, 0))
+        listen = s.getsockname()[1]
+    daemon = Daemon(None, argv=link_argv(service.port, "--listen-tcp", f"{LOCAL}:{listen}",
+                                         "--debug", bind=bind_range))
+    try:
+        daemon.wait_log("session up")
+        for n in (1, 3):
+            with socket.create_connection((LOCAL, listen), timeout=WAIT) as conn:
+                payload = os.urandom(20_000)
+                conn.sendall(payload)
+                conn.shutdown(socket.SHUT_WR)
+                got = b""
+                while chunk := conn.recv(65536):
+                    got += chunk
+                assert got == payload, f"stream {n}: {len(got)} of {len(payload)} bytes"
+            daemon.wait_log(f"stream {n} done")
+    finally:
+        assert daemon.stop() == 0, daemon.log()
 
 
 def test_a_refused_target_fails_with_a_message(bind_range):

@@ -46,8 +46,13 @@ half way.
   every new destination: a symmetric NAT).
 - ``wan`` routes between them. Its forward chain can drop every UDP datagram
   (``block_udp(True)``) and/or a random share of UDP datagrams (``set_loss(percent)``, nft
-  ``numgen random``); TCP and ICMP are never touched. The machine has no netem, so there is no
-  delay or reordering.
+  ``numgen random``); TCP is dropped at random too only when asked
+  (``set_loss(percent, protocols=("udp", "tcp"))``, for a TCP baseline on the same lossy path),
+  and ICMP is never touched. The machine has no netem, so there is no delay or reordering.
+- While TCP loss is on, the end hosts' ``eth0`` (inside, outside, public) have ``gso_max_segs 1``:
+  otherwise a TCP sender hands the veth 64 KB GSO super-packets that cross every router whole,
+  and "p % of packets" would drop p % of 45-segment bursts. It applies to connections made after
+  the call; ``set_loss`` without "tcp" puts the default (65535) back.
 - Every neighbour entry is static (``nud permanent``), so the first packet of a test never waits
   for ARP, and IPv6 is off on every veth (``::1`` still works on each host's loopback).
 
@@ -77,6 +82,8 @@ API::
                                              #   namespace, usable from the test process
         with lab.netns("outside"): ...       # this *thread* is in that namespace for the block
         lab.set_loss(5)                      # % of UDP dropped by wan (float ok; 0 removes it)
+        lab.set_loss(5, protocols=("udp", "tcp"))   # the same share of TCP segments as well
+                                             #   (end hosts then send no GSO bursts)
         lab.block_udp(True)                  # wan drops all UDP; False restores
         lab.roam("in")                       # nat_in gets a fresh WAN address; returns it
         lab.set_symmetric("in", True)        # fully-random port mapping on nat_in
@@ -134,6 +141,9 @@ NETNS_DIR = "/run/netns"
 NS_PREFIX = "udpmux"
 CLI_PREFIX = "udpmux-cli"
 TABLE = "udpmux_lab"
+LOSS_PROTOCOLS = ("udp", "tcp")          # what set_loss() may drop
+END_HOSTS = ("inside", "outside", "public")
+GSO_MAX_SEGS = 65535                     # the kernel's default for a veth
 
 HOSTS = ("inside", "nat_in", "wan", "nat_out", "outside", "public")
 ROUTERS = ("nat_in", "wan", "nat_out")
@@ -338,6 +348,7 @@ class Lab:
             self._symmetric[self._side(side)] = True
         self._register_atexit = register_atexit
         self._loss = 0
+        self._loss_protocols = ("udp",)
         self._udp_blocked = False
         self._wan_addr = {side: str(WAN_NET[side][POOL_FIRST]) for side in NATS}
         self._pool_next = {side: POOL_FIRST + 1 for side in NATS}
@@ -548,8 +559,9 @@ table ip %(t)s {
                 rules += ('add rule ip %s forward meta l4proto udp %s "to_%s" counter name '
                           '"block_udp" drop\n' % (TABLE, way, self._udp_blocked))
         if self._loss > 0:
-            rules += ('add rule ip %s forward meta l4proto udp numgen random mod 10000 < %d '
-                      'counter name "loss" drop\n' % (TABLE, self._loss))
+            rules += ('add rule ip %s forward meta l4proto { %s } numgen random mod 10000 < %d '
+                      'counter name "loss" drop\n'
+                      % (TABLE, ", ".join(self._loss_protocols), self._loss))
         return rules
 
     def down(self):
@@ -648,11 +660,23 @@ table ip %(t)s {
 
     # ---- changing the network ------------------------------------------------------------
 
-    def set_loss(self, percent):
-        """wan drops `percent` % of forwarded UDP datagrams at random (0 removes the rule)."""
+    def set_loss(self, percent, protocols=("udp",)):
+        """wan drops `percent` % of forwarded UDP datagrams at random (0 removes the rule).
+        `protocols` ("udp" and/or "tcp") says what is dropped; each call replaces the last."""
         if not 0 <= percent <= 100:
             raise ValueError("loss percent must be within 0..100")
+        if isinstance(protocols, str):
+            protocols = (protocols,)
+        chosen = tuple(p for p in LOSS_PROTOCOLS if p in protocols)
+        if not chosen or len(chosen) != len(set(protocols)):
+            raise ValueError("loss protocols must be some of %s, not %r"
+                             % (", ".join(LOSS_PROTOCOLS), protocols))
         self._loss = int(round(percent * 100))        # in 1/10000
+        if ("tcp" in chosen) != ("tcp" in self._loss_protocols):
+            segs = 1 if "tcp" in chosen else GSO_MAX_SEGS
+            for host in END_HOSTS:
+                self._ip(host, ["link set dev eth0 gso_max_segs %d" % segs])
+        self._loss_protocols = chosen
         self._nft("wan", self._wan_rules())
 
     def block_udp(self, blocked=True, side=None):

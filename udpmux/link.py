@@ -625,10 +625,10 @@ class LinkClient(LinkEnd):
             try:
                 sock, _sockaddr = self.listener.accept()
             except (BlockingIOError, ConnectionAbortedError):
-                return
+                break
             except OSError as exc:
                 self.log.error("cannot accept a connection: %s", exc.strerror)
-                return
+                break
             if self.session is None:
                 if len(self.waiting) >= WAITING_CONNECTIONS:
                     sock.close()

@@ -76,7 +76,6 @@ PUNCHES_REMEMBERED = 4096       # PUNCH randoms remembered, so a replayed probe 
 
 R_NO_PATH = "no-path"           # a datagram while neither a direct path nor the relay works
 R_SERVICE = "service"
-R_PUNCH = "punch"               # a PUNCH that does not verify: not our peer
 
 
 class Flow:
@@ -370,7 +369,7 @@ class PunchWorker(Worker):
                 self.adopt(sock)
                 self.direct_up(self.acceptor.confirm(sid, msg, nonce), key, now)
             else:
-                raise Drop(R_SESSION if mtype != T_PUNCH else R_PUNCH)
+                raise Drop(R_SESSION)
         except (Malformed, Drop) as exc:
             self.drop(exc.reason)
             return
