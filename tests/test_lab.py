@@ -349,3 +349,32 @@ def test_block_udp_can_close_one_nat_only(lab):
     lab.block_udp(False)
     inside.sendto(b"again", (lab.addr("public"), port))
     assert receiver.recvfrom(100)[0] == b"again"
+
+
+def test_block_direct_stops_udp_between_the_nats_but_not_to_public(lab):
+    """block_direct(True) drops UDP that wan forwards between nat_in and nat_out, both ways;
+    UDP from either side to public still passes; False restores the direct path."""
+    inside, outside, srv = udp(lab, "inside"), udp(lab, "outside"), udp(lab, "public")
+    # Port-preserving NATs: each socket's public port is its own. Opening both mappings
+    # lets the two talk directly (each NAT has seen its host send to the other first).
+    to_outside = (lab.public_addr("out"), port(outside))
+    to_inside = (lab.public_addr("in"), port(inside))
+    outside.sendto(b"open", to_inside)                  # nat_in drops it: unsolicited
+    inside.sendto(b"direct", to_outside)
+    assert expect(outside) == (b"direct", to_inside)
+
+    lab.block_direct(True)
+    before = lab.counter("wan", "block_direct")
+    inside.sendto(b"blocked in->out", to_outside)
+    outside.sendto(b"blocked out->in", to_inside)
+    assert wait_counter(lab, "wan", "block_direct", before + 2) == before + 2
+    for host, sock in (("in", inside), ("out", outside)):
+        sock.sendto(b"to public", (lab.addr("public"), port(srv)))
+        assert expect(srv) == (b"to public", (lab.public_addr(host), port(sock)))
+    assert recv(outside, 0) is None
+    assert recv(inside, 0) is None
+
+    lab.block_direct(False)
+    inside.sendto(b"direct again", to_outside)
+    assert expect(outside) == (b"direct again", to_inside)
+    assert lab.counter("wan", "block_direct") == before + 2

@@ -45,7 +45,10 @@ half way.
   filtering); ``set_symmetric()`` switches to ``masquerade fully-random`` (a fresh random port for
   every new destination: a symmetric NAT).
 - ``wan`` routes between them. Its forward chain can drop every UDP datagram
-  (``block_udp(True)``) and/or a random share of UDP datagrams (``set_loss(percent)``, nft
+  (``block_udp(True)``), only the UDP datagrams that pass directly between the two NATs
+  (``block_direct(True)``: ``to_in`` <-> ``to_out``, both ways, while each NAT's UDP to and
+  from ``public`` still passes, as where a firewall lets a relay through but no peer-to-peer
+  UDP), and/or a random share of UDP datagrams (``set_loss(percent)``, nft
   ``numgen random``); TCP is dropped at random too only when asked
   (``set_loss(percent, protocols=("udp", "tcp"))``, for a TCP baseline on the same lossy path),
   and ICMP is never touched. The machine has no netem, so there is no delay or reordering.
@@ -85,6 +88,8 @@ API::
         lab.set_loss(5, protocols=("udp", "tcp"))   # the same share of TCP segments as well
                                              #   (end hosts then send no GSO bursts)
         lab.block_udp(True)                  # wan drops all UDP; False restores
+        lab.block_direct(True)               # wan drops UDP between nat_in and nat_out only
+                                             #   (UDP to public passes); False restores
         lab.roam("in")                       # nat_in gets a fresh WAN address; returns it
         lab.set_symmetric("in", True)        # fully-random port mapping on nat_in
         lab.counter("nat_in", "unsolicited") # packets counted by a named nft counter
@@ -93,8 +98,8 @@ API::
 
 Counters (nft named counters, packets): on ``nat_in``/``nat_out``: ``unsolicited`` (new inbound
 from the WAN, dropped) and ``forward_drop`` (anything else the router would not forward); on
-``wan``: ``loss`` and ``block_udp``. Tests can use them to prove that a packet was really sent and
-really dropped, instead of waiting for something not to happen.
+``wan``: ``loss``, ``block_udp`` and ``block_direct``. Tests can use them to prove that a packet
+was really sent and really dropped, instead of waiting for something not to happen.
 
 Processes and teardown: ``down()`` removes every namespace this lab made, and with them every
 veth and nft table. It is idempotent, runs after a partial ``up()`` failure, and is also
@@ -350,6 +355,7 @@ class Lab:
         self._loss = 0
         self._loss_protocols = ("udp",)
         self._udp_blocked = False
+        self._direct_blocked = False
         self._wan_addr = {side: str(WAN_NET[side][POOL_FIRST]) for side in NATS}
         self._pool_next = {side: POOL_FIRST + 1 for side in NATS}
         self._sockets = []
@@ -543,6 +549,7 @@ table ip %(t)s {
 table ip %(t)s {
     counter loss { }
     counter block_udp { }
+    counter block_direct { }
     chain forward {
         type filter hook forward priority filter; policy accept;
     }
@@ -558,6 +565,10 @@ table ip %(t)s {
             for way in ("iifname", "oifname"):
                 rules += ('add rule ip %s forward meta l4proto udp %s "to_%s" counter name '
                           '"block_udp" drop\n' % (TABLE, way, self._udp_blocked))
+        if self._direct_blocked:
+            for src, dst in (("in", "out"), ("out", "in")):
+                rules += ('add rule ip %s forward meta l4proto udp iifname "to_%s" oifname '
+                          '"to_%s" counter name "block_direct" drop\n' % (TABLE, src, dst))
         if self._loss > 0:
             rules += ('add rule ip %s forward meta l4proto { %s } numgen random mod 10000 < %d '
                       'counter name "loss" drop\n'
@@ -684,6 +695,13 @@ table ip %(t)s {
         "out", only those to and from that NAT (the other side's UDP still passes). TCP
         always passes."""
         self._udp_blocked = (self._side(side) if side else True) if blocked else False
+        self._nft("wan", self._wan_rules())
+
+    def block_direct(self, blocked=True):
+        """wan drops every UDP datagram forwarded between nat_in and nat_out, both ways
+        (True), or none (False). UDP between either NAT and public, and all TCP, still pass:
+        peers behind the two NATs reach a relay but not each other."""
+        self._direct_blocked = bool(blocked)
         self._nft("wan", self._wan_rules())
 
     def roam(self, side):
