@@ -26,9 +26,11 @@ setup(
         ("share/man/man5", ["man/udpmux.conf.5"]),
         ("share/man/man7", ["man/udpmux-protocol.7"]),
         ("share/man/man8", ["man/udpmux.8"]),
-        ("share/doc/udpmux/examples", ["conf/relay.toml", "conf/expose-wg.toml"]),
+        ("share/doc/udpmux/examples", ["conf/relay.toml", "conf/expose-wg.toml",
+                                          "conf/punch-mosh.toml"]),
         ("share/udpmux/systemd", ["conf/systemd/udpmux-relay.service",
                                   "conf/systemd/udpmux-expose@.service",
+                                  "conf/systemd/udpmux-punch@.service",
                                   "conf/systemd/udpmux.sysusers"]),
     ],
     classifiers=[

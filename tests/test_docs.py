@@ -196,7 +196,8 @@ def test_synopsis_has_every_usage_line_in_order():
 
 TYPES = {config._positive_int: {"integer"}, config._positive_number: {"number"},
          config._flag: {"boolean"}, config._text: {"string", "address"},
-         config._carrier: {"string"}, config._mode: {"string"}}
+         config._carrier: {"string"}, config._mode: {"string"}, config._port: {"integer"},
+         config._whole: {"integer"}, config._rendezvous: {"string"}}
 
 
 def default_text(value):
@@ -209,7 +210,8 @@ def default_text(value):
 
 @pytest.mark.parametrize("group,settings", [("Global settings", config.GLOBAL_SETTINGS),
                                             ("Tunnel settings", config.TUNNEL_SETTINGS),
-                                            ("Exposer settings", config.EXPOSE_SETTINGS)])
+                                            ("Exposer settings", config.EXPOSE_SETTINGS),
+                                            ("Punch settings", config.PUNCH_SETTINGS)])
 def test_every_config_key_and_default_is_in_the_conf_page(group, settings):
     lines = blocks(page("udpmux.conf.5"), ".Ss").get(group)
     assert lines is not None, f"man/udpmux.conf.5 has no `.Ss {group}`"
@@ -318,6 +320,10 @@ def test_uot_option_defaults_match_config():
     check_option_defaults("uot-client", client, shared)
 
 
+def test_punch_option_defaults_match_config():
+    check_option_defaults("punch", option_defaults(cli.PUNCH), config.PUNCH_SETTINGS)
+
+
 def test_link_option_defaults_match_config():
     check_option_defaults("link", option_defaults(cli.LINK), config.LINK_SETTINGS)
     server = option_defaults(cli.LINK_SERVER)
@@ -392,6 +398,26 @@ def test_example_exposer_file_loads_and_shows_every_key(tmp_path):
             shown.add(setting.name)
             assert tomllib.loads(f"v = {m.group(2)}")["v"] == setting.default, m.group(0)
     assert shown == set(config.EXPOSE), f"never shown: {set(config.EXPOSE) - shown}"
+
+
+PUNCH_EXAMPLE = REPO / "conf" / "punch-mosh.toml"
+
+
+def test_example_punch_file_loads_and_shows_every_key(tmp_path):
+    text = with_temp_keys(PUNCH_EXAMPLE.read_text(), tmp_path)
+    path = tmp_path / "punch-mosh.toml"
+    path.write_text(text.replace('"relay.example.net:5577"', '"127.0.0.1:5577"'))
+    loaded = config.load_punch(str(path))
+    assert loaded.key is not None and loaded.rendezvous == "mosh"
+    assert loaded.forward[1] == ("127.0.0.1", 60001) and loaded.listen is None
+    shown = set(tomllib.loads(text))
+    for m in re.finditer(r"^#\s*(\w+)\s*=\s*(.+)$", text, re.M):
+        setting = config.PUNCH.get(m.group(1))
+        if setting is not None:
+            shown.add(setting.name)
+            if setting.default is not None:
+                assert tomllib.loads(f"v = {m.group(2)}")["v"] == setting.default, m.group(0)
+    assert shown == set(config.PUNCH), f"never shown: {set(config.PUNCH) - shown}"
 
 
 def literal_blocks(lines):

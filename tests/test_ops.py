@@ -153,7 +153,7 @@ def test_a_metrics_address_in_use_is_a_clear_error(tmp_path):
 
 # -- systemd units
 
-UNITS = ["udpmux-relay.service", "udpmux-expose@.service"]
+UNITS = ["udpmux-relay.service", "udpmux-expose@.service", "udpmux-punch@.service"]
 
 
 def unit(name):
@@ -205,9 +205,10 @@ def test_the_relay_unit_is_a_notify_service_that_reloads_with_sighup():
     assert found["ExecStart"] == ["udpmux relay -c /etc/udpmux/relay.toml"]
 
 
-def test_the_expose_template_picks_its_file_by_instance_name():
-    found = settings(unit("udpmux-expose@.service"))
-    assert found["ExecStart"] == ["udpmux expose -c /etc/udpmux/expose-%i.toml"]
+@pytest.mark.parametrize("mode", ["expose", "punch"])
+def test_the_templates_pick_their_file_by_instance_name(mode):
+    found = settings(unit(f"udpmux-{mode}@.service"))
+    assert found["ExecStart"] == [f"udpmux {mode} -c /etc/udpmux/{mode}-%i.toml"]
     assert found.get("AmbientCapabilities") is None
 
 

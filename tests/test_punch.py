@@ -157,13 +157,85 @@ def test_once_punches_and_leaves_the_port_free(pair):
 
 @pytest.mark.parametrize("args, message", [
     (["--relay", "127.0.0.1:1", "--rendezvous", "x" * 65, "--key-file", "k", "--listen",
-      "127.0.0.1:0"], "--rendezvous: 1 to 64 bytes"),
+      "127.0.0.1:0"], "--rendezvous: expected at most 64 bytes"),
     (["--peer", "127.0.0.1:1", "--port", "70000", "--insecure", "--listen", "127.0.0.1:0"],
-     "--port: expected 0 to 65535"),
+     "--port: expected a port, 0 to 65535, got 70000"),
     (["--peer", "127.0.0.1:1", "--port", "5", "--insecure", "--listen", "127.0.0.1:0",
-      "--probe-ports", "many"], "--probe-ports: expected a number"),
+      "--probe-ports", "many"], "--probe-ports: expected a whole number of at least 0"),
+    (["--peer", "nowhere", "--port", "5", "--insecure", "--forward", "127.0.0.1:9"],
+     "--peer: "),
+    (["--once", "--peer", "127.0.0.1:1", "--port", "65536"], "--port: expected 0 to 65535"),
 ])
 def test_bad_punch_options(args, message):
     out = subprocess.run(udpmux_argv("punch", *args), env=env(), capture_output=True,
                          text=True, timeout=WAIT)
     assert out.returncode == 64 and message in out.stderr
+
+
+def write_punch(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_each_side_from_a_file(pair):
+    """punch -c FILE, as the udpmux-punch@ unit runs it: the same two sides as from
+    options."""
+    a, b, listen = free_udp_port(), free_udp_port(), free_udp_port()
+    forward = write_punch(pair.tmp / "punch-a.toml", f"""
+        peer = "{LOCAL}:{b}"
+        port = {a}
+        key_file = "{pair.key}"
+        forward = "{LOCAL}:{pair.echo.port}"
+        keepalive = 10
+        probe_ports = 0
+        """.replace("\n        ", "\n"))
+    listener = write_punch(pair.tmp / "punch-b.toml", f"""
+        peer = "{LOCAL}:{a}"
+        port = {b}
+        key_file = "{pair.key}"
+        listen = "{LOCAL}:{listen}"
+        max_flows = 8
+        """.replace("\n        ", "\n"))
+    pair.start(["punch", "-c", forward, "--debug"])
+    side = pair.start(["punch", "-c", listener, "--debug"])
+    side.wait_log("direct path to")
+    client = udp_client()
+    try:
+        for n in range(5):
+            assert exchange(client, b"from a file %d" % n, (LOCAL, listen)) == b"from a file %d" % n
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("text, message", [
+    ('peer = "127.0.0.1:1"\nforward = "127.0.0.1:9"\nkey_file = "K"\ncolour = "red"\n',
+     "colour"),
+    ('forward = "127.0.0.1:9"\nkey_file = "K"\n',
+     "give either peer (direct) or relay and rendezvous"),
+    ('peer = "127.0.0.1:1"\nrelay = "127.0.0.1:2"\nrendezvous = "m"\nforward = "127.0.0.1:9"\n'
+     'key_file = "K"\n', "give either peer (direct) or relay"),
+    ('relay = "127.0.0.1:2"\nforward = "127.0.0.1:9"\nkey_file = "K"\n',
+     "rendezvous: missing"),
+    ('peer = "127.0.0.1:1"\nkey_file = "K"\n', "give either forward"),
+    ('peer = "127.0.0.1:1"\nforward = "127.0.0.1:9"\nlisten = "127.0.0.1:8"\nkey_file = "K"\n',
+     "give either forward"),
+    ('relay = "127.0.0.1:2"\nrendezvous = "m"\nforward = "127.0.0.1:9"\ninsecure = true\n',
+     "insecure: a relay's rendezvous tunnel needs a key"),
+    ('peer = "127.0.0.1:1"\nforward = "127.0.0.1:9"\n', "key_file: missing"),
+    ('peer = "127.0.0.1:1"\nforward = "127.0.0.1:9"\nkey_file = "-"\n',
+     "works on the command line only"),
+    ('peer = "127.0.0.1:1"\nforward = "127.0.0.1:9"\nkey_file = "K"\nport = -1\n',
+     "port: expected a port"),
+    ('peer = "127.0.0.1:1"\nforward = "127.0.0.1:9"\nkey_file = "K"\nprobe_ports = 1.5\n',
+     "probe_ports: expected a whole number"),
+    ('peer = "127.0.0.1:1"\nforward = "127.0.0.1:9"\nkey_file = "K"\nretry = 0\n',
+     "retry: expected a number above 0"),
+    ('peer = "127.0.0.1:1\n', "not valid TOML"),
+])
+def test_bad_punch_files(pair, text, message):
+    path = write_punch(pair.tmp / "punch-bad.toml", text.replace('"K"', f'"{pair.key}"'))
+    out = subprocess.run(udpmux_argv("punch", "-c", path), env=env(), capture_output=True,
+                         text=True, timeout=WAIT)
+    assert out.returncode == 78, out.stderr
+    assert path in out.stderr and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

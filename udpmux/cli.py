@@ -14,7 +14,8 @@ from docopt import DocoptExit, docopt
 
 from udpmux import __version__
 from udpmux.config import (
-    EXPOSE as _EXPOSE, LINK as _LINK, TUNNEL as _TUNNEL, UOT as _UOT, default_text,
+    EXPOSE as _EXPOSE, LINK as _LINK, PUNCH as _PUNCH, TUNNEL as _TUNNEL, UOT as _UOT,
+    default_text,
 )
 from udpmux.errors import (
     EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE, Fatal,
@@ -30,6 +31,10 @@ def _e(name):
 
 def _l(name):
     return default_text(_LINK[name])
+
+
+def _p(name):
+    return default_text(_PUNCH[name])
 
 
 RELAY = f"""\
@@ -157,20 +162,23 @@ Options:
   -h, --help                  Show this text.
 """
 
-PUNCH = """\
+PUNCH = f"""\
 udpmux punch: a direct UDP path between two hosts behind NAT, with a rendezvous relay
 as broker and as fallback.  One side forwards to a local UDP service, the other listens
 for local UDP clients.
 
 Usage:
+  udpmux punch -c FILE [--debug]
   udpmux punch --peer HOST:PORT --port PORT (--key-file FILE | --insecure) (--forward HOST:PORT | --listen ADDR) [--debug] [options]
   udpmux punch --relay HOST:PORT --rendezvous NAME --key-file FILE (--forward HOST:PORT | --listen ADDR) [--debug] [options]
   udpmux punch --once --peer HOST:PORT --port PORT [--debug]
   udpmux punch -h | --help
 
 Options:
+  -c FILE, --config FILE      Settings from a TOML file (see udpmux.conf(5)).
   --peer HOST:PORT            The other host's public address.
-  --port PORT                 The local UDP port to punch from (0: any) [default: 0].
+  --port PORT                 The local UDP port to punch from (0: any)
+                              [default: {_p("port")}].
   --relay HOST:PORT           A relay's rendezvous tunnel: it brokers the meeting and
                               carries the datagrams while no direct path works.
   --rendezvous NAME           The name both sides give the relay.
@@ -181,13 +189,14 @@ Options:
   --listen ADDR               Accept datagrams from local UDP clients here.
   --once                      Send a few probes from --port and exit, leaving the hole
                               for another program.
-  --keepalive SECONDS         Keepalive interval [default: 25].
+  --keepalive SECONDS         Keepalive interval [default: {_p("keepalive")}].
   --probe-ports N             Sockets and guessed ports for symmetric NATs (0: none)
-                              [default: 256].
+                              [default: {_p("probe_ports")}].
   --retry SECONDS             While relayed, try a direct path again this often
-                              [default: 30].
-  --flow-idle SECONDS         A flow without datagrams this long ends [default: 180].
-  --max-flows N               Flows kept at once [default: 1024].
+                              [default: {_p("retry")}].
+  --flow-idle SECONDS         A flow without datagrams this long ends
+                              [default: {_p("flow_idle")}].
+  --max-flows N               Flows kept at once [default: {_p("max_flows")}].
   --debug                     Log every punch attempt.
   -h, --help                  Show this text.
 """

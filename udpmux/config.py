@@ -175,20 +175,24 @@ def _tunnel(name, values, where, log):
         register = _udp_listen(values["register"])
         if register == public and public[1][1] != 0:    # port 0: two ports the kernel picks
             register = None
-    if values.get("insecure"):
-        if values.get("key_file"):
-            raise ValueError("key_file and insecure: choose one")
-        key = None
-    elif values.get("key_file") == "-" and where != "options":
-        raise ValueError("key_file: \"-\" (standard input) works on the command line only")
-    elif values.get("key_file"):
-        key = auth.read_key(values["key_file"], log)
-    else:
-        raise ValueError("key_file: missing (or set insecure = true to run without a key)")
+    key = _key(values, where, log)
     numbers = {s.name: values.get(s.name, s.default) for s in TUNNEL_SETTINGS
                if s.name not in ("public", "register", "key_file", "insecure")}
     return TunnelConfig(name=name, public=public, register=register, key=key, source=where,
                         **numbers)
+
+
+def _key(values, where, log):
+    """The key that key_file names, or None with insecure; ValueError when neither or both."""
+    if values.get("insecure"):
+        if values.get("key_file"):
+            raise ValueError("key_file and insecure: choose one")
+        return None
+    if values.get("key_file") == "-" and where != "options":
+        raise ValueError("key_file: \"-\" (standard input) works on the command line only")
+    if values.get("key_file"):
+        return auth.read_key(values["key_file"], log)
+    raise ValueError("key_file: missing (or set insecure = true to run without a key)")
 
 
 def _check_settings(table, settings, where):
@@ -414,16 +418,7 @@ def _expose(values, where, log):
             endpoints[name] = addr.parse_endpoint(values[name])
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
-    if values.get("insecure"):
-        if values.get("key_file"):
-            raise ValueError("key_file and insecure: choose one")
-        key = None
-    elif values.get("key_file") == "-" and where != "options":
-        raise ValueError("key_file: \"-\" (standard input) works on the command line only")
-    elif values.get("key_file"):
-        key = auth.read_key(values["key_file"], log)
-    else:
-        raise ValueError("key_file: missing (or set insecure = true to run without a key)")
+    key = _key(values, where, log)
     rest = {s.name: values.get(s.name, s.default) for s in EXPOSE_SETTINGS
             if s.name in ("carrier", "keepalive", "flow_idle", "max_flows")}
     return ExposeConfig(relay=endpoints["relay"], service=endpoints["service"], key=key, **rest)
@@ -443,3 +438,111 @@ def expose_from_options(args, log=None):
         return _expose(option_values(args, EXPOSE_SETTINGS), "options", log)
     except ValueError as exc:
         raise UsageError(str(exc).replace("key_file", "--key-file")) from None
+
+
+# `udpmux punch` (one side of a punched path per file or command line)
+
+def _port(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ValueError(f"expected a port, 0 to 65535, got {value!r}")
+    return value
+
+
+def _whole(value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number of at least 0, got {value!r}")
+    return value
+
+
+def _rendezvous(value):
+    value = _text(value)
+    if len(value.encode()) > wire.RENDEZVOUS_NAME_MAX:
+        raise ValueError(f"expected at most {wire.RENDEZVOUS_NAME_MAX} bytes, got {value!r}")
+    return value
+
+
+PUNCH_SETTINGS = [
+    Setting("peer", _text, None, "the other side's public address, HOST:PORT (direct mode)"),
+    Setting("port", _port, 0, "the local UDP port to punch from (0: any)"),
+    Setting("relay", _text, None, "a relay's rendezvous tunnel, HOST:PORT (brokered mode)"),
+    Setting("rendezvous", _rendezvous, None, "the name both sides give the relay"),
+    Setting("key_file", _text, None, "the key both sides (and the relay's tunnel) share"),
+    Setting("insecure", _flag, False, "run without a key (direct mode only)"),
+    Setting("forward", _text, None, "the local UDP service datagrams go to, HOST:PORT"),
+    Setting("listen", _text, None, "where local UDP clients send, ADDR"),
+    Setting("keepalive", _positive_number, 25.0,
+            "seconds between keepalives; below the NATs' UDP timeout"),
+    Setting("probe_ports", _whole, 256,
+            "extra sockets and guessed ports against a symmetric NAT (0: none)"),
+    Setting("retry", _positive_number, 30.0, "seconds between direct attempts while relayed"),
+    Setting("flow_idle", _positive_number, 180.0, "seconds without datagrams before a flow ends"),
+    Setting("max_flows", _positive_int, 1024, "flows kept at once"),
+]
+PUNCH = {s.name: s for s in PUNCH_SETTINGS}
+
+
+@dataclass(frozen=True)
+class PunchConfig:
+    key: bytes | None
+    port: int = 0
+    peer: tuple | None = None           # (family, sockaddr)
+    relay: tuple | None = None
+    rendezvous: str | None = None
+    forward: tuple | None = None
+    listen: tuple | None = None
+    keepalive: float = 25.0
+    probe_ports: int = 256
+    retry: float = 30.0
+    flow_idle: float = 180.0
+    max_flows: int = 1024
+
+
+def _punch(values, where, log):
+    """A PunchConfig from checked values; ValueError on a problem, in the words of the
+    file's keys or, from the command line, of its options."""
+    def n(name):
+        return PUNCH[name].option if where == "options" else name
+    if (values.get("peer") is None) == (values.get("relay") is None):
+        raise ValueError(f"give either {n('peer')} (direct) or {n('relay')} and "
+                         f"{n('rendezvous')} (brokered by a relay)")
+    if values.get("relay") is not None and values.get("rendezvous") is None:
+        raise ValueError(f"{n('rendezvous')}: missing (the name both sides give the relay)")
+    if values.get("rendezvous") is not None and values.get("relay") is None:
+        raise ValueError(f"{n('rendezvous')}: it is given to a relay; add {n('relay')}")
+    if (values.get("forward") is None) == (values.get("listen") is None):
+        raise ValueError(f"give either {n('forward')} (on the service's side) or "
+                         f"{n('listen')} (on the clients' side)")
+    if values.get("relay") is not None and values.get("insecure"):
+        raise ValueError(f"{n('insecure')}: a relay's rendezvous tunnel needs a key")
+    endpoints = {}
+    for name in ("peer", "relay", "forward", "listen"):
+        if values.get(name) is not None:
+            try:
+                endpoints[name] = addr.parse_endpoint(values[name], passive=name == "listen")
+            except ValueError as exc:
+                raise ValueError(f"{n(name)}: {exc}") from None
+    try:
+        key = _key(values, where, log)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("key_file", n("key_file"))
+                         .replace("insecure", n("insecure"))) from None
+    rest = {s.name: values.get(s.name, s.default) for s in PUNCH_SETTINGS
+            if s.name in ("port", "rendezvous", "keepalive", "probe_ports", "retry",
+                          "flow_idle", "max_flows")}
+    return PunchConfig(key=key, **endpoints, **rest)
+
+
+def load_punch(path, log=None):
+    """Read and check a punch file (punch-NAME.toml); ConfigError names file and key."""
+    values = _check_settings(_read_toml(path), PUNCH, path)
+    try:
+        return _punch(values, path, log)
+    except (ValueError, Fatal) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def punch_from_options(args, log=None):
+    try:
+        return _punch(option_values(args, PUNCH_SETTINGS), "options", log)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None

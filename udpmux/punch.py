@@ -46,8 +46,7 @@ import socket
 import time
 from collections import OrderedDict
 
-from udpmux import addr, wire
-from udpmux.auth import read_key
+from udpmux import addr, config, wire
 from udpmux.batchio import Batch, Outbox, recv_into
 from udpmux.errors import EXIT_NOPERM, EXIT_OSERR, Fatal, UsageError
 from udpmux.limits import raise_open_files
@@ -714,26 +713,19 @@ def once(peer, port, log):
 
 def main(args):
     log = setup_log(args["--debug"])
-    port = _number(args, "--port", int, 0) if args["--port"] else 0
-    if port > 65535:
-        raise UsageError(f"--port: expected 0 to 65535, got {port}")
-    peer = _endpoint(args, "--peer") if args["--peer"] else None
     if args["--once"]:
-        return once(peer, port, log)
-    relay = _endpoint(args, "--relay") if args["--relay"] else None
-    if relay is not None and not args["--rendezvous"]:
-        raise UsageError("--relay needs --rendezvous NAME")
-    name = args["--rendezvous"]
-    if name is not None and not 1 <= len(name.encode()) <= wire.RENDEZVOUS_NAME_MAX:
-        raise UsageError(f"--rendezvous: 1 to {wire.RENDEZVOUS_NAME_MAX} bytes, got {name!r}")
-    forward = _endpoint(args, "--forward") if args["--forward"] else None
-    listen = _endpoint(args, "--listen", passive=True) if args["--listen"] else None
-    key = None if args["--insecure"] else read_key(args["--key-file"], log)
-    worker = PunchWorker(key, port, peer=peer, relay=relay, rendezvous=name, forward=forward,
-                         listen=listen,
-                         keepalive=_number(args, "--keepalive", float, 1),
-                         probe_ports=_number(args, "--probe-ports", int, 0),
-                         flow_idle=_number(args, "--flow-idle", float, 1),
-                         max_flows=_number(args, "--max-flows", int, 1),
-                         retry=_number(args, "--retry", float, 1), log=log)
+        port = _number(args, "--port", int, 0)
+        if port > 65535:
+            raise UsageError(f"--port: expected 0 to 65535, got {port}")
+        return once(_endpoint(args, "--peer"), port, log)
+    if args["--config"]:
+        settings = config.load_punch(args["--config"], log)
+    else:
+        settings = config.punch_from_options(args, log)
+    raise_open_files(settings.max_flows + 64, log, "max_flows service sockets")
+    worker = PunchWorker(settings.key, settings.port, peer=settings.peer, relay=settings.relay,
+                         rendezvous=settings.rendezvous, forward=settings.forward,
+                         listen=settings.listen, keepalive=settings.keepalive,
+                         probe_ports=settings.probe_ports, flow_idle=settings.flow_idle,
+                         max_flows=settings.max_flows, retry=settings.retry, log=log)
     return worker.serve()
