@@ -38,6 +38,17 @@ def test_every_mode_has_its_own_help(mode):
     assert "Options:" in out.stdout
 
 
+@pytest.mark.parametrize("args", [["--help"], ["punch", "--help"]])
+def test_help_into_a_reader_that_stops_early(args):
+    """`udpmux punch --help | head -3`: the reader closes its end; no traceback."""
+    read, write = os.pipe()
+    os.close(read)                      # a reader that has gone: every write is EPIPE
+    out = subprocess.run(udpmux_argv(*args), env=env(), stdout=write, stderr=subprocess.PIPE,
+                         text=True, timeout=WAIT)
+    os.close(write)
+    assert out.returncode == 0 and out.stderr == ""
+
+
 def test_no_mode_is_a_usage_error():
     out = run()
     assert out.returncode == 64 and "which mode?" in out.stderr

@@ -392,7 +392,15 @@ def error(message, status):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    except BrokenPipeError:
+        # The reader went away (`udpmux punch --help | head`): it read all it wanted.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _main(argv):
     if not argv:
         print(main_doc().split("\nModes:")[0], file=sys.stderr)
         return error("which mode?  `udpmux --help` lists them", EXIT_USAGE)
