@@ -421,8 +421,17 @@ class LinkEnd(Worker):
             st = self.conn.stats()
             self.log.debug("rtt %.1f ms, cwnd %d, in flight %d, sent %s, lost %s, pto %d, "
                            "drops %s", st["srtt"] * 1000, st["cwnd"], st["bytes_in_flight"],
-                           st.get("messages_sent"), st.get("lost"), st["pto_count"],
+                           st["messages_sent"], st["messages_lost"], st["pto_count"],
                            self.drops or "none")
+
+    def summary(self):
+        """The session's figures, for the line that ends it."""
+        if self.session is None:
+            return "no session"
+        st = self.conn.stats()
+        return (f"{st['stream_bytes_sent']} bytes sent, {st['stream_bytes_received']} "
+                f"received; {st['messages_sent']} messages sent, {st['messages_lost']} lost; "
+                f"rtt {st['srtt'] * 1000:.1f} ms")
 
     def keepalive(self, now):
         if self.session is not None and now - self.sent >= KEEPALIVE_EVERY:
@@ -547,7 +556,7 @@ class LinkServer(LinkEnd):
     def on_exit(self):
         for sid in list(self.endpoints):
             self.close_stream(sid)
-        self.log.info("session over")
+        self.log.info("session over: %s", self.summary())
 
 
 # -- the client
@@ -762,6 +771,7 @@ class LinkClient(LinkEnd):
             self.close_stream(sid)
         if self.failure is not None:
             self.log.error("%s", self.failure)
+        self.log.debug("session over: %s", self.summary())
 
 
 # -- starting the server over ssh
