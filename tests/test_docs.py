@@ -635,3 +635,11 @@ def test_page_renders(name):
         assert title in out and len(out.splitlines()) > 40, f"{cmd[0]}: {name} rendered empty"
         ran += 1
     assert ran
+
+
+def test_every_metric_is_named_in_the_man_page():
+    names = set(re.findall(r'"(udpmux_[a-z_]+)"', (REPO / "udpmux" / "metrics.py").read_text()))
+    assert "udpmux_punch_pairs" in names and len(names) > 15
+    text = page("udpmux.8")
+    missing = sorted(n for n in names if f".Li {n}" not in text)
+    assert not missing, f"metrics missing from udpmux(8), --metrics-listen: {missing}"

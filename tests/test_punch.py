@@ -2,8 +2,10 @@
 and symmetric), the relayed fallback and its upgrade, and mosh are in
 tests/test_lab_punch.py."""
 
+import re
 import socket
 import subprocess
+import urllib.request
 
 import pytest
 
@@ -45,7 +47,8 @@ class Pair:
         self.control = str(self.tmp / "control.sock")
         self.meet = free_udp_port()
         config = self.tmp / "relay.toml"
-        config.write_text(f'control_socket = "{self.control}"\n[tunnels.meet]\n'
+        config.write_text(f'control_socket = "{self.control}"\n'
+                          f'metrics_listen = "{LOCAL}:0"\n[tunnels.meet]\n'
                           f'mode = "rendezvous"\npublic = "{LOCAL}:{self.meet}"\n'
                           f'key_file = "{self.key}"\n')
         self.notify = Notify(str(self.tmp))
@@ -111,6 +114,12 @@ def test_the_relay_pairs_two_peers_by_name_and_they_go_direct(pair):
             break
     assert pairs[0]["name"] == "mosh" and pairs[0]["listen"] and pairs[0]["forward"]
     assert pairs[0]["relayed_datagrams"] == 0
+    line = pair.relay_daemon.lines[pair.relay_daemon.wait_log("metrics at")]
+    url = re.search(r"(http://\S+/metrics)", line).group(1)
+    with urllib.request.urlopen(url, timeout=WAIT) as reply:
+        text = reply.read().decode()
+    assert 'udpmux_punch_pairs{tunnel="meet",path="direct"} 1' in text
+    assert 'udpmux_punch_pairs{tunnel="meet",path="relayed"} 0' in text
 
 
 def test_strangers_learn_no_address_from_the_rendezvous(pair):

@@ -21,6 +21,7 @@ from udpmux.errors import Fatal
 MAX_CLIENTS = 16
 MAX_REQUEST = 8192
 CLIENT_TIMEOUT = 2.0
+PAIR_PATHS = ("waiting", "punching", "relayed", "direct")
 
 # (name, type, help, value of a tunnel's status) for one sample per tunnel.
 TUNNEL_METRICS = [
@@ -82,6 +83,12 @@ def exposition(status):
     family("udpmux_drops_total", "counter", "Datagrams and messages dropped, by reason.",
            [((("tunnel", t["name"]), ("reason", reason)), n)
             for t in tunnels for reason, n in sorted(t["drops"].items())])
+    family("udpmux_punch_pairs", "gauge",
+           "Punch pairs of a rendezvous tunnel, by path: waiting for a partner, "
+           "punching, relayed or direct.",
+           [((("tunnel", t["name"]), ("path", path)),
+             sum(1 for p in t["pairs"] if p["path"] == path))
+            for t in tunnels if t.get("pairs") is not None for path in PAIR_PATHS])
     family("udpmux_uptime_seconds", "gauge", "Seconds since the relay started.",
            [((), status["uptime"])])
     return "\n".join(lines) + "\n"
