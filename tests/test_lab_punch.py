@@ -28,12 +28,16 @@ import pytest
 
 from procs import WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, tunnel, udpmux_argv
 from test_lab_relay import IP
+from tools.lab import kill_pids
 
 MEET = 5577             # the rendezvous tunnel's port on public
 NAME = "mosh"           # the rendezvous name both sides give
 LISTEN = 60001          # where clients on outside send (its loopback)
 DIRECT_PORTS = {"in": 34730, "out": 34731}      # --port of each side in direct mode
 SIZES = (0, 1, 1200, 9000, 65471)               # 65471: the largest datagram punch carries
+MOSH_PORT = 60001       # mosh-server's UDP port on inside's loopback
+MOSH_TOOLS = ("mosh-server", "mosh-client", "tmux")
+UTF8 = {"LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}  # mosh refuses to run without a UTF-8 locale
 
 
 class PunchRig:
@@ -131,6 +135,7 @@ class PunchRig:
     def close(self):
         for daemon in reversed(self.daemons):
             daemon.stop()
+            print(f"--- {' '.join(daemon.proc.args[4:])}\n{daemon.log()}")  # shown on failure
         if self.echo is not None:
             self.echo.close()
         if self.notify is not None:
@@ -228,8 +233,8 @@ def test_the_path_moves_from_the_relay_to_direct_when_the_block_goes(rig):
     relayed = rig.settled_pair()
     assert relayed["relayed_datagrams"] - before["relayed_datagrams"] == 40
 
-    lab.block_direct(False)
     start = len(listener.lines)
+    lab.block_direct(False)
     n = 0
     for _ in deadline_loop(what="the direct path, with datagrams flowing meanwhile"):
         rig.talk(client, 1, f"moving {n}")
@@ -250,3 +255,92 @@ def test_the_path_moves_from_the_relay_to_direct_when_the_block_goes(rig):
     assert len(rig.echo.sources) == 1
     assert rig.echo.count == 20 + n + 1 + 30
     assert "gone" not in listener.log() + forwarder.log()
+
+
+def need_mosh():
+    """Skip without mosh and tmux, but fail where the lab is required (CI installs them)."""
+    missing = [tool for tool in MOSH_TOOLS if shutil.which(tool) is None]
+    if missing:
+        reason = f"needs {', '.join(missing)}: apt-get install mosh tmux"
+        if os.environ.get("UDPMUX_REQUIRE_LAB") == "1":
+            pytest.fail("UDPMUX_REQUIRE_LAB=1 but this test " + reason, pytrace=False)
+        pytest.skip(reason)
+
+
+class Tmux:
+    """A tmux server of its own (its socket in the test's directory) on a lab host, running
+    one detached session; stopped by its PID."""
+
+    def __init__(self, lab, host, socket_path, command, environment):
+        self.argv = [IP, "netns", "exec", lab.ns(host), shutil.which("tmux"),
+                     "-S", str(socket_path), "-f", "/dev/null"]
+        self.env = environment
+        self.pids = []
+        self.tmux("new-session", "-d", "-x", "100", "-y", "30", command)
+        self.pids = [int(self.tmux("display-message", "-p", what).strip())
+                     for what in ("#{pid}", "#{pane_pid}")]
+
+    def tmux(self, *args):
+        out = subprocess.run([*self.argv, *args], env=self.env, capture_output=True, text=True,
+                             timeout=WAIT)
+        assert out.returncode == 0, f"tmux {args[0]} failed: {out.stderr}"
+        return out.stdout
+
+    def screen(self):
+        return self.tmux("capture-pane", "-p").splitlines()
+
+    def wait_screen(self, check, what):
+        """Poll the screen until check(lines) holds (a few times a second, with a deadline)."""
+        end = time.monotonic() + WAIT
+        while True:
+            lines = self.screen()
+            if check(lines):
+                return lines
+            if time.monotonic() > end:
+                raise AssertionError(f"timed out after {WAIT} s waiting for {what}; the "
+                                     "screen:\n" + "\n".join(lines))
+            time.sleep(0.1)     # between two looks at the screen; the deadline bounds it
+
+    def close(self):
+        kill_pids(self.pids)
+
+
+def test_a_mosh_session_runs_over_the_punched_path(rig, tmp_path):
+    need_mosh()
+    lab = rig.lab
+    rig.relay()
+    rig.forward(service=f"127.0.0.1:{MOSH_PORT}")
+    listener = rig.listen()
+    pair = rig.wait_pair("the pair to go direct", lambda p: p["path"] == "direct")
+    listener.wait_log(f"direct path to {pair['forward']} is up")
+
+    prompt = "udpmux-shell$ "
+    server = lab.run("inside", ["mosh-server", "new", "-i", "127.0.0.1", "-p", str(MOSH_PORT),
+                                "--", "/bin/sh"],
+                     env={**env(), **UTF8, "PS1": prompt}, cwd=tmp_path, capture_output=True,
+                     text=True, timeout=WAIT)
+    detached = re.search(r"\[mosh-server detached, pid = (\d+)\]", server.stderr)
+    assert server.returncode == 0 and detached, server.stdout + server.stderr
+    client = None
+    try:
+        connect = re.search(r"^MOSH CONNECT (\d+) (\S+)$", server.stdout, re.M)
+        assert connect and int(connect[1]) == MOSH_PORT, server.stdout
+        client = Tmux(lab, "outside", tmp_path / "tmux.sock",
+                      f"mosh-client 127.0.0.1 {LISTEN}",
+                      {**env(), **UTF8, "MOSH_KEY": connect[2]})
+        # The shell's prompt on mosh-client's screen: the session is up, across the NATs.
+        client.wait_screen(lambda lines: any(line.startswith(prompt.strip()) for line in lines),
+                           "the remote shell's prompt")
+        number = random.randrange(10 ** 6)
+        client.tmux("send-keys", "-l", f"echo udpmux-$(({number} + 1))-marker")
+        client.tmux("send-keys", "Enter")
+        # Only the shell on inside computes the number: the typed line does not show it.
+        marker = f"udpmux-{number + 1}-marker"
+        client.wait_screen(lambda lines: marker in lines, f"{marker!r} on the screen")
+    finally:
+        if client is not None:
+            client.close()
+        kill_pids([int(detached[1])])
+    # mosh's datagrams all went the punched way: the relay carried none of them.
+    after = rig.settled_pair()
+    assert after["path"] == "direct" and after["relayed_datagrams"] == 0
