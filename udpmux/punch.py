@@ -120,6 +120,7 @@ class PunchWorker(Worker):
         self.acceptor = Acceptor(self.key, [wire.ROLE_PUNCH])
         self.direct = None
         self.peer_key = None                # the peer's address that works (or to try)
+        self.peer_told = None               # where the relay saw the peer while direct
         self.peer_heard = now
         self.direct_sent = now
         self.attempt_until = None
@@ -393,6 +394,8 @@ class PunchWorker(Worker):
         self.log.warning("the direct path to %s is gone (%s)%s", addr.format_peer(self.peer_key),
                          why, "; through the relay meanwhile" if self.paired else "")
         self.set_path(PATH_RELAYED if self.paired else None)
+        if self.peer_told is not None:
+            self.peer_key, self.peer_told = self.peer_told, None
         self.begin_attempt(now)
 
     def set_path(self, path):
@@ -440,11 +443,18 @@ class PunchWorker(Worker):
             text = addr.format_peer(key)
             fresh = not self.paired
             self.paired = True
-            if key != self.peer_key or self.direct is None:
+            if self.direct is None:
                 self.log.info("the relay says the peer is at %s", text)
-                if self.direct is None or key != self.peer_key:
-                    self.peer_key = key
-                    self.begin_attempt(now)
+                self.peer_key = key
+                self.begin_attempt(now)
+            else:
+                # The direct session follows the peer's own newest message.  The relay sees
+                # the peer's mapping towards the relay, another port behind a symmetric NAT
+                # or once a birthday probe socket took over: it is for the next attempt.
+                if key != self.peer_key:
+                    self.log.info("the relay says the peer is at %s; the direct path to %s "
+                                  "stays", text, addr.format_peer(self.peer_key))
+                self.peer_told = key
             if fresh and self.direct is None:
                 self.set_path(PATH_RELAYED)
         elif mtype in (T_DATA, T_CLOSE):
