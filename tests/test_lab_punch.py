@@ -217,6 +217,45 @@ def test_a_symmetric_nat_without_probing_stays_relayed_and_the_relay_carries_it(
     assert "is up" not in listener.log() + forwarder.log()
 
 
+def test_a_symmetric_nat_with_probing_keeps_the_flow_whether_or_not_it_goes_direct(rig):
+    """Birthday probing (the default 256 ports) finds a way through a symmetric NAT in an
+    attempt with a chance of about 64 %: the test cannot know which path it gets, but the
+    datagrams must flow all along, by the relay until a probe finds the way, and by the
+    direct path once one does, without the user doing anything."""
+    lab = rig.lab
+    lab.set_symmetric("in", True)
+    rig.relay()
+    forwarder = rig.forward("--retry", "1")
+    listener = rig.listen("--retry", "1")
+    listener.wait_log("the relay says the peer is at")
+    client = rig.client()
+    answered = 0
+    for _ in deadline_loop(4 * WAIT, "a direct path or two failed attempts"):
+        rig.talk(client, 1, f"all along {answered}")
+        answered += 1
+        log = listener.log()
+        if "is up" in log or log.count("no direct path this time") >= 2:
+            break
+        with listener.cond:             # the next datagram after a log line or 0.1 s
+            listener.cond.wait(0.1)
+    before = rig.settled_pair()
+    rig.talk(client, 20, "then")
+    after = rig.settled_pair()
+    assert rig.echo.count == answered + 20 and len(rig.echo.sources) == 1
+    direct = re.search(r"direct path to (\S+) is up", listener.log())
+    if direct:
+        assert after["path"] == "direct"
+        assert after["relayed_datagrams"] == before["relayed_datagrams"]
+        # The probing found a port of nat_in's that the relay never saw (a random port
+        # per destination; the same one twice has a chance of 1 in 64512).
+        assert direct[1].rsplit(":", 1)[0] == lab.public_addr("in")
+        assert direct[1] != after["forward"]
+    else:
+        assert after["path"] == "relayed"
+        assert after["relayed_datagrams"] - before["relayed_datagrams"] == 40
+    assert "gone" not in listener.log() + forwarder.log()
+
+
 def test_the_path_moves_from_the_relay_to_direct_when_the_block_goes(rig):
     lab = rig.lab
     lab.block_direct(True)              # the NATs reach the relay, not each other
