@@ -381,6 +381,19 @@ def test_example_config_shows_every_key_and_true_defaults():
     assert every <= used, f"conf/relay.toml never shows {sorted(every - used)}"
 
 
+def assert_shows_every_key(text, settings, examples=()):
+    """An agent's example file sets or shows (commented out) every key of `settings`; a
+    commented-out key shows its default, unless it is one of `examples`."""
+    shown = set(tomllib.loads(text))
+    for m in re.finditer(r"^#\s*(\w+)\s*=\s*(.+)$", text, re.M):
+        setting = settings.get(m.group(1))
+        if setting is not None:
+            shown.add(setting.name)
+            if setting.name not in examples:
+                assert tomllib.loads(f"v = {m.group(2)}")["v"] == setting.default, m.group(0)
+    assert shown == set(settings), f"never shown: {set(settings) - shown}"
+
+
 EXPOSE_EXAMPLE = REPO / "conf" / "expose-wg.toml"
 
 
@@ -391,13 +404,7 @@ def test_example_exposer_file_loads_and_shows_every_key(tmp_path):
     path.write_text(text.replace('"relay.example.net:5566"', '"127.0.0.1:5566"'))
     loaded = config.load_expose(str(path))
     assert loaded.key is not None and loaded.service[1] == ("127.0.0.1", 51820)
-    shown = set(tomllib.loads(text))
-    for m in re.finditer(r"^#\s*(\w+)\s*=\s*(.+)$", text, re.M):
-        setting = config.EXPOSE.get(m.group(1))
-        if setting is not None:
-            shown.add(setting.name)
-            assert tomllib.loads(f"v = {m.group(2)}")["v"] == setting.default, m.group(0)
-    assert shown == set(config.EXPOSE), f"never shown: {set(config.EXPOSE) - shown}"
+    assert_shows_every_key(text, config.EXPOSE)
 
 
 PUNCH_EXAMPLE = REPO / "conf" / "punch-mosh.toml"
@@ -410,14 +417,8 @@ def test_example_punch_file_loads_and_shows_every_key(tmp_path):
     loaded = config.load_punch(str(path))
     assert loaded.key is not None and loaded.rendezvous == "mosh"
     assert loaded.forward[1] == ("127.0.0.1", 60001) and loaded.listen is None
-    shown = set(tomllib.loads(text))
-    for m in re.finditer(r"^#\s*(\w+)\s*=\s*(.+)$", text, re.M):
-        setting = config.PUNCH.get(m.group(1))
-        if setting is not None:
-            shown.add(setting.name)
-            if setting.default is not None:
-                assert tomllib.loads(f"v = {m.group(2)}")["v"] == setting.default, m.group(0)
-    assert shown == set(config.PUNCH), f"never shown: {set(config.PUNCH) - shown}"
+    # peer and listen are the other form's keys, shown commented out as examples.
+    assert_shows_every_key(text, config.PUNCH, examples={"peer", "listen"})
 
 
 def literal_blocks(lines):

@@ -424,13 +424,19 @@ def _expose(values, where, log):
     return ExposeConfig(relay=endpoints["relay"], service=endpoints["service"], key=key, **rest)
 
 
-def load_expose(path, log=None):
-    """Read and check an exposer's file (expose-NAME.toml); ConfigError names file and key."""
-    values = _check_settings(_read_toml(path), EXPOSE, path)
+def _load_agent(path, settings, build, log):
+    """Read and check one agent's file of top-level keys, and build its config with
+    build(values, path, log); ConfigError names the file and the key."""
+    values = _check_settings(_read_toml(path), settings, path)
     try:
-        return _expose(values, path, log)
+        return build(values, path, log)
     except (ValueError, Fatal) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def load_expose(path, log=None):
+    """Read and check an exposer's file (expose-NAME.toml)."""
+    return _load_agent(path, EXPOSE, _expose, log)
 
 
 def expose_from_options(args, log=None):
@@ -533,12 +539,8 @@ def _punch(values, where, log):
 
 
 def load_punch(path, log=None):
-    """Read and check a punch file (punch-NAME.toml); ConfigError names file and key."""
-    values = _check_settings(_read_toml(path), PUNCH, path)
-    try:
-        return _punch(values, path, log)
-    except (ValueError, Fatal) as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    """Read and check a punch file (punch-NAME.toml)."""
+    return _load_agent(path, PUNCH, _punch, log)
 
 
 def punch_from_options(args, log=None):
