@@ -6,6 +6,7 @@ a READY=1 from sd_notify, a log line, or a datagram, each with a deadline.
 
 import json
 import os
+import random
 import select
 import signal
 import socket
@@ -48,21 +49,31 @@ class Notify:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
         self.seen = []
+        self.daemons = []       # the processes told of this socket, newest last
 
     def wait_for(self, field, timeout=WAIT):
         """Wait for a datagram with `field` (e.g. "READY=1"); return its fields."""
         return self.wait_match(lambda fields: field in fields, timeout, field)
 
     def wait_match(self, check, timeout=WAIT, what="a notification"):
-        """Wait for a datagram whose fields satisfy check(fields); return its fields."""
-        for left in deadline_loop(timeout, what):
-            ready, _, _ = select.select([self.sock], [], [], left)
-            if not ready:
-                continue
-            fields = self.sock.recv(4096).decode().split("\n")
-            self.seen.append(fields)
-            if check(fields):
-                return fields
+        """Wait for a datagram whose fields satisfy check(fields); return its fields.
+
+        Fails at once, with the daemon's log, when the newest daemon reporting here
+        has exited with nothing left to read; on a timeout the log is shown too."""
+        end = time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0:
+            ready, _, _ = select.select([self.sock], [], [], min(left, 0.2))
+            if ready:
+                fields = self.sock.recv(4096).decode().split("\n")
+                self.seen.append(fields)
+                if check(fields):
+                    return fields
+            elif self.daemons and self.daemons[-1].proc.poll() is not None:
+                daemon = self.daemons[-1]
+                raise AssertionError(f"the daemon exited ({daemon.proc.returncode}) before "
+                                     f"{what}; log:\n{daemon.log()}")
+        logs = "\n".join(d.log() for d in self.daemons[-1:])
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}; log:\n{logs}")
 
     def close(self):
         self.sock.close()
@@ -77,6 +88,7 @@ class Daemon:
         e = env()
         if notify is not None:
             e["NOTIFY_SOCKET"] = notify.path
+            notify.daemons.append(self)
         argv = [*prefix, *(argv or udpmux_argv(*args))]
         self.lines = []
         self.cond = threading.Condition()
@@ -182,10 +194,39 @@ def udp_client(host="127.0.0.1", timeout=3.0):
     return sock
 
 
-def free_udp_port(host="127.0.0.1"):
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+_handed_out = set()
+
+
+def _ephemeral_range():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+            return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(host="127.0.0.1"):
+    """A port free for UDP and TCP on host, for a daemon to bind.
+
+    Drawn below the kernel's ephemeral range, so that no client socket bound to port 0
+    takes it before the daemon starts, and never the same one twice in a run."""
+    low = min(_ephemeral_range()[0], 32768)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(max(low - 12000, 1024), low)
+        if port in _handed_out:
+            continue
+        try:
+            for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                with socket.socket(family, kind) as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        _handed_out.add(port)
+        return port
+    raise AssertionError(f"no free port below {low} on {host}")
 
 
 def exchange(sock, data, address, tries=3):

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from procs import (
-    ROOT, WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, free_udp_port, status,
+    ROOT, WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, free_port, status,
     udp_client, udpmux_argv,
 )
 
@@ -41,7 +41,7 @@ class Relay:
     def write(self, *names, extra=""):
         text = f'control_socket = "{self.control}"\nstop_timeout = 3\n{extra}\n'
         for name in names:
-            public, register = self.ports.setdefault(name, (free_udp_port(), free_udp_port()))
+            public, register = self.ports.setdefault(name, (free_port(), free_port()))
             text += textwrap.dedent(f"""
                 [tunnels.{name}]
                 public = "{LOCAL}:{public}"

@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from procs import (
-    ROOT, WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, free_udp_port, status,
+    ROOT, WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, free_port, status,
     udp_client, udpmux_argv,
 )
 
@@ -24,7 +24,7 @@ def service(tmp_path):
     """A relay with one tunnel, metrics on, and its exposer: (relay, ports, urls)."""
     key = str(tmp_path / "key")
     subprocess.run(udpmux_argv("keygen", key), env=env(), check=True)
-    public, register = free_udp_port(), free_udp_port()
+    public, register = free_port(), free_port()
     control = str(tmp_path / "control.sock")
     config = tmp_path / "relay.toml"
     config.write_text(f'control_socket = "{control}"\nmetrics_listen = "{LOCAL}:0"\n'

@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from procs import (
-    WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, free_udp_port, tunnel,
+    WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, free_port, tunnel,
     udp_client, udpmux_argv,
 )
 from udpmux import auth, wire
@@ -37,7 +37,7 @@ class Pair:
         return daemon
 
     def direct(self, key=None):
-        a, b, self.listen = free_udp_port(), free_udp_port(), free_udp_port()
+        a, b, self.listen = free_port(), free_port(), free_port()
         self.forwarder = self.start(["punch", "--peer", f"{LOCAL}:{b}", "--port", a,
                                      "--key-file", self.key, "--forward",
                                      f"{LOCAL}:{self.echo.port}", "--debug"])
@@ -47,7 +47,7 @@ class Pair:
 
     def relay(self):
         self.control = str(self.tmp / "control.sock")
-        self.meet = free_udp_port()
+        self.meet = free_port()
         config = self.tmp / "relay.toml"
         config.write_text(f'control_socket = "{self.control}"\n'
                           f'metrics_listen = "{LOCAL}:0"\n[tunnels.meet]\n'
@@ -59,7 +59,7 @@ class Pair:
         self.notify.wait_for("READY=1")
 
     def brokered(self, name="mosh"):
-        self.listen = free_udp_port()
+        self.listen = free_port()
         self.forwarder = self.start(["punch", "--relay", f"{LOCAL}:{self.meet}",
                                      "--rendezvous", name, "--key-file", self.key,
                                      "--forward", f"{LOCAL}:{self.echo.port}", "--debug"])
@@ -175,7 +175,7 @@ def test_the_direct_path_stays_when_the_relay_sees_the_peer_elsewhere(pair):
     pair.relay()
     mapping = Mapping((LOCAL, pair.meet))
     try:
-        pair.listen = free_udp_port()
+        pair.listen = free_port()
         forwarder = pair.start(["punch", "--relay", f"{LOCAL}:{mapping.port}", "--rendezvous",
                                 "mosh", "--key-file", pair.key, "--forward",
                                 f"{LOCAL}:{pair.echo.port}", "--keepalive", "2", "--debug"])
@@ -229,7 +229,7 @@ def test_a_bad_rendezvous_name_is_a_counted_drop(pair):
 
 def test_once_punches_and_leaves_the_port_free(pair):
     receiver = udp_client(timeout=WAIT)
-    port = free_udp_port()
+    port = free_port()
     out = subprocess.run(udpmux_argv("punch", "--once", "--peer",
                                      f"{LOCAL}:{receiver.getsockname()[1]}", "--port", port),
                          env=env(), capture_output=True, text=True, timeout=WAIT)
@@ -265,7 +265,7 @@ def write_punch(path, text):
 def test_each_side_from_a_file(pair):
     """punch -c FILE, as the udpmux-punch@ unit runs it: the same two sides as from
     options."""
-    a, b, listen = free_udp_port(), free_udp_port(), free_udp_port()
+    a, b, listen = free_port(), free_port(), free_port()
     forward = write_punch(pair.tmp / "punch-a.toml", f"""
         peer = "{LOCAL}:{b}"
         port = {a}

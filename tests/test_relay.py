@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from procs import (
-    WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, free_udp_port, status, tunnel,
+    WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, free_port, status, tunnel,
     udp_client, udpmux_argv,
 )
 from udpmux import wire
@@ -33,8 +33,8 @@ class Rig:
         self.notify = Notify(str(tmp_path))
 
     def relay(self, *extra, key=True, public=None, register=None, wait=True):
-        self.public = public or free_udp_port()
-        self.register = register or free_udp_port()
+        self.public = public or free_port()
+        self.register = register or free_port()
         args = ["relay", "--public", f"{LOCAL}:{self.public}",
                 "--register", f"{LOCAL}:{self.register}", "--control-socket", self.control,
                 *(["--key-file", self.key] if key else ["--insecure"]), "--debug", *extra]
@@ -399,7 +399,7 @@ def test_sigterm_stops_the_relay_and_all_its_workers(rig):
 def test_ipv6_clients_and_an_ipv6_exposer(tmp_path):
     rig = Rig(tmp_path)
     try:
-        rig.public, rig.register = free_udp_port(), free_udp_port()
+        rig.public, rig.register = free_port(), free_port()
         rig.start(["relay", "--public", f"[::1]:{rig.public}", "--register",
                    f"[::1]:{rig.register}", "--key-file", rig.key,
                    "--control-socket", rig.control])
@@ -415,7 +415,7 @@ def test_ipv6_clients_and_an_ipv6_exposer(tmp_path):
 
 
 def test_one_socket_for_clients_and_the_exposer(rig):
-    port = free_udp_port()
+    port = free_port()
     rig.public = rig.register = port
     rig.start(["relay", "--public", f"{LOCAL}:{port}", "--key-file", rig.key,
                "--control-socket", rig.control])
@@ -434,7 +434,7 @@ def test_a_flood_on_one_tunnel_does_not_reach_the_other(tmp_path):
     tunnel's worker alone."""
     key = str(tmp_path / "key")
     subprocess.run(udpmux_argv("keygen", key), env=env(), check=True)
-    ports = {name: (free_udp_port(), free_udp_port()) for name in ("calm", "flooded")}
+    ports = {name: (free_port(), free_port()) for name in ("calm", "flooded")}
     config = tmp_path / "relay.toml"
     config.write_text(f'control_socket = "{tmp_path}/control.sock"\n' + "".join(
         f'[tunnels.{name}]\npublic = "{LOCAL}:{pub}"\nregister = "{LOCAL}:{reg}"\n'

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from procs import (
-    WAIT, Daemon, Echo, deadline_loop, env, exchange, udp_client, udpmux_argv,
+    WAIT, Daemon, Echo, deadline_loop, env, exchange, free_port, udp_client, udpmux_argv,
 )
 from udpmux import auth, wire
 from udpmux.carrier import FLOW_QUEUE, TcpCarrier, tune
@@ -20,12 +20,6 @@ from udpmux.worker import Poller
 LOCAL = "127.0.0.1"
 
 
-def free_tcp_port():
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        return s.getsockname()[1]
-
-
 class Uot:
     """An echo target, a uot-server in front of it, and uot-clients."""
 
@@ -33,7 +27,7 @@ class Uot:
         self.key = str(tmp_path / "key")
         subprocess.run(udpmux_argv("keygen", self.key), env=env(), check=True)
         self.echo = Echo()
-        self.tcp = free_tcp_port()
+        self.tcp = free_port()
         self.daemons = []
 
     def server(self, *extra, key=None, target=None):
