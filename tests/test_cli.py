@@ -80,17 +80,6 @@ def test_bad_options_get_a_clear_message_and_status_64(args, message):
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("mode", [m for m, spec in MODES.items() if spec.entry is None])
-def test_modes_not_built_say_so(mode):
-    minimal = {"link": ["host"], "link-server": [],
-               "punch": ["--once", "--peer", "192.0.2.1:1", "--port", "5"],
-               "uot-server": ["--listen", "127.0.0.1:0", "--target", "127.0.0.1:1", "--insecure"],
-               "uot-client": ["--listen", "127.0.0.1:0", "--server", "127.0.0.1:1", "--insecure"]}
-    out = run(mode, *minimal[mode])
-    assert out.returncode == 69
-    assert "not implemented yet" in out.stderr
-
-
 def test_keygen_writes_a_private_key_file_once(tmp_path):
     path = tmp_path / "k"
     assert run("keygen", path).returncode == 0

@@ -18,7 +18,7 @@ from udpmux.config import (
     default_text,
 )
 from udpmux.errors import (
-    EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE, Fatal,
+    EXIT_OK, EXIT_SOFTWARE, EXIT_USAGE, Fatal,
 )
 
 def _d(name):
@@ -290,11 +290,11 @@ Options:
 
 
 class Mode:
-    def __init__(self, name, doc, summary, entry=None):
+    def __init__(self, name, doc, summary, entry):
         self.name = name
         self.doc = doc
         self.summary = summary
-        self.entry = entry      # "module:function", or None while not built
+        self.entry = entry      # "module:function" that runs the mode
 
 
 MODES = {m.name: m for m in [
@@ -419,9 +419,6 @@ def _main(argv):
         print(mode.doc.split("Options:")[0].split("\n\n", 1)[1].strip(), file=sys.stderr)
         return error(f"{mode.name}: {diagnose(mode.doc, argv[1:], exc)}; "
                      f"`udpmux {mode.name} --help` explains", EXIT_USAGE)
-    if mode.entry is None:
-        return error(f"{mode.name}: not implemented yet in udpmux {__version__}",
-                     EXIT_UNAVAILABLE)
     module, _, function = mode.entry.partition(":")
     run = getattr(importlib.import_module(module), function)
     try:

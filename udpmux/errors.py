@@ -10,7 +10,6 @@ EXIT_FAILURE = 1        # the job ran and failed (a session could not deliver, t
 EXIT_USAGE = 64         # bad command line
 EXIT_DATAERR = 65       # bad input data (a key file that is not a key)
 EXIT_NOINPUT = 66       # an input file is missing (a key file)
-EXIT_UNAVAILABLE = 69   # a mode this version does not provide
 EXIT_SOFTWARE = 70      # an internal error (a bug: please report it)
 EXIT_OSERR = 71         # the system refused: cannot bind, cannot fork
 EXIT_NOPERM = 77        # permission denied (a key file, a privileged port)
@@ -26,7 +25,6 @@ EXIT_NAMES = {
     EXIT_USAGE: "usage",
     EXIT_DATAERR: "data",
     EXIT_NOINPUT: "no-input",
-    EXIT_UNAVAILABLE: "unavailable",
     EXIT_SOFTWARE: "software",
     EXIT_OSERR: "os",
     EXIT_NOPERM: "permission",
