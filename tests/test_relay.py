@@ -428,6 +428,46 @@ def test_one_socket_for_clients_and_the_exposer(rig):
     assert t["public"] == t["register"] == f"{LOCAL}:{port}"
 
 
+def test_an_exposer_back_on_a_shared_socket_gets_waiting_datagrams_at_once(rig):
+    """One socket for clients and the exposer: a new exposer's first message and a known
+    client's datagram read in the same batch.  The worker forwards the datagram under
+    the new session, and it is the same worker that does."""
+    port = free_port()
+    rig.public = rig.register = port
+    rig.start(["relay", "--public", f"{LOCAL}:{port}", "--key-file", rig.key,
+               "--control-socket", rig.control, "--debug"])
+    rig.notify.wait_for("READY=1")
+    exposer = rig.expose()
+    client = udp_client()
+    assert exchange(client, b"before", (LOCAL, port)) == b"before"
+    exposer.stop()                                      # says BYE; the flow stays
+    t = rig.wait_tunnel("the exposer to leave", lambda t: t["exposer"] is None)
+    assert t["flows"] == 1
+    worker = t["worker_pid"]
+    # A new exposer, by hand: its handshake, then its first message and the client's
+    # datagram queued while the worker is stopped, so that one read takes both.
+    me = udp_client()
+    initiator = Initiator(read_key(rig.key), wire.ROLE_EXPOSE)
+    me.sendto(initiator.hello(), (LOCAL, port))
+    session = initiator.welcome(me.recv(70000))
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        me.sendto(session.seal(wire.T_KEEPALIVE, 0, wire.KEEPALIVE.pack(0, 1, 0)),
+                  (LOCAL, port))
+        client.sendto(b"after", (LOCAL, port))
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    for _ in deadline_loop(what="the client's datagram at the new exposer"):
+        msg = me.recv(70000)
+        version, mtype, flags, sid, tag, nonce = wire.HEADER.unpack_from(msg)
+        if mtype == wire.T_DATA:
+            break
+    assert sid == session.local_id
+    assert msg[wire.HEADER_SIZE:-wire.MAC_SIZE] == b"after"
+    assert session.open(msg, nonce)                     # sealed under the new session
+    assert rig.tunnel()["worker_pid"] == worker         # and nothing was respawned
+
+
 def test_a_flood_on_one_tunnel_does_not_reach_the_other(tmp_path):
     """Two tunnels in one relay: one tunnel's port is flooded with garbage while the
     other's clients keep being served, and the flood's cost lands on the flooded

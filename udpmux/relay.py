@@ -254,16 +254,16 @@ class RelayWorker(Worker):
                         session.send_nonce = nonce
                     self.send_batch(batch, queued, sizes, flow_tags)
                     slot = self.client_slow(batch, i, now)
-                    if self.session is not session:       # a handshake on a shared socket
-                        session = self.session
-                        if session is None:
-                            exposer = None
-                            continue
-                        exposer, peer_id, flags = session.peer, session.peer_id, session.flags
-                        mac_key = session.send_key
+                    # The slow path may have sealed messages of its own, ended the session
+                    # or (a handshake on a shared socket) started a new one: read it again.
+                    session = self.session
+                    if session is None:
+                        exposer = None
+                        continue
+                    exposer, peer_id, flags = session.peer, session.peer_id, session.flags
+                    mac_key, nonce = session.send_key, session.send_nonce
                     if slot is None:
                         continue
-                    nonce = session.send_nonce
                 else:
                     touch(slot, now, length)
                 start = starts[i] - HEADER_SIZE
