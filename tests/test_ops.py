@@ -1,6 +1,7 @@
 """Running udpmux as a service: status and metrics agree with the traffic, systemd units
 verify, sd_notify reports the traffic."""
 
+import json
 import os
 import re
 import shutil
@@ -126,6 +127,40 @@ def test_idle_and_garbage_connections_do_not_stop_the_metrics(service):
     finally:
         for conn in idle + [garbage]:
             conn.close()
+
+
+def ask_raw(control, data):
+    """Send bytes to the control socket as they are; return the decoded reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(WAIT)
+        conn.connect(control)
+        conn.sendall(data)
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = conn.recv(65536)
+            assert chunk, f"the control socket closed after {reply!r}"
+            reply += chunk
+    return json.loads(reply)
+
+
+@pytest.mark.parametrize("request_bytes, error", [
+    (b'{"request": "flows", "tunnel": []}\n', "a flows request names a tunnel, not []"),
+    (b'{"request": "flows", "tunnel": "nope"}\n', "no tunnel named 'nope'"),
+    (b'{"request": "reboot"}\n', "unknown request 'reboot'"),
+    (b'[' * 4000 + b'\n', "bad request"),
+    (b'\xff\xfe not json\n', "bad request"),
+    (b'{"request": "status"', "bad request: the request took too long"),
+])
+def test_a_bad_control_request_gets_an_error_and_the_relay_carries_on(service, request_bytes,
+                                                                       error):
+    relay, _notify, control, public, _register, _url = service
+    (before,) = status(control)["tunnels"]
+    assert error in ask_raw(control, request_bytes)["error"]
+    (after,) = status(control)["tunnels"]
+    assert after["worker_pid"] == before["worker_pid"]
+    assert relay.proc.poll() is None
+    client = udp_client()
+    assert exchange(client, b"still here", (LOCAL, public)) == b"still here"
 
 
 def test_systemd_hears_the_traffic_in_the_status_line(service):

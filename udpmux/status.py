@@ -85,13 +85,13 @@ class StatusServer:
             conn, _ = self.sock.accept()
         except BlockingIOError:
             return
-        conn.settimeout(REPLY_TIMEOUT)
         try:
-            request = json.loads(_read_line(conn))
+            request = json.loads(_read_line(conn, time.monotonic() + REPLY_TIMEOUT))
             reply = self.answer(request)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             reply = {"error": f"bad request: {exc}"}
         try:
+            conn.settimeout(REPLY_TIMEOUT)
             conn.sendall(json.dumps(reply).encode() + b"\n")
         except OSError:
             pass
@@ -103,7 +103,10 @@ class StatusServer:
         if kind == "status":
             return self.status()
         if kind == "flows":
-            return self.flows(request.get("tunnel"))
+            name = request.get("tunnel")
+            if not isinstance(name, str):
+                return {"error": f"a flows request names a tunnel, not {name!r}"}
+            return self.flows(name)
         return {"error": f"unknown request {kind!r}"}
 
     def status(self):
@@ -184,10 +187,18 @@ def _in_use(path):
         probe.close()
 
 
-def _read_line(conn):
+def _read_line(conn, deadline):
+    """One request line, read by the deadline: a slow client cannot hold the master."""
     data = b""
     while b"\n" not in data and len(data) < MAX_REQUEST:
-        chunk = conn.recv(MAX_REQUEST)
+        left = deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            conn.settimeout(left)
+            chunk = conn.recv(MAX_REQUEST)
+        except TimeoutError:
+            raise TimeoutError(f"the request took too long (over {REPLY_TIMEOUT:g} s)") from None
         if not chunk:
             break
         data += chunk
