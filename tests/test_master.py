@@ -151,15 +151,27 @@ def test_a_changed_tunnel_gets_a_new_worker_and_keeps_its_flows(relay):
     assert exchange(client, b"still", (LOCAL, relay.ports["alpha"][0])) == b"still"
 
 
-def test_a_broken_config_on_reload_keeps_the_running_one(relay):
+@pytest.mark.parametrize("added, message", [
+    ("max_flow = 3", "unknown setting 'max_flow'"),
+    ("[tunnels.beta]\npublic = '127.0.0.1:{port}'\ninsecure = true\nmax_flows = 100000000000",
+     "max_flows: expected at most 16777216 flows"),
+    ("[tunnels.beta]\npublic = '127.0.0.1:{port}'\nkey_file = '{key}/inside'",
+     "cannot read the key file: Not a directory"),
+])
+def test_a_broken_config_on_reload_keeps_the_running_one(relay, added, message):
     relay.write("alpha")
     relay.start()
     before = relay.workers()
-    relay.config.write_text(relay.config.read_text() + "\nmax_flow = 3\n")
+    added = added.format(port=free_port(), key=relay.key)
+    relay.config.write_text(relay.config.read_text() + "\n" + added + "\n")
     relay.master.signal(signal.SIGHUP)
     relay.notify.wait_for("READY=1")
-    relay.master.wait_log("reload failed; the running configuration stays")
+    line = relay.master.wait_log("reload failed; the running configuration stays")
+    assert message in relay.master.lines[line]
     assert relay.workers() == before
+    client = udp_client()
+    relay.expose("alpha")
+    assert exchange(client, b"served", (LOCAL, relay.ports["alpha"][0])) == b"served"
 
 
 def test_sigterm_stops_everything_within_the_deadline(relay):

@@ -352,6 +352,14 @@ def test_new_flows_are_rate_limited_per_tunnel(rig):
     relay.wait_log("new flows arrive faster than new_flows_rate (5/s)")
 
 
+def test_a_rate_below_one_a_second_still_lets_a_flow_in(rig):
+    rig.relay("--new-flows-rate", "0.2", "--new-flows-per-source", "0.5")
+    rig.expose()
+    clients = [udp_client(f"127.0.0.{n}", timeout=0.5) for n in range(2, 6)]
+    assert burst(rig, clients) == 1
+    rig.wait_tunnel("rate drops", lambda t: t["drops"].get("flow-rate") == 3)
+
+
 @pytest.mark.parametrize("garbage, reason", [
     (b"", "short"), (b"\x01\x10", "short"), (b"\x02" + bytes(40), "version"),
     (b"\x01\x7f\x00\x01" + bytes(40), "type"), (b"\x01\x10\x80\x01" + bytes(40), "flags"),

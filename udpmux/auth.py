@@ -143,6 +143,9 @@ def read_key(path, log=None):
         raise KeyFileError(f"{path}: permission denied", status=EXIT_NOPERM) from None
     except IsADirectoryError:
         raise KeyFileError(f"{path}: is a directory, not a key file") from None
+    except OSError as exc:          # a path through a file, a name too long, a loop, EIO
+        raise KeyFileError(f"{path}: cannot read the key file: {exc.strerror}",
+                           status=EXIT_NOINPUT) from None
     if log is not None and mode & stat.S_IRWXO:
         log.warning("key file %s is readable by others (mode %04o); chmod 600 it",
                     path, stat.S_IMODE(mode))

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from udpmux import addr, auth, wire
 from udpmux.errors import ConfigError, Fatal, UsageError
+from udpmux.tagtable import CAPACITY_MAX
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 
@@ -30,6 +31,13 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 def _positive_int(value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"expected a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _flow_count(value):
+    value = _positive_int(value)
+    if value > CAPACITY_MAX:
+        raise ValueError(f"expected at most {CAPACITY_MAX} flows, got {value}")
     return value
 
 
@@ -82,7 +90,7 @@ TUNNEL_SETTINGS = [
     Setting("insecure", _flag, False, "run without a key"),
     Setting("tcp", _flag, True,
             "also accept exposers over TCP at the register address (for networks that drop UDP)"),
-    Setting("max_flows", _positive_int, 1024, "flows kept at once; the idlest goes first"),
+    Setting("max_flows", _flow_count, 1024, "flows kept at once; the idlest goes first"),
     Setting("flow_idle", _positive_number, 180.0, "seconds without datagrams before a flow ends"),
     Setting("exposer_timeout", _positive_number, 90.0,
             "seconds without a word from the exposer before the tunnel is down"),
@@ -338,7 +346,7 @@ def from_options(args, log=None):
 
 UOT_SETTINGS = [
     Setting("flow_idle", _positive_number, 180.0, "seconds without datagrams before a flow ends"),
-    Setting("max_flows", _positive_int, 1024, "flows (UDP sockets at the server) kept at once"),
+    Setting("max_flows", _flow_count, 1024, "flows (UDP sockets at the server) kept at once"),
     Setting("max_clients", _positive_int, 64, "uot-client connections served at once"),
 ]
 UOT = {s.name: s for s in UOT_SETTINGS}
@@ -391,7 +399,7 @@ EXPOSE_SETTINGS = [
     Setting("keepalive", _positive_number, 25.0,
             "seconds between keepalives; below the NAT's UDP timeout"),
     Setting("flow_idle", _positive_number, 180.0, "seconds without datagrams before a flow ends"),
-    Setting("max_flows", _positive_int, 1024, "flows (service sockets) kept at once"),
+    Setting("max_flows", _flow_count, 1024, "flows (service sockets) kept at once"),
 ]
 EXPOSE = {s.name: s for s in EXPOSE_SETTINGS}
 
@@ -482,7 +490,7 @@ PUNCH_SETTINGS = [
             "extra sockets and guessed ports against a symmetric NAT (0: none)"),
     Setting("retry", _positive_number, 30.0, "seconds between direct attempts while relayed"),
     Setting("flow_idle", _positive_number, 180.0, "seconds without datagrams before a flow ends"),
-    Setting("max_flows", _positive_int, 1024, "flows kept at once"),
+    Setting("max_flows", _flow_count, 1024, "flows kept at once"),
 ]
 PUNCH = {s.name: s for s in PUNCH_SETTINGS}
 

@@ -6,13 +6,14 @@ from collections import OrderedDict
 
 
 class TokenBucket:
-    """`rate` tokens a second, holding at most `burst` (one second's worth by default)."""
+    """`rate` tokens a second, holding at most `burst` (by default one second's worth, and
+    never less than one token, so that a rate below 1 still lets one through now and then)."""
 
     __slots__ = ("rate", "burst", "tokens", "last")
 
     def __init__(self, rate, burst=None, now=0.0):
         self.rate = rate
-        self.burst = rate if burst is None else burst
+        self.burst = max(rate, 1.0) if burst is None else burst
         self.tokens = self.burst
         self.last = now
 
