@@ -5,6 +5,7 @@ import mmap
 import os
 import random
 import signal
+import socket
 import struct
 import sys
 import time
@@ -17,6 +18,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
                                  rule)
 
 from udpmux import tagtable
+from udpmux.addr import peer_key
 from udpmux.tagtable import TAG_MAX, Flow, TagTable
 
 # ------------------------------------------------------------------ helpers
@@ -68,7 +70,26 @@ def keys_with_home(table, home, count, width=4):
     found = []
     for i in range(1_000_000):
         key = i.to_bytes(width, "little")
-        if tagtable._hash(key) & table.mask == home:
+        if table.home(key) == home:
+            found.append(key)
+            if len(found) == count:
+                return found
+    raise AssertionError("no colliding keys found")
+
+
+def longest_probe(table):
+    """The longest probe of the flows in the cells, counted from scratch."""
+    return max(((pos - table.home(key)) & table.mask for pos, _gen, key, _tag
+                in raw_cells(table)), default=0)
+
+
+def loopback_keys_with_unseeded_home(ncells, home, count):
+    """Peer keys of 127.a.b.c:5566 whose unseeded xxh3_64 lands on home: what an attacker
+    who knows the table's size but not its seed would send from."""
+    found = []
+    for n in range(1 << 24):
+        key = peer_key(socket.AF_INET, (f"127.{n >> 16}.{(n >> 8) & 255}.{n & 255}", 5566))
+        if tagtable._hash(key) & (ncells - 1) == home:
             found.append(key)
             if len(found) == count:
                 return found
@@ -192,6 +213,56 @@ def test_backward_shift_keeps_probe_chains_and_slots():
     table.touch(slots[d], 9.0, 100)
     table.sync()
     assert table.lookup(d).bytes_in == 100 and table.lookup(c).bytes_in == 0
+
+
+# ------------------------------------------------------------------ hash flooding
+
+
+def test_addresses_that_collide_without_the_seed_get_short_probes():
+    """Clients that share a home cell under the unseeded hash would make one probe chain
+    as long as their number: every insert walks it and every removal shifts it back."""
+    capacity, count = 1024, 300
+    unseeded = TagTable(capacity, key_size=16, seed=0)
+    keys = loopback_keys_with_unseeded_home(unseeded.ncells, 77, count)
+    unseeded.attach()
+    for i, key in enumerate(keys):
+        unseeded.insert(key, float(i))
+    assert unseeded.probe_max() == longest_probe(unseeded) == count - 1    # the attack
+    table = TagTable(capacity, key_size=16)
+    assert table.ncells == unseeded.ncells and table.seed != 0
+    table.attach()
+    for i, key in enumerate(keys):
+        table.insert(key, float(i))
+    # At 300 flows in 2048 cells a probe of 32 has odds below 1e-14.
+    assert table.probe_max() == longest_probe(table) < 32
+    assert table.summary()["probe_max"] == table.probe_max()
+    for key in keys[:150]:                          # and removals keep the figure right
+        table.remove(table.get(key))
+    assert table.probe_max() == longest_probe(table)
+    for key in keys[150:]:
+        table.remove(table.get(key))
+    assert table.probe_max() == 0 and len(table) == 0
+
+
+def test_the_seed_is_drawn_per_table_kept_in_the_header_and_checked_by_attach():
+    tables = [TagTable(64) for _ in range(4)]
+    assert len({t.seed for t in tables}) == 4
+    table = tables[0]
+    assert tagtable.HEAD_SEED.unpack_from(table._mm, tagtable.HEAD_SEED_OFFSET) == (table.seed,)
+    key = peer_key(socket.AF_INET, ("192.0.2.1", 5566))
+
+    def worker():
+        table.attach()
+        table.insert(key, 1.0)
+        return 0 if table.home(key) == tagtable._hash(key, table.seed) & table.mask else 3
+
+    assert wait(fork(worker)) == 0
+    assert table.lookup(key).tag == 1              # the reader probes from the same home
+    tagtable.HEAD_SEED.pack_into(table._mm, tagtable.HEAD_SEED_OFFSET, table.seed ^ 1)
+    with pytest.raises(RuntimeError, match="damaged"):
+        table.attach()
+    with pytest.raises(ValueError):
+        TagTable(64, seed=1 << 64)
 
 
 # ------------------------------------------------------------------ the model
@@ -347,6 +418,7 @@ class TableAgainstModel(RuleBasedStateMachine):
         assert summary["count"] == len(self.flows)
         assert summary["evictions"] == self.evictions
         assert summary["expired"] == self.expired
+        assert summary["probe_max"] == longest_probe(table)
         assert all_gens_even(table)
 
 
@@ -637,6 +709,7 @@ def test_attach_repairs_a_move_cut_short(monkeypatch):
         assert table.tag_of(table.get(key)) == tags[key]
         assert table.lookup(key).tag == tags[key]
     assert table.summary()["count"] == 2
+    assert table.probe_max() == longest_probe(table)
 
 
 def test_attach_repairs_a_first_move_cut_short(monkeypatch):
@@ -663,6 +736,7 @@ def test_attach_repairs_a_first_move_cut_short(monkeypatch):
     assert sorted(key for _pos, _gen, key, _tag in raw_cells(table)) == sorted([b, c, d])
     for key in (b, c, d):
         assert table.lookup(key).tag == table.tag_of(table.get(key))
+    assert table.probe_max() == longest_probe(table)
 
 
 def test_attach_drops_half_written_cells_and_keeps_whole_ones():
@@ -686,3 +760,4 @@ def test_attach_drops_half_written_cells_and_keeps_whole_ones():
     assert table.get(b"z" * 16) is None and table.slot_of_tag(77) is None
     assert all_gens_even(table) and len(table) == 5
     assert all(table.lookup(key) for key in keys)
+    assert table.probe_max() == longest_probe(table)

@@ -9,8 +9,11 @@ worker, which re-attaches and finds every flow with its tag) and must be readabl
   no name, nothing in /dev/shm, no resource tracker; every child shares the same pages;
 * exactly one process writes it (the tunnel's worker, after attach()); any number read it;
 * the shared memory is an open-addressing hash table (linear probing, backward-shift
-  deletion, no tombstones) keyed by xxh3_64 of the peer key; every cell has a generation
-  counter used as a seqlock, so a reader never sees a torn cell;
+  deletion, no tombstones) keyed by xxh3_64 of the peer key, seeded with a secret the
+  master draws when it makes the table (os.urandom, kept in the header), so that nobody
+  outside can pick client addresses that share a home cell and stretch one probe chain
+  over the whole table; every cell has a generation counter used as a seqlock, so a
+  reader never sees a torn cell;
 * the writer's per-datagram work stays inside its process: dicts key->slot and tag->slot, an
   OrderedDict for exact LRU order, counters in lists.  sync() copies dirty counters to the
   shared cells (the worker calls it about once a second and at exit).  insert() and remove()
@@ -25,7 +28,10 @@ How we name things:
             the flow lives and reused after it goes.  It is not a place in shared memory.
   cell      one record of the shared array.  Backward-shift deletion moves flows between
             cells, never between slots, so a slot the caller keeps stays right.
-  home      the cell a key hashes to: xxh3_64(key) & (ncells - 1)
+  seed      the table's secret hash seed: 64 random bits drawn by __init__, in the header
+  home      the cell a key hashes to: xxh3_64(key, seed=seed) & (ncells - 1)
+  probe     how far a flow's cell lies past its home: (cell - home) & (ncells - 1);
+            probe_max, the longest among live flows, is in the header
   gen       a cell's (or the header's) seqlock: odd while the writer is changing it
   check     low 32 bits of xxh3_64(key, seed=tag): lets attach() tell a whole cell from
             one a crashed writer left half written
@@ -42,7 +48,7 @@ Gen words are written and read as whole aligned 64-bit words (a memoryview cast 
    off size field
   +---+----+--------------+-----------------------------------------------+
   |  0|   8| magic        | b"UDPMUXTT"                                   | HEAD_FIXED,
-  |  8|   2| version      | 1                                             | written once
+  |  8|   2| version      | 2 (1 had no seed: its homes were unseeded)    | written once
   | 10|   2| key_size     | K                                             | by __init__
   | 12|   4| cell_size    | CELL_SIZE                                     |
   | 16|   4| capacity     | the bound on live flows                       |
@@ -57,7 +63,15 @@ Gen words are written and read as whole aligned 64-bit words (a memoryview cast 
   | 48|   8| evictions    | flows evicted at capacity                     | expire(),
   | 56|   8| expired      | flows removed by expire()                     | attach()
   | 64|  32| retired      | pkts_in, bytes_in, pkts_out, bytes_out (u64)  |
-  | 96|  32| (reserved)   | zero                                          |
+  | 96|   4| probe_max    | the longest probe of a live flow, in cells    |
+  +---+----+--------------+-----------------------------------------------+
+  |100|   4| (reserved)   | zero                                          |
+  +---+----+--------------+-----------------------------------------------+
+  |104|   8| seed         | the home hash's seed (u64), from os.urandom   | HEAD_SEED,
+  |   |    |              | in the master; attach() refuses another one   | written once
+  |   |    |              |                                               | by __init__
+  +---+----+--------------+-----------------------------------------------+
+  |112|  16| (reserved)   | zero                                          |
   +---+----+--------------+-----------------------------------------------+
 
   cell i, at HEADER_SIZE + i * CELL_SIZE; CELL_SIZE = 65 + K rounded up to 8 (96 for K = 28)
@@ -99,7 +113,7 @@ from collections import OrderedDict, namedtuple
 import xxhash
 
 MAGIC = b"UDPMUXTT"
-VERSION = 1
+VERSION = 2
 
 KEY_SIZE_DEFAULT = 28           # addr.SOCKADDR_MAX: an IPv6 peer key
 KEY_SIZE_MAX = 255              # keylen is one byte
@@ -117,8 +131,11 @@ HEADER_SIZE = 128
 HEAD_FIXED = struct.Struct("<8sHHIII")  # magic, version, key_size, cell_size, capacity, ncells
 HEAD_GEN_OFFSET = 24
 HEAD_STATE_OFFSET = 32
-# count, next_tag, writer_pid, attaches, evictions, expired, retired pkts/bytes in/out
-HEAD_STATE = struct.Struct("<IIIIQQQQQQ")
+# count, next_tag, writer_pid, attaches, evictions, expired, retired pkts/bytes in/out,
+# probe_max
+HEAD_STATE = struct.Struct("<IIIIQQQQQQI")
+HEAD_SEED_OFFSET = 104
+HEAD_SEED = struct.Struct("<Q")
 
 CELL_BODY_OFFSET = 8
 CELL_COUNTERS_OFFSET = 24
@@ -152,11 +169,14 @@ class TagTable:
 
     Writer side (after attach()): get, slot_of_tag, insert, touch, remove, expire, sync,
     key_of, tag_of, flow, lru_keys, len.  Reader side (any process, any time): snapshot,
-    lookup, summary.  Writer methods are not safe from two processes at once.
+    lookup, summary, probe_max, home.  Writer methods are not safe from two processes at once.
     """
 
-    def __init__(self, capacity=CAPACITY_DEFAULT, key_size=KEY_SIZE_DEFAULT):
-        """In the master, before fork: maps the shared memory; no other I/O."""
+    def __init__(self, capacity=CAPACITY_DEFAULT, key_size=KEY_SIZE_DEFAULT, seed=None):
+        """In the master, before fork: maps the shared memory; no other I/O.
+
+        seed is the home hash's seed; None (always, outside tests) draws a secret one.
+        """
         if type(capacity) is not int or not 1 <= capacity <= CAPACITY_MAX:
             raise ValueError(f"tag table capacity must be from 1 to {CAPACITY_MAX}")
         if type(key_size) is not int or not 1 <= key_size <= KEY_SIZE_MAX:
@@ -169,6 +189,11 @@ class TagTable:
         self.ncells = ncells
         self.mask = ncells - 1
         self.cell_size = cell_size(key_size)
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little")
+        elif type(seed) is not int or not 0 <= seed < 1 << 64:
+            raise ValueError("tag table seed must be a 64-bit unsigned int")
+        self.seed = seed
         self._body = cell_body(key_size)
         self._zeros = bytes(self.cell_size - CELL_BODY_OFFSET)
         size = HEADER_SIZE + ncells * self.cell_size
@@ -177,7 +202,9 @@ class TagTable:
         self._words = memoryview(self._mm).cast("Q")
         HEAD_FIXED.pack_into(self._mm, 0, MAGIC, VERSION, key_size, self.cell_size,
                              capacity, ncells)
-        HEAD_STATE.pack_into(self._mm, HEAD_STATE_OFFSET, 0, TAG_MIN, 0, 0, 0, 0, 0, 0, 0, 0)
+        HEAD_STATE.pack_into(self._mm, HEAD_STATE_OFFSET, 0, TAG_MIN, 0, 0, 0, 0, 0, 0, 0, 0,
+                             0)
+        HEAD_SEED.pack_into(self._mm, HEAD_SEED_OFFSET, seed)
         self._attached = False
         self.scan_busy = 0      # cells the last snapshot() gave up on (writer mid-write or dead)
         self.scan_bad = 0       # cells whose check failed under a stable gen (never expected)
@@ -203,11 +230,13 @@ class TagTable:
         """
         mm, words, K = self._mm, self._words, self.key_size
         fixed = HEAD_FIXED.unpack_from(mm, 0)
-        if fixed != (MAGIC, VERSION, K, self.cell_size, self.capacity, self.ncells):
+        seed, = HEAD_SEED.unpack_from(mm, HEAD_SEED_OFFSET)
+        if fixed != (MAGIC, VERSION, K, self.cell_size, self.capacity, self.ncells) \
+                or seed != self.seed:
             raise RuntimeError("tag table header is damaged: the shared memory was overwritten")
         cap, n, mask = self.capacity, self.ncells, self.mask
         (_count, next_tag, _pid, attaches, self._evictions, self._expired,
-         self._rpin, self._rbin, self._rpout, self._rbout) = \
+         self._rpin, self._rbin, self._rpout, self._rbout, _probe_max) = \
             HEAD_STATE.unpack_from(mm, HEAD_STATE_OFFSET)
         hgen = words[HEAD_GEN_OFFSET >> 3]
         self._hgen = hgen + (hgen & 1)
@@ -231,6 +260,7 @@ class TagTable:
         self._at = [EMPTY] * n      # per cell: its slot, EMPTY or GARBAGE
         self._home = [0] * n        # per cell: its flow's home cell
         self._gen = [0] * n         # per cell: the even gen the writer last left
+        self._probes = []           # [d]: live flows d cells past their home; no trailing 0
 
         kept = {}                   # key -> the cell's fields
         owner = {}                  # tag -> key
@@ -271,7 +301,8 @@ class TagTable:
             self._pin[slot], self._bin[slot] = pin, bin_
             self._pout[slot], self._bout[slot] = pout, bout
             self._at[pos] = slot
-            self._home[pos] = _hash(key) & mask
+            self._home[pos] = home = _hash(key, seed) & mask
+            self._count_probe((pos - home) & mask)
             self._index[key] = slot
             self._tags[tag] = slot
             self._lru[slot] = None
@@ -339,7 +370,7 @@ class TagTable:
             tag = self._allocate_tag()
         slot = self._free.pop()
         mask, at = self.mask, self._at
-        home = pos = _hash(key) & mask
+        home = pos = _hash(key, self.seed) & mask
         for _ in range(self.ncells):
             if at[pos] == EMPTY:
                 break
@@ -353,6 +384,7 @@ class TagTable:
         self._pin[slot] = self._bin[slot] = self._pout[slot] = self._bout[slot] = 0
         at[pos] = slot
         self._home[pos] = home
+        self._count_probe((pos - home) & mask)
         self._write_cell(pos, slot)
         self._index[key] = slot
         self._tags[tag] = slot
@@ -443,6 +475,18 @@ class TagTable:
             return len(self._index)
         return self._read_header()[0]
 
+    def _count_probe(self, probe, n=1):
+        """One more (n=-1: one fewer) live flow probe cells past its home."""
+        probes = self._probes
+        if n > 0:
+            while len(probes) <= probe:
+                probes.append(0)
+            probes[probe] += 1
+        else:
+            probes[probe] -= 1
+            while probes and not probes[-1]:
+                probes.pop()
+
     def _allocate_tag(self):
         tag, tags = self._next_tag, self._tags
         while tag in tags:
@@ -473,6 +517,8 @@ class TagTable:
         cleared, so the cells satisfy the probe invariant after every single write.
         """
         mask, at, home, pos_of = self.mask, self._at, self._home, self._pos
+        if at[hole] >= 0:
+            self._count_probe((hole - home[hole]) & mask, -1)
         cell = hole
         for _ in range(self.ncells):
             cell = (cell + 1) & mask
@@ -480,12 +526,15 @@ class TagTable:
             if slot == EMPTY:
                 break
             # Move it back unless its home lies cyclically in (hole, cell].
-            if (cell - home[cell]) & mask >= (cell - hole) & mask:
+            probe = (cell - home[cell]) & mask
+            if probe >= (cell - hole) & mask:
                 at[hole] = slot
                 home[hole] = home[cell]
                 pos_of[slot] = hole
                 self._write_cell(hole, slot)
                 self._dirty.discard(slot)
+                self._count_probe(probe, -1)
+                self._count_probe((hole - home[hole]) & mask)
                 hole = cell
         else:
             raise RuntimeError("tag table has no empty cell: its indexes are corrupt")
@@ -520,7 +569,8 @@ class TagTable:
         words[HEAD_GEN_OFFSET >> 3] = gen
         HEAD_STATE.pack_into(self._mm, HEAD_STATE_OFFSET, len(self._index), self._next_tag,
                              self._pid, self._attaches, self._evictions, self._expired,
-                             self._rpin, self._rbin, self._rpout, self._rbout)
+                             self._rpin, self._rbin, self._rpout, self._rbout,
+                             len(self._probes) - 1 if self._probes else 0)
         words[HEAD_GEN_OFFSET >> 3] = gen + 1
         self._hgen = gen + 1
 
@@ -588,7 +638,7 @@ class TagTable:
         """One flow by key, probing from its home cell like the table does; or None."""
         if not 0 < len(key) <= self.key_size:
             raise ValueError(f"tag table key of {len(key)} bytes: expected 1 to {self.key_size}")
-        pos = _hash(key) & self.mask
+        pos = self.home(key)
         for _ in range(self.ncells):
             fields = self._read_cell(pos)
             if fields is not None:
@@ -600,13 +650,21 @@ class TagTable:
             pos = (pos + 1) & self.mask
         return None
 
+    def home(self, key):
+        """The cell key hashes to, where its probe starts."""
+        return _hash(key, self.seed) & self.mask
+
+    def probe_max(self):
+        """The longest probe among live flows, in cells past the home (the header's)."""
+        return self._read_header()[10]
+
     def summary(self):
         """The header and totals, for `udpmux status`.
 
         totals = counters of live flows (as of the last sync) + retired ones.
         """
         (count, next_tag, pid, attaches, evictions, expired,
-         rpin, rbin, rpout, rbout) = self._read_header()
+         rpin, rbin, rpout, rbout, probe_max) = self._read_header()
         flows = self.snapshot()
         live = {"flows": len(flows),
                 "pkts_in": sum(f.pkts_in for f in flows),
@@ -617,7 +675,7 @@ class TagTable:
             "count": count, "capacity": self.capacity, "cells": self.ncells,
             "key_size": self.key_size, "bytes": self.size, "next_tag": next_tag,
             "writer_pid": pid, "attaches": attaches,
-            "evictions": evictions, "expired": expired,
+            "evictions": evictions, "expired": expired, "probe_max": probe_max,
             "live": live,
             "totals": {"pkts_in": live["pkts_in"] + rpin, "bytes_in": live["bytes_in"] + rbin,
                        "pkts_out": live["pkts_out"] + rpout,
