@@ -149,6 +149,7 @@ def tunnel_status(tunnel):
         "keyed": tunnel.config.key is not None,
         "flows": len(tunnel.shared.table),
         "max_flows": tunnel.config.max_flows,
+        "probe_max": tunnel.shared.table.probe_max(),
         "counters": state.get("counters", {}),
         "drops": state.get("drops", {}),
         "exposer": state.get("exposer"),
