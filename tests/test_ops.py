@@ -4,33 +4,46 @@ verify, sd_notify reports the traffic."""
 import json
 import os
 import re
+import select
 import shutil
+import signal
 import socket
+import struct
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
 
+import psutil
 import pytest
 
 from procs import (
     ROOT, WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, free_port, status,
     udp_client, udpmux_argv,
 )
+from udpmux.metrics import MAX_CLIENTS as METRICS_CLIENTS
+from udpmux.status import MAX_CLIENTS, REQUEST_TIMEOUT
 
 LOCAL = "127.0.0.1"
 
 
 @pytest.fixture
-def service(tmp_path):
-    """A relay with one tunnel, metrics on, and its exposer: (relay, ports, urls)."""
+def service(tmp_path, request):
+    """A relay with one tunnel, metrics on, and its exposer: (relay, ports, urls).
+
+    Parametrized indirectly with a number, both ends keep that many flows and the relay
+    takes new ones as fast as they come."""
     key = str(tmp_path / "key")
     subprocess.run(udpmux_argv("keygen", key), env=env(), check=True)
     public, register = free_port(), free_port()
     control = str(tmp_path / "control.sock")
     config = tmp_path / "relay.toml"
+    max_flows = getattr(request, "param", None)
+    flows = f"max_flows = {max_flows}\nnew_flows_rate = 1000000\n" if max_flows else ""
     config.write_text(f'control_socket = "{control}"\nmetrics_listen = "{LOCAL}:0"\n'
                       f'[tunnels.wg]\npublic = "{LOCAL}:{public}"\n'
-                      f'register = "{LOCAL}:{register}"\nkey_file = "{key}"\n')
+                      f'register = "{LOCAL}:{register}"\nkey_file = "{key}"\n{flows}')
     notify = Notify(str(tmp_path))
     echo = Echo()
     relay = Daemon(["relay", "-c", config], notify=notify)
@@ -40,7 +53,8 @@ def service(tmp_path):
         line = relay.lines[relay.wait_log("metrics at http://")]
         url = re.search(r"(http://\S+/metrics)", line).group(1)
         exposer = Daemon(["expose", "--relay", f"{LOCAL}:{register}", "--service",
-                          f"{LOCAL}:{echo.port}", "--key-file", key])
+                          f"{LOCAL}:{echo.port}", "--key-file", key,
+                          *(["--max-flows", max_flows] if max_flows else [])])
         exposer.wait_log("registered with the relay")
         yield relay, notify, control, public, register, url
     finally:
@@ -54,13 +68,34 @@ def service(tmp_path):
 def scrape(url):
     with urllib.request.urlopen(url, timeout=WAIT) as reply:
         assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = reply.read().decode()
+        return samples_of(reply.read().decode())
+
+
+def samples_of(text):
     samples = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
     return samples
+
+
+def metrics_address(url):
+    host, port = url.split("/")[2].split(":")
+    return host, int(port)
+
+
+def get_metrics(address):
+    """One GET /metrics over a plain socket, not retried: the samples."""
+    with socket.create_connection(address, timeout=WAIT) as conn:
+        conn.sendall(b"GET /metrics HTTP/1.0\r\nHost: udpmux\r\n\r\n")
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 OK"), f"the metrics server answered {reply[:200]!r}"
+    assert int(re.search(rb"Content-Length: (\d+)", head).group(1)) == len(body)
+    return samples_of(body.decode())
 
 
 def test_status_and_metrics_report_the_traffic_that_was_sent(service):
@@ -171,6 +206,169 @@ def test_systemd_hears_the_traffic_in_the_status_line(service):
                                what="STATUS= with the traffic")
     (line,) = [f for f in fields if f.startswith("STATUS=")]
     assert re.fullmatch(r"STATUS=1 of 1 tunnels running, 1 flows, \d+ datagrams/s", line)
+
+
+# -- no client holds the master
+
+
+def connect_unix(path):
+    """A connection to a unix socket; while its backlog is full, connect() waits (up to
+    WAIT: a blocking connect waits for SO_SNDTIMEO, where one with settimeout() fails
+    with EAGAIN at once)."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("@ll", int(WAIT), 0))
+    conn.connect(path)
+    conn.settimeout(WAIT)
+    return conn
+
+
+class Dribblers(threading.Thread):
+    """`count` connections to the control socket, held open by a thread: each sends one
+    more byte of a request that never ends every TICK.  One the relay closes (at its
+    deadline, after an error reply, or as the oldest to make room) is opened again at
+    once; what each got before its end is kept in `replies`."""
+
+    TICK = 0.05
+    REQUEST = b'{"request": "status", "padding": "' + b"x" * 1000
+
+    def __init__(self, path, count):
+        super().__init__(daemon=True)
+        self.path = path
+        self.count = count
+        self.conns = {}             # socket -> [bytes received, bytes sent]
+        self.replies = []
+        self.opened = 0
+        self.failure = None
+        self.ready = threading.Event()
+        self.done = threading.Event()
+
+    def open(self):
+        conn = connect_unix(self.path)
+        conn.setblocking(False)
+        self.conns[conn] = [b"", 0]
+        self.opened += 1
+
+    def run(self):
+        try:
+            for _ in range(self.count):
+                self.open()
+            self.ready.set()
+            drip = time.monotonic()
+            while not self.done.is_set():
+                readable, _, _ = select.select(list(self.conns), [], [], self.TICK)
+                for conn in readable:
+                    try:
+                        chunk = conn.recv(65536)
+                    except ConnectionResetError:    # closed with our bytes unread
+                        chunk = b""
+                    if chunk:
+                        self.conns[conn][0] += chunk
+                        continue
+                    self.replies.append(self.conns.pop(conn)[0])
+                    conn.close()
+                    self.open()
+                if time.monotonic() >= drip:
+                    drip = time.monotonic() + self.TICK
+                    for conn, state in self.conns.items():
+                        try:
+                            state[1] += conn.send(self.REQUEST[state[1]:state[1] + 1])
+                        except OSError:
+                            pass            # closed: the next select() reads its end
+        except Exception as exc:            # noqa: BLE001 - reported by stop()
+            self.failure = exc
+        finally:
+            self.ready.set()
+
+    def stop(self):
+        self.done.set()
+        self.join(WAIT)
+        for conn in self.conns:
+            conn.close()
+        assert self.failure is None, f"a dribbler failed: {self.failure!r}"
+
+
+def held_by(pid, control, metrics_port):
+    """The control and metrics sockets (listeners or accepted) process pid holds."""
+    return [c for c in psutil.Process(pid).net_connections("all")
+            if (c.family == socket.AF_UNIX and c.laddr == control)
+            or (c.family != socket.AF_UNIX and c.laddr and c.laddr.port == metrics_port)]
+
+
+def test_status_answers_past_dribbling_and_idle_clients_and_a_killed_worker_comes_back(
+        service):
+    _relay, _notify, control, public, _register, url = service
+    (before,) = status(control)["tunnels"]
+    dribblers = Dribblers(control, 6)
+    dribblers.start()
+    idle = []
+    try:
+        assert dribblers.ready.wait(WAIT) and dribblers.failure is None
+        # More connections than the master holds: a newcomer closes the oldest.
+        idle = [connect_unix(control) for _ in range(MAX_CLIENTS)]
+        idle.append(socket.create_connection(metrics_address(url), timeout=WAIT))
+        (now,) = status(control)["tunnels"]
+        assert now["worker_pid"] == before["worker_pid"] and now["state"] == "running"
+        os.kill(before["worker_pid"], signal.SIGKILL)
+        for _ in deadline_loop(what="a respawned worker"):
+            (now,) = status(control)["tunnels"]
+            if now["state"] == "running" and now["worker_pid"] not in (None,
+                                                                      before["worker_pid"]):
+                break
+        assert now["restarts"] == 1
+        assert dribblers.is_alive() and dribblers.failure is None
+        # Forked while control and metrics clients were connected, the new worker holds
+        # none of their sockets: the master alone decides when they close.
+        assert held_by(now["worker_pid"], control, metrics_address(url)[1]) == []
+        assert exchange(udp_client(), b"after", (LOCAL, public)) == b"after"
+    finally:
+        dribblers.stop()
+        for conn in idle:
+            conn.close()
+    late = {"error": f"bad request: the request took too long (over {REQUEST_TIMEOUT:g} s)"}
+    for reply in dribblers.replies:         # closed as the oldest, or answered at the deadline
+        assert reply == b"" or json.loads(reply) == late
+
+
+@pytest.mark.parametrize("service", [4096], indirect=True)
+def test_a_reply_larger_than_the_socket_buffer_arrives_whole_while_status_answers(service):
+    _relay, _notify, control, public, _register, _url = service
+    port = free_port()
+    count = 3000
+    for n in range(count):                  # one flow per address: 127.3.x.y
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((f"127.3.{n // 250}.{n % 250 + 1}", port))
+            sock.sendto(b"hello", (LOCAL, public))
+    for _ in deadline_loop(what=f"{count} flows"):
+        if status(control)["tunnels"][0]["flows"] == count:
+            break
+    reader = connect_unix(control)
+    with reader:
+        reader.sendall(b'{"request": "flows", "tunnel": "wg"}\n')
+        # Not read yet: the master keeps the rest of the reply and serves others.
+        (tunnel,) = status(control)["tunnels"]
+        assert tunnel["flows"] == count
+        data = b""
+        while chunk := reader.recv(65536):
+            data += chunk
+        assert len(data) > reader.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    reply = json.loads(data)
+    assert len(reply["flows"]) == count
+    assert {f["client"] for f in reply["flows"]} == {
+        f"127.3.{n // 250}.{n % 250 + 1}:{port}" for n in range(count)}
+
+
+def test_a_scrape_gets_the_metrics_past_20_idle_connections(service):
+    address = metrics_address(service[-1])
+    idle = [socket.create_connection(address, timeout=WAIT) for _ in range(20)]
+    try:
+        assert len(idle) > METRICS_CLIENTS
+        samples = get_metrics(address)      # once, without waiting for the idle to time out
+        assert samples['udpmux_tunnel_up{tunnel="wg"}'] == 1
+        for conn in idle[:len(idle) + 1 - METRICS_CLIENTS]:
+            assert conn.recv(1) == b""      # the oldest were closed to make room
+    finally:
+        for conn in idle:
+            conn.close()
 
 
 def test_a_metrics_address_in_use_is_a_clear_error(tmp_path):

@@ -186,11 +186,8 @@ class Master:
         if not path:
             return
         from udpmux.status import StatusServer
-        self.status_server = StatusServer(self, path, self.log)
-        sock = self.status_server.open()
-        if sock is not None:
-            self.extra.append(sock)
-            self.selector.register(sock, selectors.EVENT_READ, self.status_server.on_accept)
+        self.status_server = StatusServer(self.selector, self, path, self.log)
+        self.status_server.open()
         endpoint = getattr(self.config, "metrics_listen", None)
         if endpoint is not None:
             from udpmux.metrics import MetricsServer
@@ -221,6 +218,8 @@ class Master:
     def on_timers(self, now):
         if self.metrics is not None:
             self.metrics.expire(now)
+        if self.status_server is not None:
+            self.status_server.expire(now)
         if self.next_status is not None and now >= self.next_status:
             self.next_status = now + STATUS_EVERY
             self.notifier.status(self.summary(traffic=True))
@@ -363,8 +362,12 @@ class Master:
     def inherited(self, keep):
         """Everything of the master's that a worker for `keep` must close after fork."""
         things = [self.selector, self._wake_r, self._wake_w] + list(self.extra)
-        if self.metrics is not None:
-            things += self.metrics.sockets()
+        # The control and metrics listeners and every connection accepted on them: a
+        # worker that kept one would hold a client's connection open after the master
+        # closed it.
+        for server in (self.status_server, self.metrics):
+            if server is not None:
+                things += server.sockets()
         mine = set(keep.sockets.values())
         for tunnel in self.tunnels.values():
             if tunnel.pipe is not None:

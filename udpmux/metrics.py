@@ -2,25 +2,28 @@
 
 Set `metrics_listen` (udpmux.conf(5)) or --metrics-listen to a local address, and
 GET /metrics returns the text exposition format (version 0.0.4).  The server lives
-in the master's selector loop: every connection is non-blocking, its request is
-bounded in size and time, at most MAX_CLIENTS are served at once, and the answer is
-built from shared memory, so scraping never disturbs a worker.
+in the master's selector loop, on the same Connections as the control socket
+(status.py): every connection is non-blocking, its request is bounded in size and
+time, at most MAX_CLIENTS are held at once and a newcomer when full closes the oldest
+(so idle connections cannot stop a scrape), the answer is written without blocking
+(the rest on EVENT_WRITE), and it is built from shared memory, so scraping never
+disturbs a worker.
 
     # TYPE udpmux_datagrams_total counter
     udpmux_datagrams_total{tunnel="wg",direction="in"} 1520
 """
 
 import errno
-import selectors
 import socket
-import time
 
 from udpmux.addr import format_endpoint
 from udpmux.errors import Fatal
+from udpmux.status import Connections
 
-MAX_CLIENTS = 16
+MAX_CLIENTS = 16                # connections held at once; a newcomer closes the oldest
 MAX_REQUEST = 8192
-CLIENT_TIMEOUT = 2.0
+CLIENT_TIMEOUT = 2.0            # seconds from accept to a whole request
+REPLY_TIMEOUT = 10.0            # seconds a reply may wait for the client to read more of it
 PAIR_PATHS = ("waiting", "punching", "relayed", "direct")
 
 # (name, type, help, value of a tunnel's status) for one sample per tunnel.
@@ -97,16 +100,14 @@ def exposition(status):
     return "\n".join(lines) + "\n"
 
 
-class MetricsServer:
+class MetricsServer(Connections):
     """The master's HTTP endpoint; `answer()` returns the current status dict."""
 
     def __init__(self, selector, endpoint, answer, log):
-        self.selector = selector
+        super().__init__(selector, log, MAX_CLIENTS, MAX_REQUEST, CLIENT_TIMEOUT,
+                         REPLY_TIMEOUT)
         self.endpoint = endpoint
         self.answer = answer
-        self.log = log
-        self.sock = None
-        self.clients = {}       # socket -> (bytes read, deadline)
 
     def open(self):
         family, sockaddr = self.endpoint
@@ -120,86 +121,32 @@ class MetricsServer:
             where = format_endpoint(family, sockaddr)
             raise Fatal(f"metrics_listen: cannot listen on {where}: {exc.strerror}",
                         status=77 if exc.errno == errno.EACCES else 71) from None
-        sock.setblocking(False)
-        self.sock = sock
-        self.selector.register(sock, selectors.EVENT_READ, self.on_accept)
+        self.listen(sock)
         self.log.info("metrics at http://%s/metrics",
                       format_endpoint(family, sock.getsockname()))
         return sock
 
-    def sockets(self):
-        return ([self.sock] if self.sock is not None else []) + list(self.clients)
+    def complete(self, data):
+        return b"\r\n\r\n" in data or b"\n\n" in data
 
-    def on_accept(self):
-        try:
-            conn, _ = self.sock.accept()
-        except (BlockingIOError, ConnectionAbortedError):
-            return
-        if len(self.clients) >= MAX_CLIENTS:
-            conn.close()
-            return
-        conn.setblocking(False)
-        self.clients[conn] = (b"", time.monotonic() + CLIENT_TIMEOUT)
-        self.selector.register(conn, selectors.EVENT_READ, lambda: self.on_read(conn))
+    def too_large(self, data):
+        return _http("431 Request Header Fields Too Large", "request too large\n")
 
-    def on_read(self, conn):
-        data, deadline = self.clients[conn]
-        try:
-            chunk = conn.recv(MAX_REQUEST)
-        except BlockingIOError:
-            return
-        except OSError:
-            chunk = b""
-        if not chunk:
-            self.drop(conn)
-            return
-        data += chunk
-        if b"\r\n\r\n" not in data and b"\n\n" not in data:
-            if len(data) >= MAX_REQUEST:
-                self.reply(conn, "431 Request Header Fields Too Large", "request too large\n")
-            else:
-                self.clients[conn] = (data, deadline)
-            return
+    def respond(self, data):
         parts = data.split(b"\r\n", 1)[0].split()
         if len(parts) < 2 or parts[0] not in (b"GET", b"HEAD"):
-            self.reply(conn, "405 Method Not Allowed", "GET /metrics\n")
-        elif parts[1].split(b"?")[0] != b"/metrics":
-            self.reply(conn, "404 Not Found", "the metrics are at /metrics\n")
-        else:
-            body = exposition(self.answer())
-            self.reply(conn, "200 OK", body if parts[0] == b"GET" else "",
-                       "text/plain; version=0.0.4; charset=utf-8", len(body.encode()))
+            return _http("405 Method Not Allowed", "GET /metrics\n")
+        if parts[1].split(b"?")[0] != b"/metrics":
+            return _http("404 Not Found", "the metrics are at /metrics\n")
+        body = exposition(self.answer())
+        return _http("200 OK", body if parts[0] == b"GET" else "",
+                     "text/plain; version=0.0.4; charset=utf-8", len(body.encode()))
 
-    def reply(self, conn, code, body, kind="text/plain; charset=utf-8", length=None):
-        payload = body.encode()
-        head = (f"HTTP/1.0 {code}\r\nContent-Type: {kind}\r\n"
-                f"Content-Length: {len(payload) if length is None else length}\r\n"
-                f"Connection: close\r\n\r\n").encode()
-        try:
-            conn.setblocking(True)
-            conn.settimeout(0.5)    # the answer fits the socket's buffer, or the client is stuck
-            conn.sendall(head + payload)
-        except OSError:
-            pass
-        self.drop(conn)
 
-    def drop(self, conn):
-        self.clients.pop(conn, None)
-        try:
-            self.selector.unregister(conn)
-        except (KeyError, ValueError):
-            pass
-        conn.close()
-
-    def expire(self, now):
-        for conn, (_data, deadline) in list(self.clients.items()):
-            if now >= deadline:
-                self.drop(conn)
-
-    def close(self):
-        for conn in list(self.clients):
-            self.drop(conn)
-        if self.sock is not None:
-            self.selector.unregister(self.sock)
-            self.sock.close()
-            self.sock = None
+def _http(code, body, kind="text/plain; charset=utf-8", length=None):
+    """A whole HTTP/1.0 answer, closed after it."""
+    payload = body.encode()
+    head = (f"HTTP/1.0 {code}\r\nContent-Type: {kind}\r\n"
+            f"Content-Length: {len(payload) if length is None else length}\r\n"
+            f"Connection: close\r\n\r\n").encode()
+    return head + payload

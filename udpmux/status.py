@@ -8,10 +8,20 @@ JSON and reads one JSON document back, then the master closes the connection:
 
 Everything comes from memory the workers share with the master (each tunnel's state
 block and tag table) and from psutil, so asking never disturbs a worker.
+
+No client can hold the master, whose loop also respawns workers (Connections, which the
+metrics server shares): every accepted connection is non-blocking and sits in the
+master's selector with its own buffer and deadline; at most MAX_CLIENTS are kept, and a
+newcomer when full closes the oldest, so idle connections cannot lock `udpmux status`
+out; a request must be whole within REQUEST_TIMEOUT (else an error reply), and a reply
+larger than the socket's buffer is written as the client reads it, the rest on
+EVENT_WRITE, for as long as the client keeps reading.
 """
 
+import functools
 import json
 import os
+import selectors
 import socket
 import stat
 import time
@@ -24,17 +34,184 @@ from udpmux.config import default_control_socket
 from udpmux.errors import EXIT_FAILURE, EXIT_NOINPUT, Fatal
 
 MAX_REQUEST = 4096
-REPLY_TIMEOUT = 2.0
+MAX_CLIENTS = 16                # control connections held at once; a newcomer closes the oldest
+REQUEST_TIMEOUT = 2.0           # seconds from accept to a whole request line
+REPLY_TIMEOUT = 10.0            # seconds a reply may wait for the client to read more of it
 
 
-class StatusServer:
-    """The master's end: registers a listener with the master's selector."""
+class Client:
+    """One accepted connection: what it sent, what is left to send, and its deadline."""
 
-    def __init__(self, master, path, log):
+    __slots__ = ("data", "out", "deadline")
+
+    def __init__(self, deadline):
+        self.data = b""
+        self.out = None         # a memoryview of the reply once there is one
+        self.deadline = deadline
+
+
+class Connections:
+    """A listener's connections, served in the master's selector loop without blocking it.
+
+    Each accepted connection is non-blocking and registered with the selector, with its own
+    buffer and deadline.  At most `limit` are held: a newcomer when full closes the oldest.
+    A request is bounded in size (`max_request`) and must be whole (`complete()`) within
+    `timeout` of the accept, or `late()` says what to answer; the reply of `respond()` is
+    sent as far as the socket takes it, the rest on EVENT_WRITE, and the connection closes
+    once it is all sent, or when the client has read nothing for `reply_timeout`.
+    The master calls expire(now) from its timers and closes sockets() in every worker.
+    """
+
+    def __init__(self, selector, log, limit, max_request, timeout, reply_timeout):
+        self.selector = selector
+        self.log = log
+        self.limit = limit
+        self.max_request = max_request
+        self.timeout = timeout
+        self.reply_timeout = reply_timeout
+        self.sock = None
+        self.clients = {}       # socket -> Client, oldest first
+
+    # -- what a server says (subclasses)
+
+    def complete(self, data):
+        """True once data holds a whole request."""
+        raise NotImplementedError
+
+    def respond(self, data):
+        """The reply (bytes) to a whole request."""
+        raise NotImplementedError
+
+    def too_large(self, data):
+        """The reply to max_request bytes that are not a whole request; None: just close."""
+        return None
+
+    def late(self, data):
+        """The reply to a request not whole in time; None: just close."""
+        return None
+
+    def at_end(self, data):
+        """The reply to a client that stopped sending (EOF) before a whole request;
+        None: just close."""
+        return None
+
+    # -- the loop's side
+
+    def listen(self, sock):
+        sock.setblocking(False)
+        self.sock = sock
+        self.selector.register(sock, selectors.EVENT_READ, self.on_accept)
+
+    def sockets(self):
+        """The listener and every accepted connection: what a forked worker must close."""
+        return ([self.sock] if self.sock is not None else []) + list(self.clients)
+
+    def on_accept(self):
+        for _ in range(self.limit):     # a bounded batch: a storm of connects cannot starve the loop
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, ConnectionAbortedError):
+                return
+            except OSError as exc:      # EMFILE and friends: the listener stays, try again later
+                self.log.debug("%s: accept: %s", type(self).__name__, exc.strerror or exc)
+                return
+            while len(self.clients) >= self.limit:
+                self.drop(next(iter(self.clients)))
+            conn.setblocking(False)
+            self.clients[conn] = Client(time.monotonic() + self.timeout)
+            self.selector.register(conn, selectors.EVENT_READ,
+                                   functools.partial(self.on_read, conn))
+            self.on_read(conn)          # a client that wrote before we accepted: at once
+
+    def on_read(self, conn):
+        client = self.clients.get(conn)
+        if client is None or client.out is not None:
+            return
+        try:
+            chunk = conn.recv(self.max_request)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.send(conn, self.at_end(client.data))
+            return
+        client.data += chunk
+        if self.complete(client.data):
+            self.send(conn, self.respond(client.data))
+        elif len(client.data) >= self.max_request:
+            self.send(conn, self.too_large(client.data))
+
+    def send(self, conn, reply):
+        """Start writing reply (None: close now); the rest goes out on EVENT_WRITE."""
+        client = self.clients.get(conn)
+        if client is None:
+            return
+        if reply is None:
+            self.drop(conn)
+            return
+        client.data = b""
+        client.out = memoryview(reply)
+        client.deadline = time.monotonic() + self.reply_timeout
+        self.selector.modify(conn, selectors.EVENT_WRITE, functools.partial(self.on_write, conn))
+        self.on_write(conn)
+
+    def on_write(self, conn):
+        client = self.clients.get(conn)
+        if client is None:
+            return
+        try:
+            sent = conn.send(client.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.drop(conn)
+            return
+        client.out = client.out[sent:]
+        if not client.out:
+            self.drop(conn)
+            return
+        client.deadline = time.monotonic() + self.reply_timeout
+
+    def expire(self, now):
+        for conn, client in list(self.clients.items()):
+            if now < client.deadline or conn not in self.clients:
+                continue
+            if client.out is None:
+                self.send(conn, self.late(client.data))
+            else:
+                self.drop(conn)         # it stopped reading its reply
+
+    def drop(self, conn):
+        client = self.clients.pop(conn, None)
+        if client is not None and client.out is not None:
+            client.out.release()
+        try:
+            self.selector.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
+
+    def close(self):
+        for conn in list(self.clients):
+            self.drop(conn)
+        if self.sock is not None:
+            try:
+                self.selector.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
+            self.sock.close()
+            self.sock = None
+
+
+class StatusServer(Connections):
+    """The master's end of the control socket, served from the master's selector."""
+
+    def __init__(self, selector, master, path, log):
+        super().__init__(selector, log, MAX_CLIENTS, MAX_REQUEST, REQUEST_TIMEOUT,
+                         REPLY_TIMEOUT)
         self.master = master
         self.path = path
-        self.log = log
-        self.sock = None
         self.started = time.monotonic()
 
     def open(self):
@@ -67,36 +244,36 @@ class StatusServer:
         except OSError as exc:
             self.log.warning("control socket %s: %s; serving no status", path, exc.strerror)
             return None
-        sock.setblocking(False)
-        self.sock = sock
+        self.listen(sock)
         return sock
 
     def close(self):
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        listening = self.sock is not None
+        super().close()
+        if listening:
             try:
                 os.unlink(self.path)
             except OSError:
                 pass
 
-    def on_accept(self):
+    def complete(self, data):
+        return b"\n" in data
+
+    def respond(self, data):
         try:
-            conn, _ = self.sock.accept()
-        except BlockingIOError:
-            return
-        try:
-            request = json.loads(_read_line(conn, time.monotonic() + REPLY_TIMEOUT))
-            reply = self.answer(request)
+            reply = self.answer(json.loads(data.split(b"\n", 1)[0]))
         except (OSError, ValueError, RecursionError) as exc:
             reply = {"error": f"bad request: {exc}"}
-        try:
-            conn.settimeout(REPLY_TIMEOUT)
-            conn.sendall(json.dumps(reply).encode() + b"\n")
-        except OSError:
-            pass
-        finally:
-            conn.close()
+        return json.dumps(reply).encode() + b"\n"
+
+    def at_end(self, data):
+        return self.respond(data) if data.strip() else None
+
+    def too_large(self, data):
+        return _error(f"bad request: no end of line in {MAX_REQUEST} bytes")
+
+    def late(self, data):
+        return _error(f"bad request: the request took too long (over {REQUEST_TIMEOUT:g} s)")
 
     def answer(self, request):
         kind = request.get("request") if isinstance(request, dict) else None
@@ -188,22 +365,8 @@ def _in_use(path):
         probe.close()
 
 
-def _read_line(conn, deadline):
-    """One request line, read by the deadline: a slow client cannot hold the master."""
-    data = b""
-    while b"\n" not in data and len(data) < MAX_REQUEST:
-        left = deadline - time.monotonic()
-        try:
-            if left <= 0:
-                raise TimeoutError
-            conn.settimeout(left)
-            chunk = conn.recv(MAX_REQUEST)
-        except TimeoutError:
-            raise TimeoutError(f"the request took too long (over {REPLY_TIMEOUT:g} s)") from None
-        if not chunk:
-            break
-        data += chunk
-    return data.split(b"\n", 1)[0]
+def _error(text):
+    return json.dumps({"error": text}).encode() + b"\n"
 
 
 # -- the client: `udpmux status`
