@@ -253,3 +253,85 @@ def tunnel(control_socket, name):
         if t["name"] == name:
             return t
     raise AssertionError(f"no tunnel {name}")
+
+
+class Tap:
+    """A UDP path between an agent and its peer that the test controls, as a router on
+    the path would be: the agent sends to tap.address; the tap sends on from a socket of
+    its own (`outward`) to the peer, and what the peer sends back to the agent.  It keeps
+    every datagram (an attacker's capture), can move to a new outward port (a NAT that
+    rebinds), stop carrying (a blocked path), and send to the agent as if it were the
+    peer (an attacker who spoofs the peer's address)."""
+
+    def __init__(self, peer, host="127.0.0.1"):
+        self.peer = peer
+        self.host = host
+        self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.inner = socket.socket(self.family, socket.SOCK_DGRAM)
+        self.inner.bind((host, 0))
+        self.address = self.inner.getsockname()
+        self.outward = self._socket()
+        self.agent = None               # where the agent sends from
+        self.out, self.back = [], []    # datagrams agent -> peer, peer -> agent
+        self.blocked = False
+        self.lock = threading.Lock()
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _socket(self):
+        sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        sock.bind((self.host, 0))
+        return sock
+
+    @property
+    def outward_address(self):
+        return self.outward.getsockname()
+
+    def _serve(self):
+        while self.running:
+            with self.lock:
+                socks = [self.inner, self.outward]
+            ready, _, _ = select.select(socks, [], [], 0.05)
+            for sock in ready:
+                try:
+                    data, source = sock.recvfrom(70000)
+                except OSError:
+                    continue
+                with self.lock:
+                    if sock is self.inner:
+                        self.agent = source
+                        self.out.append(data)
+                        if not self.blocked:
+                            self.outward.sendto(data, self.peer)
+                    elif sock is self.outward and self.agent is not None:
+                        self.back.append(data)
+                        if not self.blocked:
+                            self.inner.sendto(data, self.agent)
+
+    def rebind(self):
+        """From now on the peer sees the agent at a new port."""
+        with self.lock:
+            old, self.outward = self.outward, self._socket()
+        old.close()
+
+    def block(self, blocked=True):
+        with self.lock:
+            self.blocked = blocked
+
+    def inject(self, data):
+        """Send data to the agent from the address the agent sends to: to the agent it
+        comes from its peer."""
+        self.inner.sendto(data, self.agent)
+
+    def captured(self, mtype=None, direction="out"):
+        """Datagrams that crossed, agent to peer ("out") or back, of one message type."""
+        with self.lock:
+            got = list(self.out if direction == "out" else self.back)
+        return [d for d in got if mtype is None or (len(d) > 1 and d[1] == mtype)]
+
+    def close(self):
+        self.running = False
+        self.thread.join(2)
+        self.inner.close()
+        self.outward.close()

@@ -1,16 +1,14 @@
 """udpmux relay and udpmux expose, as real processes on loopback."""
 
 import os
-import select
 import signal
 import socket
 import subprocess
-import threading
 
 import pytest
 
 from procs import (
-    WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, free_port, status, tunnel,
+    WAIT, Daemon, Echo, Notify, Tap, deadline_loop, env, exchange, free_port, status, tunnel,
     udp_client, udpmux_argv,
 )
 from udpmux import wire
@@ -168,65 +166,11 @@ def test_a_missing_key_file_is_a_clear_error(tmp_path):
     assert "no such key file" in out.stderr and "udpmux keygen" in out.stderr
 
 
-class Tap:
-    """Stands between the exposer and the relay like a NAT: the relay sees the tap's
-    upstream socket; rebind() gives it a new one, as a NAT that changed its mapping.
-    Records what the exposer sent, for replaying."""
-
-    def __init__(self, relay_port):
-        self.relay = (LOCAL, relay_port)
-        self.down = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.down.bind((LOCAL, 0))
-        self.port = self.down.getsockname()[1]
-        self.up = self._socket()
-        self.exposer = None
-        self.recorded = []
-        self.lock = threading.Lock()
-        self.running = True
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    @staticmethod
-    def _socket():
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind((LOCAL, 0))
-        return sock
-
-    def rebind(self):
-        with self.lock:
-            old, self.up = self.up, self._socket()
-        old.close()
-        return self.up.getsockname()[1]
-
-    def _run(self):
-        while self.running:
-            with self.lock:
-                up = self.up
-            ready, _, _ = select.select([self.down, up], [], [], 0.1)
-            for sock in ready:
-                try:
-                    data, peer = sock.recvfrom(70000)
-                except OSError:
-                    continue
-                if sock is self.down:
-                    self.exposer = peer
-                    self.recorded.append(data)
-                    up.sendto(data, self.relay)
-                elif self.exposer is not None:
-                    self.down.sendto(data, self.exposer)
-
-    def close(self):
-        self.running = False
-        self.thread.join(2)
-        self.down.close()
-        self.up.close()
-
-
 @pytest.fixture
 def tapped(rig):
     rig.relay()
-    tap = Tap(rig.register)
-    rig.expose("--keepalive", "1", relay=f"{LOCAL}:{tap.port}")
+    tap = Tap((LOCAL, rig.register))
+    rig.expose("--keepalive", "1", relay=f"{LOCAL}:{tap.address[1]}")
     yield rig, tap
     tap.close()
 
@@ -237,7 +181,7 @@ def test_spoofed_and_replayed_messages_never_move_the_tunnel(tapped):
     assert exchange(client, b"before", (LOCAL, rig.public)) == b"before"
     home = rig.wait_tunnel("exposer", lambda t: t["exposer"] is not None)["exposer"]["address"]
     attacker = udp_client()
-    recorded = list(tap.recorded)
+    recorded = tap.captured()
     assert len(recorded) >= 3
     for data in recorded:                               # replays, from another address
         attacker.sendto(data, (LOCAL, rig.register))
@@ -258,7 +202,8 @@ def test_the_exposer_roams_and_no_flow_is_lost(tapped):
     client = udp_client()
     assert exchange(client, b"one", (LOCAL, rig.public)) == b"one"
     sources = set(rig.echo.sources)
-    new_port = tap.rebind()
+    tap.rebind()
+    new_port = tap.outward_address[1]
     rig.wait_tunnel("the relay to follow the exposer",
                     lambda t: t["exposer"]["address"] == f"{LOCAL}:{new_port}")
     assert exchange(client, b"two", (LOCAL, rig.public)) == b"two"

@@ -4,9 +4,13 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from udpmux import auth, wire
-from udpmux.session import Acceptor, Drop, Initiator, Session
+from udpmux.session import (
+    CHALLENGE_EVERY, PENDING_PER_SOURCE, Acceptor, Drop, Initiator, Session, challenge_size,
+    responder_name,
+)
 
 PEER = bytes.fromhex("020015be" "c0000201" + "00" * 8)     # 192.0.2.1:5566
+ELSEWHERE = bytes.fromhex("02001f90" "cb007105" + "00" * 8)  # 203.0.113.5:8080
 
 REASONS = {wire.R_SHORT, wire.R_VERSION, wire.R_TYPE, wire.R_FLAGS, wire.R_LENGTH, wire.R_KEYED,
            wire.R_TOO_LARGE, auth.R_MAC, auth.R_REPLAY, auth.R_OLD, auth.R_NONCE,
@@ -16,7 +20,7 @@ REASONS = {wire.R_SHORT, wire.R_VERSION, wire.R_TYPE, wire.R_FLAGS, wire.R_LENGT
 def pair(psk, role=wire.ROLE_EXPOSE):
     """An initiator's and a responder's Session after a real handshake."""
     initiator = Initiator(psk, role)
-    acceptor = Acceptor(psk, [role])
+    acceptor = Acceptor(psk, [role], responder_name(psk, "tunnel"))
     welcome, _pending = acceptor.hello(initiator.hello(), PEER, 0.0)
     mine = initiator.welcome(welcome)
     first = mine.seal(wire.T_KEEPALIVE, 0, wire.KEEPALIVE.pack(0, 0, 0))
@@ -225,7 +229,7 @@ def test_a_forged_confirmation_leaves_the_pending_session():
 def test_stale_is_believed_only_for_the_current_session_and_a_recent_nonce():
     mine, theirs = pair(KEY)
     initiator = Initiator(KEY, wire.ROLE_EXPOSE)
-    restarted = Acceptor(KEY, [wire.ROLE_EXPOSE])
+    restarted = Acceptor(KEY, [wire.ROLE_EXPOSE], responder_name(KEY, "tunnel"))
     mine.seal(wire.T_KEEPALIVE, 0, wire.KEEPALIVE.pack(0, 0, 0))   # the message STALE answers
     sid, nonce = mine.peer_id, mine.send_nonce
     assert initiator.stale(restarted.stale(sid, nonce), mine)
@@ -235,6 +239,53 @@ def test_stale_is_believed_only_for_the_current_session_and_a_recent_nonce():
         initiator.stale(restarted.stale(sid, nonce + 1), mine)
     with pytest.raises(Drop, match="mac"):
         initiator.stale(Acceptor(auth.generate_key(), [1]).stale(sid, nonce), mine)
+
+
+def test_a_stale_from_another_tunnel_that_shares_the_key_is_not_believed():
+    """A stranger can get a STALE for any session id from any tunnel: sent to a tunnel
+    that never had the session, the id and nonce of a captured message come back signed.
+    The exposer believes only one keyed for the responder it registered with."""
+    mine, _theirs = pair(KEY)
+    initiator = Initiator(KEY, wire.ROLE_EXPOSE)
+    mine.seal(wire.T_KEEPALIVE, 0, wire.KEEPALIVE.pack(0, 0, 0))
+    other_tunnel = Acceptor(KEY, [wire.ROLE_EXPOSE], responder_name(KEY, "other"))
+    with pytest.raises(Drop, match="mac"):
+        initiator.stale(other_tunnel.stale(mine.peer_id, mine.send_nonce), mine)
+
+
+def test_unknown_sessions_get_a_stale_no_larger_and_rate_limited_per_source():
+    acceptor = Acceptor(KEY, [wire.ROLE_EXPOSE], responder_name(KEY, "tunnel"))
+    mine, _ = pair(KEY)
+    msg = mine.seal(wire.T_KEEPALIVE, 0, wire.KEEPALIVE.pack(0, 0, 0))
+    stale = acceptor.answer_unknown(msg, mine.peer_id, mine.send_nonce, PEER, 0.0)
+    assert stale is not None and len(stale) <= len(msg)
+    assert acceptor.answer_unknown(msg[:-1], 7, 1, ELSEWHERE, 0.0) is None      # smaller
+    assert acceptor.answer_unknown(msg, 0, 1, ELSEWHERE, 0.0) is None           # session 0
+    answered = sum(acceptor.answer_unknown(msg, 7, 1, PEER, 0.0) is not None for _ in range(50))
+    assert answered < 5                     # one source gets a few a second
+    assert acceptor.answer_unknown(msg, 7, 1, ELSEWHERE, 0.0) is not None
+
+
+def test_pending_sessions_of_one_source_do_not_push_out_anothers():
+    acceptor = Acceptor(KEY, [wire.ROLE_EXPOSE], pending_max=16)
+    _welcome, theirs = acceptor.hello(Initiator(KEY, wire.ROLE_EXPOSE).hello(), PEER, 0.0)
+    for now in range(40):
+        acceptor.hello(Initiator(KEY, wire.ROLE_EXPOSE).hello(), ELSEWHERE, now / 4)
+    assert theirs.local_id in acceptor.pending
+    assert len(acceptor.pending) == 1 + PENDING_PER_SOURCE
+
+
+def test_one_source_cannot_spend_the_hello_answers_of_another():
+    acceptor = Acceptor(KEY, [wire.ROLE_EXPOSE])
+    refused = 0
+    for _ in range(50):
+        try:
+            acceptor.hello(Initiator(KEY, wire.ROLE_EXPOSE).hello(), ELSEWHERE, 1.0)
+        except Drop as exc:
+            assert exc.reason == "hello-rate"
+            refused += 1
+    assert refused > 40
+    acceptor.hello(Initiator(KEY, wire.ROLE_EXPOSE).hello(), PEER, 1.0)
 
 
 def test_no_handshake_message_is_larger_than_what_it_answers():
@@ -285,3 +336,69 @@ def test_welcome_carries_the_responders_epoch():
     initiator, acceptor = Initiator(KEY, wire.ROLE_EXPOSE), Acceptor(KEY, [wire.ROLE_EXPOSE])
     welcome, pending = acceptor.hello(initiator.hello(), PEER, 0.0, epoch=0xDEADBEEF12)
     assert initiator.welcome(welcome).epoch == pending.epoch == 0xDEADBEEF12
+
+
+# -- moving a session to a new address
+
+def moved_pair():
+    mine, theirs = pair(KEY)
+    theirs.peer = PEER
+    return mine, theirs
+
+
+def arrive(session, msg, key, now=0.0):
+    """What the receiver's session does with an authentic msg from key."""
+    _t, _sid, _tag, nonce = wire.parse_header(msg, session.keyed)
+    session.open(msg, nonce)
+    return session.from_address(key, msg, now)
+
+
+def answer(mine, challenge):
+    flags, stamp, _echo = wire.KEEPALIVE.unpack_from(challenge, wire.HEADER_SIZE)
+    assert flags & wire.KEEPALIVE_REPLY
+    return mine.seal(wire.T_KEEPALIVE, 0, wire.KEEPALIVE.pack(0, 0, stamp))
+
+
+def test_a_session_moves_only_once_the_new_address_answers_its_challenge():
+    mine, theirs = moved_pair()
+    moved, challenge = arrive(theirs, mine.seal(wire.T_DATA, 1, b"x" * 40), ELSEWHERE)
+    assert not moved and theirs.peer == PEER and challenge is not None
+    assert len(challenge) == challenge_size(True)
+    moved, _ = arrive(theirs, answer(mine, challenge), ELSEWHERE, 0.01)
+    assert moved and theirs.peer == ELSEWHERE
+
+
+def test_a_raced_message_from_a_strangers_address_moves_nothing():
+    """An attacker who got a fresh message to the receiver first, from its own address:
+    the message is genuine, the address is not.  The challenge goes to the attacker, and
+    the true peer's answer (to a challenge it never saw, or from its own address) moves
+    nothing."""
+    mine, theirs = moved_pair()
+    captured = mine.seal(wire.T_KEEPALIVE, 0, wire.KEEPALIVE.pack(1, 5, 0))
+    moved, challenge = arrive(theirs, captured, ELSEWHERE)
+    assert not moved and challenge is not None
+    # The true peer answers from where it is: no move, and no move to the stranger.
+    moved, _ = arrive(theirs, answer(mine, challenge), PEER, 0.01)
+    assert not moved and theirs.peer == PEER
+    # A reply that echoes something else, from the stranger's address: no move.
+    wrong = mine.seal(wire.T_KEEPALIVE, 0, wire.KEEPALIVE.pack(0, 0, 12345))
+    moved, _ = arrive(theirs, wrong, ELSEWHERE, 0.02)
+    assert not moved and theirs.peer == PEER
+
+
+def test_a_candidate_is_sent_no_more_than_it_sent():
+    mine, theirs = moved_pair()
+    sent = received = 0
+    for n in range(40):
+        msg = mine.seal(wire.T_DATA, 1, b"")            # 36 bytes: less than a challenge
+        received += len(msg)
+        _moved, challenge = arrive(theirs, msg, ELSEWHERE, n * CHALLENGE_EVERY)
+        sent += len(challenge or b"")
+    assert 0 < sent <= received
+
+
+def test_challenges_to_a_candidate_are_paced():
+    mine, theirs = moved_pair()
+    challenges = [arrive(theirs, mine.seal(wire.T_DATA, 1, b"x" * 100), ELSEWHERE, n / 1000)[1]
+                  for n in range(100)]
+    assert sum(c is not None for c in challenges) == 1

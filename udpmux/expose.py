@@ -231,6 +231,10 @@ class ExposeWorker(Worker):
             if flow is not None:
                 self.close_flow(flow)
                 self.log.debug("flow %d closed by the relay", tag)
+        elif mtype == T_KEEPALIVE:
+            flags, stamp, _echo = KEEPALIVE.unpack_from(msg, HEADER_SIZE)
+            if flags & KEEPALIVE_REPLY:     # the relay asks (a challenge of our new address)
+                self.tell_relay(T_KEEPALIVE, 0, KEEPALIVE.pack(0, 0, stamp))
         elif mtype == T_BYE:
             self.log.warning("the relay ended our session; registering again")
             self.session = None

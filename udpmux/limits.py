@@ -1,5 +1,6 @@
-"""Limits: token buckets, alone or one per source address in a bounded table, and the
-process's open-files limit."""
+"""Limits: token buckets, alone or one per source address in a bounded table, room
+for newcomers among connections not yet authenticated, and the process's open-files
+limit."""
 
 import resource
 from collections import OrderedDict
@@ -63,6 +64,21 @@ def source_of(peer):
     if peer[8:20] == _V4_MAPPED:
         return peer[20:24]
     return peer[8:16]
+
+
+def to_make_room(waiting, source, per_source, most):
+    """Which of `waiting` (unauthenticated connections, oldest first, each with .source
+    and .hello: whether it sent a HELLO that verified) to close so that a newcomer from
+    `source` fits, or None when it fits already.  A source with per_source of them, or
+    all sources with `most`, give up their oldest, the oldest without a HELLO first: so
+    connections that idle cannot keep those with the key out, and one source cannot
+    take the places of all."""
+    mine = [c for c in waiting if c.source == source]
+    for among, bound in ((mine, per_source), (waiting, most)):
+        if len(among) >= bound:
+            idle = [c for c in among if not c.hello]
+            return (idle or among)[0]
+    return None
 
 
 def raise_open_files(needed, log, what):

@@ -17,9 +17,11 @@ How a session starts (nothing to configure on the server but udpmux itself)::
     stdin/stdout, or one stream per connection accepted           connection to --target
     on --listen-tcp
 
-The key never appears on a command line.  Every message is sealed with the session;
-a message from a new address moves the server's side of the session only when it
-authenticates with the newest nonce yet (roaming).  The client rebinds its socket
+The key never appears on a command line, in a log or on a terminal: whatever else the
+server's end prints before its banner (a terminal that echoes standard input, a login
+message) is skipped unread.  Every message is sealed with the session; the server's
+side of the session moves to a new address once that address answers a challenge
+(session.PathCheck), so the client may roam.  The client rebinds its socket
 (a new source port, so a new NAT mapping) when the server stops answering, and either
 end keeps probing with a capped backoff, so the session comes back within about a
 second of the path coming back, after a blackout or a laptop's sleep.
@@ -215,16 +217,15 @@ class LinkEnd(Worker):
             mtype, sid, tag, nonce = parse_header(msg, self.key is not None)
             session = self.session
             if session is not None and sid == session.local_id:
-                newest = session.open(msg, nonce)
-            elif self.handshake(msg, mtype, sid, nonce, key, now):
-                newest = True           # the message that confirmed a new session
-            else:
+                session.open(msg, nonce)
+            elif not self.handshake(msg, mtype, sid, nonce, key, now):
                 return
         except (Malformed, Drop) as exc:
             self.drop(exc.reason)
             return
         self.heard = now
-        self.moved(key, newest)
+        if key != self.peer:
+            self.moved(key, msg, now)
         body = msg[wire.HEADER_SIZE:len(msg) - (wire.MAC_SIZE if self.key else 0)]
         try:
             self.conn.on_message(nonce, mtype, tag, bytes(body), now)
@@ -239,8 +240,8 @@ class LinkEnd(Worker):
         elif mtype == T_BYE:
             self.on_bye(now)
 
-    def moved(self, key, newest):
-        """A message from `key` authenticated (newest: its nonce the newest yet)."""
+    def moved(self, key, msg, now):
+        """An authentic message came from `key`, which is not the peer's address."""
 
     def send_plain(self, mtype, body, now):
         """A message the engine did not make (keepalive, bye): sealed, sent, and its nonce
@@ -472,16 +473,20 @@ class LinkServer(LinkEnd):
             return False
         if sid in self.acceptor.pending and self.session is None:
             self.session = self.acceptor.confirm(sid, msg, nonce)
-            self.peer = key
-            self.log.info("client %s: session up", addr.format_peer(key))
+            self.peer = self.session.peer
+            self.log.info("client %s: session up", addr.format_peer(self.peer))
             return True
         raise Drop("session")
 
-    def moved(self, key, newest):
-        if key != self.peer and newest:
+    def moved(self, key, msg, now):
+        moved, challenge = self.session.from_address(key, msg, now)
+        if moved:
             self.log.info("client moved from %s to %s", addr.format_peer(self.peer),
                           addr.format_peer(key))
             self.peer = key
+        elif challenge is not None:
+            self.conn.on_sent(self.session.send_nonce, None, now)
+            self.outbox.add(challenge, key)
 
     def new_stream(self, sid, now):
         """The client opened a stream: connect to the target for it."""
@@ -810,26 +815,7 @@ def start_server(args, values, key, log):
         proc.stdin.close()
     except OSError:
         pass
-    line = b""
-    end = time.monotonic() + BOOT_TIMEOUT
-    while not line.endswith(b"\n"):
-        left = end - time.monotonic()
-        if left <= 0:
-            proc.kill()
-            raise Fatal(f"{dest}: link-server did not answer within {BOOT_TIMEOUT:.0f} s")
-        ready, _, _ = select.select([proc.stdout], [], [], left)
-        if not ready:
-            continue
-        chunk = os.read(proc.stdout.fileno(), 256)
-        if not chunk:
-            status = proc.wait()
-            raise Fatal(f"{dest}: could not start the server end (ssh exited with status "
-                        f"{status}); is udpmux installed there? (--server-command)")
-        line += chunk
-    words = line.decode(errors="replace").split()
-    if words[:2] != BANNER.split() or len(words) != 4 or not words[3].isdigit():
-        proc.kill()
-        raise Fatal(f"{dest}: unexpected answer from the server end: {line[:80]!r}")
+    words = _read_banner(proc, dest, log)
     host, port = words[2], int(words[3])
     if args.get("--server-address"):
         host = args["--server-address"]
@@ -848,6 +834,48 @@ def start_server(args, values, key, log):
         proc.kill()
         proc.wait()
     return server, None
+
+
+def _read_banner(proc, dest, log):
+    """The words of link-server's banner line on ssh's output.  Lines before it (the
+    echo of a terminal ssh allocated, which holds the key; a login message) are skipped
+    and never shown: only their count reaches the debug log."""
+    pending = b""
+    skipped = 0
+    end = time.monotonic() + BOOT_TIMEOUT
+    prefix = BANNER.encode() + b" "
+    while True:
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            line = line.rstrip(b"\r")
+            if line.startswith(prefix):
+                words = line.decode("ascii", errors="replace").split()
+                if len(words) == 4 and words[3].isascii() and words[3].isdigit() \
+                        and 0 < int(words[3]) < 65536:
+                    if skipped:
+                        log.debug("skipped %d lines before the server's banner", skipped)
+                    return words
+                proc.kill()
+                raise Fatal(f"{dest}: the server end's banner is not one this udpmux reads "
+                            "(another version there? --server-command)")
+            skipped += 1
+        if len(pending) > 4096:
+            skipped += 1
+            pending = b""
+        left = end - time.monotonic()
+        if left <= 0:
+            proc.kill()
+            raise Fatal(f"{dest}: link-server did not answer within {BOOT_TIMEOUT:.0f} s"
+                        + (f" ({skipped} other lines came)" if skipped else ""))
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        if not ready:
+            continue
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            status = proc.wait()
+            raise Fatal(f"{dest}: could not start the server end (ssh exited with status "
+                        f"{status}); is udpmux installed there? (--server-command)")
+        pending += chunk
 
 
 def _ssh_hostname(ssh, dest):

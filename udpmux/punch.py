@@ -12,8 +12,21 @@ opens one socket towards the service per flow, as `udpmux expose` does::
 Direct (--peer HOST:PORT --port PORT): both sides send PUNCH probes (under the key) to
 each other's address from --port, paced, until the other answers; the listen side then
 starts the session (HELLO/WELCOME) on the hole.  Keepalives hold the mapping; after an
-address change the session follows the newest authenticated message, and a path that
-goes silent is punched again.
+address change the session follows once the new address answered a challenge
+(session.PathCheck), and a path that goes silent is punched again.
+
+A path is proven, never assumed: each probe carries a fresh challenge, and a path
+counts only when an answer echoing a challenge we sent in this attempt comes back
+from the address we sent it to (the same host; its port may differ behind a
+symmetric NAT) on the socket it left from::
+
+    A -- PUNCH(challenge a, echo -) -->  B      B answers any probe once, no larger,
+    A <-- PUNCH(challenge b, echo a) --  B      and changes nothing but its challenges
+    A -- PUNCH(challenge -, echo b)  -->  B      A has proven the path; now B has too
+
+Only then does the listen side send HELLO there, and the forward side answers HELLO
+only from a path it proved.  A probe replayed from anywhere gets one answer of its own
+size and moves nothing; an old answer echoes a challenge nobody waits for.
 
 Brokered (--relay HOST:PORT --rendezvous NAME): each side keeps a session with a relay
 tunnel in mode "rendezvous", which pairs the two by name and tells each the other's
@@ -49,15 +62,14 @@ from collections import OrderedDict
 from udpmux import addr, config, wire
 from udpmux.batchio import Batch, Outbox, recv_into
 from udpmux.errors import EXIT_NOPERM, EXIT_OSERR, Fatal, UsageError
-from udpmux.limits import raise_open_files
+from udpmux.limits import PerSource, TokenBucket, raise_open_files, source_of
 from udpmux.log import DropLog, setup as setup_log
-from udpmux.auth import R_REPLAY
-from udpmux.session import R_SESSION, Acceptor, Drop, Initiator
+from udpmux.session import R_SESSION, R_UNEXPECTED, Acceptor, Drop, Initiator
 from udpmux.tagtable import TagTable
 from udpmux.worker import Worker
 from udpmux.wire import (
     CLOSE_EVICTED, CLOSE_IDLE, CLOSE_SHUTDOWN, HEADER_SIZE, KEEPALIVE, KEEPALIVE_REPLY, MAC_SIZE,
-    MAX_DATAGRAM, PATH, PATH_DIRECT, PATH_RELAYED, PEER, PUNCH, PUNCH_ANSWER, REASON,
+    MAX_DATAGRAM, NO_RANDOM, PATH, PATH_DIRECT, PATH_RELAYED, PEER, PUNCH, REASON,
     SIDE_FORWARD, SIDE_LISTEN, T_BYE, T_CLOSE, T_DATA, T_HELLO, T_KEEPALIVE, T_PATH, T_PEER,
     T_PUNCH, T_RENDEZVOUS, T_STALE, T_WELCOME, Malformed, parse_header,
 )
@@ -71,10 +83,16 @@ HELLO_FIRST = 0.25
 BATCH = 64
 SERVICE_DRAIN = 64
 ONCE_PROBES = 3
-PUNCHES_REMEMBERED = 4096       # PUNCH randoms remembered, so a replayed probe is refused
+CHALLENGES_MAX = 8192           # challenges of our probes remembered until answered
+CHALLENGE_TTL = 2 * PUNCH_TIMEOUT   # seconds an answer to a challenge is accepted
+PROVEN_MAX = 64                 # proven paths remembered (the forward side answers HELLO there)
+PROVEN_TTL = 60.0               # seconds a proven path stays proven without a session
+ANSWER_RATE = 2 * PROBE_RATE    # probes answered a second in all, and from one source
 
 R_NO_PATH = "no-path"           # a datagram while neither a direct path nor the relay works
 R_SERVICE = "service"
+R_UNPROVEN = "unproven"         # a HELLO or WELCOME from a path no challenge proved
+R_ANSWER_RATE = "answer-rate"   # a probe beyond the answers allowed per second
 
 
 class Flow:
@@ -128,7 +146,11 @@ class PunchWorker(Worker):
         self.next_attempt = now
         self.birthday_at = None
         self.birthday_left = 0
-        self.punches_seen = OrderedDict()   # PUNCH randoms seen: a replay is refused
+        self.challenges = OrderedDict()     # our probes' challenges: -> (socket, to, sent at)
+        self.proven = OrderedDict()         # peer key -> when a challenge proved it
+        self.hello_to = None                # listen side: the proven address HELLO goes to
+        self.answers = TokenBucket(ANSWER_RATE, now=now)
+        self.answers_to = PerSource(ANSWER_RATE, 1024)
         # The relay.
         self.relay_key = None
         self.relay_session = None
@@ -229,18 +251,26 @@ class PunchWorker(Worker):
         self.birthday_at = now + PUNCH_TIMEOUT / 2 if self.probe_ports else None
         self.log.debug("punching towards %s", addr.format_peer(self.peer_key))
 
-    def punch(self, key, sock=None, answer=False):
-        body = PUNCH.pack(os.urandom(16), PUNCH_ANSWER if answer else 0)
-        self.send(self.initiator.seal(T_PUNCH, 0, body), key, sock)
+    def punch(self, key, now, sock=None, echo=NO_RANDOM, challenge=True):
+        """A PUNCH to key from sock (the main socket by default): with a fresh challenge,
+        remembered until answered, and echoing `echo`."""
+        sock = sock or self.sock
+        mine = NO_RANDOM
+        if challenge:
+            mine = os.urandom(16)
+            self.challenges[mine] = (sock, key, now)
+            if len(self.challenges) > CHALLENGES_MAX:
+                self.challenges.popitem(last=False)
+        self.send(self.initiator.seal(T_PUNCH, 0, PUNCH.pack(mine, echo)), key, sock)
 
     def probe_round(self, now):
-        """The probes due now: one to the peer (and HELLO from the listen side), and, in
-        the second half of an attempt, the birthday probes, paced."""
+        """The probes due now: one to the peer (and HELLO from the listen side once a path
+        is proven), and, in the second half of an attempt, the birthday probes, paced."""
         if self.peer_key is None:
             return
-        self.punch(self.peer_key)
-        if self.side == SIDE_LISTEN:
-            self.send(self.initiator.hello(), self.peer_key)
+        self.punch(self.peer_key, now)
+        if self.side == SIDE_LISTEN and self.hello_to is not None:
+            self.send(self.initiator.hello(), self.hello_to)
         if self.birthday_at is not None and now >= self.birthday_at:
             self.birthday_at = None
             self.start_birthday()
@@ -251,9 +281,9 @@ class PunchWorker(Worker):
             for _ in range(count):
                 guess = addr.peer_key(family, (sockaddr[0], random.randint(1024, 65535),
                                                *sockaddr[2:]))
-                self.punch(guess)
+                self.punch(guess, now)
             for sock in self.probes:
-                self.punch(self.peer_key, sock)
+                self.punch(self.peer_key, now, sock)
 
     def start_birthday(self):
         self.close_probes()
@@ -328,46 +358,34 @@ class PunchWorker(Worker):
     def from_peer(self, msg, mtype, sid, tag, nonce, key, now, sock):
         try:
             if self.direct is not None and sid == self.direct.local_id:
-                newest = self.direct.open(msg, nonce)
+                self.direct.open(msg, nonce)
                 if sock is not self.sock:
                     return
-                if key != self.peer_key and newest:
-                    self.log.info("the peer moved from %s to %s", addr.format_peer(self.peer_key),
-                                  addr.format_peer(key))
-                    self.peer_key = key
+                if key != self.direct.peer:
+                    self.new_address(key, msg, now)
             elif mtype == T_PUNCH:
-                body = self.initiator.open(msg, T_PUNCH)    # a peer's probe: it verifies
-                if self.direct is not None:
-                    return              # the path is up: probes are late, or replayed
-                random_, flags = PUNCH.unpack(body)
-                if random_ in self.punches_seen:
-                    raise Drop(R_REPLAY)
-                self.punches_seen[random_] = None
-                if len(self.punches_seen) > PUNCHES_REMEMBERED:
-                    self.punches_seen.popitem(last=False)
-                self.adopt(sock)
-                self.peer_key = key
-                if not flags & PUNCH_ANSWER:
-                    self.punch(key, answer=True)
-                if self.side == SIDE_LISTEN:
-                    self.send(self.initiator.hello(), key)
+                self.on_punch(msg, key, now, sock)
                 return
             elif mtype == T_HELLO and self.side == SIDE_FORWARD:
+                if sock is not self.sock or key not in self.proven:
+                    raise Drop(R_UNPROVEN)
                 welcome, _pending = self.acceptor.hello(msg, key, now)
-                self.adopt(sock)
-                self.peer_key = key
                 self.send(welcome, key)
                 return
             elif mtype == T_WELCOME and self.side == SIDE_LISTEN:
-                self.adopt(sock)
-                self.direct_up(self.initiator.welcome(msg), key, now)
+                if sock is not self.sock or key != self.hello_to:
+                    raise Drop(R_UNPROVEN)
+                session = self.initiator.welcome(msg)
+                session.peer = key
+                self.direct_up(session, now)
                 stamp = int(now * 1000) & 0xFFFFFFFF      # confirms it at the peer
                 self.send(self.direct.seal(T_KEEPALIVE, 0,
                                            KEEPALIVE.pack(KEEPALIVE_REPLY, stamp, 0)), key)
                 return
-            elif sid in self.acceptor.pending:
-                self.adopt(sock)
-                self.direct_up(self.acceptor.confirm(sid, msg, nonce), key, now)
+            elif sid in self.acceptor.pending and sock is self.sock:
+                self.direct_up(self.acceptor.confirm(sid, msg, nonce), now)
+                if key != self.direct.peer:
+                    self.new_address(key, msg, now)
             else:
                 raise Drop(R_SESSION)
         except (Malformed, Drop) as exc:
@@ -376,15 +394,66 @@ class PunchWorker(Worker):
         self.peer_heard = now
         self.deliver(mtype, tag, msg, now, self.direct)
 
-    def direct_up(self, session, key, now):
+    def on_punch(self, msg, key, now, sock):
+        """A PUNCH that verified: answer a probe, or take an answer as the proof of a path."""
+        challenge, echo = PUNCH.unpack(self.initiator.open(msg, T_PUNCH))
+        if echo == NO_RANDOM:
+            if challenge == NO_RANDOM:
+                raise Drop(R_UNEXPECTED)
+            # A probe, perhaps replayed: one answer of its size, and nothing else changes.
+            if not self.answers_to.take(source_of(key), now) or not self.answers.take(now):
+                raise Drop(R_ANSWER_RATE)
+            self.punch(key, now, sock, echo=challenge)
+            return
+        sent = self.challenges.get(echo)
+        if sent is None or sent[0] is not sock or _host(sent[1]) != _host(key) \
+                or now - sent[2] > CHALLENGE_TTL:
+            raise Drop(R_UNEXPECTED)        # late, replayed, or not where we asked
+        del self.challenges[echo]
+        if challenge != NO_RANDOM:          # the other end proves the path with this
+            self.punch(key, now, sock, echo=challenge, challenge=False)
+        self.proved(sock, key, now)
+
+    def proved(self, sock, key, now):
+        """A key holder at `key` answered a challenge sent from `sock`: the path works."""
+        if self.direct is not None and key == self.direct.peer:
+            return
+        first = key not in self.proven
+        self.adopt(sock)
+        self.proven[key] = now
+        self.proven.move_to_end(key)
+        while len(self.proven) > PROVEN_MAX or \
+                now - next(iter(self.proven.values())) > PROVEN_TTL:
+            self.proven.popitem(last=False)
+        if first:
+            self.log.debug("a path to %s is proven", addr.format_peer(key))
+        self.peer_key = key
+        if self.side == SIDE_LISTEN:
+            self.hello_to = key
+            self.send(self.initiator.hello(), key)
+
+    def new_address(self, key, msg, now):
+        """The direct session heard from a new address: it moves there once the address
+        answers a challenge."""
+        old = self.direct.peer
+        moved, challenge = self.direct.from_address(key, msg, now)
+        if moved:
+            self.log.info("the peer moved from %s to %s", addr.format_peer(old),
+                          addr.format_peer(key))
+            self.peer_key = key
+        elif challenge is not None:
+            self.send(challenge, key)
+
+    def direct_up(self, session, now):
         first = self.direct is None
         self.direct = session
-        self.peer_key = key
+        self.peer_key = session.peer
+        self.hello_to = None
         self.peer_heard = now
         self.attempt_until = None
         self.close_probes()
         if first:
-            self.log.info("direct path to %s is up", addr.format_peer(key))
+            self.log.info("direct path to %s is up", addr.format_peer(session.peer))
         self.set_path(PATH_DIRECT)
 
     def direct_down(self, now, why):
@@ -457,7 +526,7 @@ class PunchWorker(Worker):
                 self.peer_told = key
             if fresh and self.direct is None:
                 self.set_path(PATH_RELAYED)
-        elif mtype in (T_DATA, T_CLOSE):
+        elif mtype in (T_DATA, T_CLOSE, T_KEEPALIVE):
             self.deliver(mtype, tag, msg, now, session)
         elif mtype == T_BYE:
             self.relay_lost(now, "the relay ended our session")
@@ -670,6 +739,11 @@ class PunchWorker(Worker):
     def on_exit(self):
         self.close_probes()
         self.log.info("stopped")
+
+
+def _host(key):
+    """The host part of a peer key: the IPv4 or IPv6 address, without the port."""
+    return key[4:8] if len(key) == addr.SOCKADDR_IN_LEN else key[8:24]
 
 
 def _bind_udp(endpoint, what):

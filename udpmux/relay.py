@@ -19,9 +19,15 @@ Bounds: at most max_flows flows (a new client evicts the least recently used, an
 exposer is told to close it too); flows idle for flow_idle end at both ends; new flows
 are limited per second on the tunnel and per client IP address; pending handshakes are
 bounded; HELLO and STALE answers are rate limited and never larger than what they
-answer.  Nothing a stranger sends moves or replaces the exposer's session: only an
-authenticated message with the newest nonce moves it, and only a completed handshake
-replaces it.
+answer; TCP connections that have not registered are bounded per source and in all,
+and the oldest of them makes room for a newcomer.  Nothing a stranger sends moves or
+replaces the exposer's session: it moves to a new address only once that address
+answered a challenge (session.PathCheck), and only a completed handshake replaces it.
+
+A respawned worker carries on with its predecessor's session (from the state block)
+and never accepts a message its predecessor could have accepted: before anything
+leaves the worker, the highest nonce received is written to a record in shared memory
+(SessionRecord), with the send nonces reserved ahead.
 
 How we name things:
   client    an outside host sending to the public socket (not authenticated)
@@ -29,10 +35,13 @@ How we name things:
   flow      one client address, known by its tag at both ends
   state     the tunnel's shared block: counters, and the exposer's session, so that a
             respawned worker carries on with the same session and the same flows
+  record    the session's nonces, in a few words of shared memory written before every
+            send (the state block is JSON, written once a second)
 """
 
 import hashlib
 import hmac
+import mmap
 import os
 import time
 
@@ -42,11 +51,12 @@ from udpmux.addr import format_peer, peer_key
 from udpmux.batchio import Batch, Outbox, recv_into
 from udpmux.carrier import TcpCarrier
 from udpmux.config import from_options, load
-from udpmux.limits import PerSource, TokenBucket, source_of
+from udpmux.limits import PerSource, TokenBucket, source_of, to_make_room
 from udpmux.log import DropLog, Every, setup as setup_log
 from udpmux.master import Master
-from udpmux.session import R_SESSION, Acceptor, Drop, Session
-from udpmux.shm import SharedBlock
+from udpmux.session import R_SESSION, Acceptor, Drop, Session, responder_name
+from udpmux.rendezvous import RendezvousWorker, state_size
+from udpmux.shm import DEFAULT_SIZE, SharedBlock
 from udpmux.tagtable import TagTable
 from udpmux.worker import Worker
 from udpmux.wire import (
@@ -57,10 +67,10 @@ from udpmux.wire import (
 
 BATCH = 64
 DRAIN_ROUNDS = 8                # batches per socket per wake-up, so no socket starves the rest
-STALE_RATE = 10.0               # STALE answers per second per tunnel
-TCP_WAITING = 8                 # TCP connections that have not registered, at most
-TCP_HANDSHAKE = 10.0            # seconds a TCP connection has to register
-NONCE_RESERVE = 1 << 24         # nonces a worker may use before its state block records them
+TCP_WAITING = 16                # TCP connections that have not registered, at most
+TCP_WAITING_PER_SOURCE = 4      # ... from one source (IPv4 address, IPv6 /64)
+TCP_HANDSHAKE = 5.0             # seconds a TCP connection has to register
+NONCE_RESERVE = 1 << 24         # nonces a worker may use before its record says so again
 STATE_EVERY = 1.0               # seconds between writes of the state block
 DROP_LOG_EVERY = 60.0           # seconds between summaries of drops
 
@@ -70,8 +80,27 @@ R_FLOW_RATE = "flow-rate"       # a new flow over the tunnel's new_flows_rate
 R_SOURCE_RATE = "source-rate"   # a new flow over new_flows_per_source for its IP address
 R_UNKNOWN_TAG = "unknown-tag"   # exposer data for a flow that is gone
 R_SEND = "send"                 # the kernel refused to send (buffer full, unreachable)
-R_TCP_FULL = "tcp-full"         # a TCP connection beyond TCP_WAITING not yet registered
+R_TCP_FULL = "tcp-full"         # an unregistered TCP connection closed for a newer one
 R_TCP_SILENT = "tcp-silent"     # a TCP connection that did not register in time
+
+class SessionRecord:
+    """The exposer's session's nonces, in shared memory, one 8-byte word each, so that
+    each is written by a single store (a worker killed mid-write leaves the old value or
+    the new one, never a mix)::
+
+        word 0  the session's local id (0: none)
+        word 1  the highest nonce received and accepted
+        word 2  the send nonces reserved: the worker sends none at or above this
+    """
+
+    def __init__(self):
+        self.mem = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self.words = memoryview(self.mem).cast("Q")
+
+    def read(self):
+        """(local id, highest received, reserved)."""
+        return tuple(self.words[:3])
+
 
 class RelayShared:
     """What the master maps for a tunnel before forking its worker."""
@@ -82,10 +111,11 @@ class RelayShared:
         else:
             self.table = TagTable(config.max_flows)
             self.epoch = int.from_bytes(os.urandom(8), "big") or 1
-        if old is not None and old.config.key == config.key:
-            self.state = old.shared.state
+        size = state_size(config.max_flows) if config.mode == "rendezvous" else DEFAULT_SIZE
+        if old is not None and old.config.key == config.key and old.shared.state.size == size:
+            self.state, self.record = old.shared.state, old.shared.record
         else:
-            self.state = SharedBlock()
+            self.state, self.record = SharedBlock(size), SessionRecord()
 
 
 class RelayKind:
@@ -110,7 +140,6 @@ class RelayKind:
 
     def worker(self, tunnel, pipe, inherited, log):
         if tunnel.config.mode == "rendezvous":
-            from udpmux.rendezvous import RendezvousWorker
             return RendezvousWorker(tunnel, pipe, inherited, log)
         return RelayWorker(tunnel, pipe, inherited, log)
 
@@ -140,6 +169,7 @@ class RelayWorker(Worker):
         self.tcp_listener = tunnel.sockets.get("tcp")
         self.table = tunnel.shared.table
         self.state = tunnel.shared.state
+        self.record = tunnel.shared.record
         self.epoch = tunnel.shared.epoch
         self.keyed = self.config.key is not None
 
@@ -149,16 +179,17 @@ class RelayWorker(Worker):
         config = self.config
         now = time.monotonic()
         self.table.attach()
-        self.acceptor = Acceptor(config.key, [wire.ROLE_EXPOSE])
+        self.acceptor = Acceptor(config.key, [wire.ROLE_EXPOSE],
+                                 responder_name(config.key, self.name))
         self.session = None             # the exposer's session
         self.carrier = None             # its TCP connection, when it came over TCP
-        self.tcp_peers = {}             # TcpCarrier -> (peer key, accepted at)
+        self.tcp_peers = {}             # TcpCarrier -> Waiting, oldest first
+        self.recorded = (0, 0, 0)       # what self.record says: (id, received, reserved)
         self.restored = False           # the session came from a dead predecessor
         self.heard = 0.0                # when the exposer last sent an authentic message
         self.registered = 0.0
         self.flow_bucket = TokenBucket(config.new_flows_rate, now=now)
         self.per_source = PerSource(config.new_flows_per_source, config.max_sources)
-        self.stale_bucket = TokenBucket(STALE_RATE, now=now)
         self.counters = dict.fromkeys(
             ("datagrams_in", "bytes_in", "datagrams_out", "bytes_out", "flows", "evicted",
              "expired", "closed", "sessions", "roams"), 0)
@@ -199,13 +230,21 @@ class RelayWorker(Worker):
                           bytes.fromhex(saved["recv_key"]) if self.keyed else None,
                           wire.ROLE_EXPOSE, bytes.fromhex(saved["peer"]))
         # Never reuse a nonce: skip past every one the predecessor may have used, and
-        # accept nothing at or below the highest it had accepted.
-        session.send_nonce = saved["send_reserved"]
-        session.window.top = saved["recv_top"]
+        # accept nothing at or below the highest it had accepted.  The record has the
+        # exact figures when it is of this session (it is written before every send;
+        # the state block once a second).
+        received, reserved = saved["recv_top"], saved["send_reserved"]
+        local_id, recorded_top, recorded_reserve = self.record.read()
+        if local_id == session.local_id:
+            received = max(received, recorded_top)
+            reserved = max(reserved, recorded_reserve)
+        session.send_nonce = reserved
+        session.window.top = received
         session.window.bits = (1 << auth.WINDOW) - 1
         session.confirmed = True
         self.session = session
         self.restored = True
+        self.note_nonces()
         self.heard = now
         self.registered = now - saved.get("age", 0.0)
         self.log.info("tunnel %s: worker %d carries on with the exposer at %s",
@@ -243,7 +282,7 @@ class RelayWorker(Worker):
             else:
                 exposer = None
             queued, sizes, flow_tags = [], [], []
-            size_in = 0
+            count_in = size_in = 0
             for i in range(n):
                 key = keys[i]
                 length = lengths[i]
@@ -278,10 +317,11 @@ class RelayWorker(Worker):
                 queued.append(start)
                 sizes.append(end - start)
                 flow_tags.append(tag)
+                count_in += 1
                 size_in += length
             if session is not None:
                 session.send_nonce = nonce
-            counters["datagrams_in"] += len(queued)
+            counters["datagrams_in"] += count_in
             counters["bytes_in"] += size_in
             self.send_batch(batch, queued, sizes, flow_tags)
             self.flush_exposer()
@@ -313,8 +353,7 @@ class RelayWorker(Worker):
         if not starts:
             return
         if len(out) + len(starts) > out.count:
-            out.flush(sock)
-            self.count_send_drops(out)
+            self.flush(out, sock)
         out.add_many_from(batch, starts, sizes, keys)
         starts.clear()
         sizes.clear()
@@ -415,7 +454,7 @@ class RelayWorker(Worker):
                 peer, local_id, flags_ok = session.peer, session.local_id, session.flags
                 mac_key, window = session.recv_key, session.window
             queued, sizes, clients = [], [], []
-            size_out = 0
+            count_out = size_out = 0
             for i in range(n):
                 start, length = starts[i], lengths[i]
                 if fast and shortest <= length <= capacity and keys[i] == peer:
@@ -439,6 +478,7 @@ class RelayWorker(Worker):
                             queued.append(start + HEADER_SIZE)
                             sizes.append(body)
                             clients.append(flow_keys[slot])
+                            count_out += 1
                             size_out += body
                             continue
                         self.drop(R_UNKNOWN_TAG)
@@ -458,8 +498,9 @@ class RelayWorker(Worker):
                         mac_key, window = session.recv_key, session.window
             if size_out:
                 self.heard = now
-            counters["datagrams_out"] += len(queued)
+            counters["datagrams_out"] += count_out
             counters["bytes_out"] += size_out
+            self.note_nonces()      # even when nothing goes out: a successor must know
             self.queue(out, self.public, batch, queued, sizes, clients)
             self.flush_clients()
             self.flush_exposer()
@@ -480,31 +521,31 @@ class RelayWorker(Worker):
             if session is not None and sid == session.local_id:
                 if carrier is not self.carrier:     # the session lives on the other carrier
                     raise Drop(R_SESSION)
-                newest = session.open(msg, nonce)
+                session.open(msg, nonce)
             elif mtype == T_HELLO:
                 self.on_hello(msg, key, now, carrier)
                 return
             elif sid in self.acceptor.pending:
                 session = self.acceptor.confirm(sid, msg, nonce)
-                self.new_session(session, key, now, carrier)
-                newest = True
+                if carrier is not None:
+                    session.peer = key          # a session over TCP is its connection's
+                self.new_session(session, now, carrier)
             else:
                 self.refuse(R_SESSION, carrier)
                 if carrier is None:
-                    self.answer_stale(msg, sid, nonce, key, now)
+                    stale = self.acceptor.answer_unknown(msg, sid, nonce, key, now)
+                    if stale is not None:
+                        self.send_to(stale, key)
                 return
         except Drop as exc:
             self.refuse(exc.reason, carrier)
             return
         self.heard = now
-        if key != session.peer and carrier is None:
-            if newest and not self.restored:
-                self.log.info("tunnel %s: exposer moved from %s to %s", self.name,
-                              format_peer(session.peer), format_peer(key))
-                session.peer = key
-                self.counters["roams"] += 1
+        if key != session.peer:
+            self.new_address(session, key, msg, now)
         if self.restored:
-            # Ask the exposer for a new handshake: the restored session cannot roam.
+            # A restored session lives on memory a dead process left: ask the exposer
+            # for a new handshake.
             self.restored = False
             self.send_to(self.acceptor.stale(sid, nonce), session.peer)
         if mtype == T_DATA:
@@ -548,17 +589,32 @@ class RelayWorker(Worker):
         if carrier is not None:
             carrier.close(f"a message refused ({reason})")
 
+    def new_address(self, session, key, msg, now):
+        """An authentic, fresh message of the exposer's session from an address that is
+        not the session's: the session moves there once the address answers a challenge."""
+        old = session.peer
+        moved, challenge = session.from_address(key, msg, now)
+        if moved:
+            self.log.info("tunnel %s: exposer moved from %s to %s", self.name,
+                          format_peer(old), format_peer(key))
+            self.counters["roams"] += 1
+        elif challenge is not None:
+            self.log.debug("tunnel %s: the exposer's session heard from %s; challenging it",
+                           self.name, format_peer(key))
+            self.send_to(challenge, key)
+
     def on_hello(self, msg, key, now, carrier=None):
         taken = (self.session.local_id,) if self.session is not None else ()
         welcome, _pending = self.acceptor.hello(msg, key, now, taken, self.epoch)
         if carrier is None:
             self.send_to(welcome, key)
         else:
+            self.tcp_peers[carrier].hello = True
             carrier.send(welcome)
 
-    def new_session(self, session, key, now, carrier=None):
+    def new_session(self, session, now, carrier=None):
         old, old_carrier = self.session, self.carrier
-        session.peer = key
+        key = session.peer
         self.session = session
         self.carrier = carrier
         self.restored = False
@@ -576,7 +632,8 @@ class RelayWorker(Worker):
                            format_peer(key))
         if old_carrier is not None and old_carrier is not carrier:
             old_carrier.close("replaced by a new session")
-        self.write_state(now)
+        self.write_state(now)           # first the keys, then the nonces: see restore()
+        self.note_nonces()
 
     def end_session(self):
         self.session = None
@@ -584,15 +641,6 @@ class RelayWorker(Worker):
             carrier, self.carrier = self.carrier, None
             carrier.flush()
             carrier.close("the session ended")
-
-    def answer_stale(self, msg, sid, nonce, key, now):
-        """Tell a sender whose session we do not know to start again: never larger than
-        what it sent, and rate limited."""
-        if sid == 0 or not self.stale_bucket.take(now):
-            return
-        stale = self.acceptor.stale(sid, nonce)
-        if len(stale) <= len(msg):
-            self.send_to(stale, key)
 
     # -- exposers over TCP
 
@@ -607,21 +655,26 @@ class RelayWorker(Worker):
                     self.log.error("tunnel %s: cannot accept a TCP connection: %s", self.name,
                                    exc.strerror)
                 return
-            waiting = sum(1 for c in self.tcp_peers if c is not self.carrier)
-            if waiting >= TCP_WAITING:
-                self.drop(R_TCP_FULL)
-                sock.close()
-                continue
+            peer = peer_key(sock.family, sockaddr)
+            self.make_room(source_of(peer))
             carrier = TcpCarrier(sock, self.poller, self.on_tcp_message, self.on_tcp_closed)
-            self.tcp_peers[carrier] = (peer_key(sock.family, sockaddr), time.monotonic())
+            self.tcp_peers[carrier] = Waiting(carrier, peer, time.monotonic())
+
+    def make_room(self, source):
+        """Before a new TCP connection from `source` joins those not yet registered."""
+        waiting = [w for c, w in self.tcp_peers.items() if c is not self.carrier]
+        oldest = to_make_room(waiting, source, TCP_WAITING_PER_SOURCE, TCP_WAITING)
+        if oldest is not None:
+            self.drop(R_TCP_FULL)
+            oldest.carrier.close("closed for a newer connection")
 
     def on_tcp_message(self, carrier, msg):
-        peer = self.tcp_peers.get(carrier)
-        if peer is not None:
-            self.from_exposer(msg, peer[0], time.monotonic(), carrier=carrier)
+        waiting = self.tcp_peers.get(carrier)
+        if waiting is not None:
+            self.from_exposer(msg, waiting.peer, time.monotonic(), carrier=carrier)
 
     def on_tcp_closed(self, carrier, why):
-        peer = self.tcp_peers.pop(carrier, None)
+        waiting = self.tcp_peers.pop(carrier, None)
         for reason, n in carrier.drops.items():
             self.drop(reason, n)
         carrier.drops.clear()
@@ -630,7 +683,7 @@ class RelayWorker(Worker):
             if self.session is not None:
                 self.session = None
                 self.log.info("tunnel %s: the exposer's TCP connection from %s ended (%s)",
-                              self.name, format_peer(peer[0]) if peer else "?", why)
+                              self.name, format_peer(waiting.peer) if waiting else "?", why)
 
     # -- sending
 
@@ -651,13 +704,37 @@ class RelayWorker(Worker):
 
     def flush_exposer(self):
         if len(self.to_exposer):
-            self.to_exposer.flush(self.register)
-            self.count_send_drops(self.to_exposer)
+            self.flush(self.to_exposer, self.register)
 
     def flush_clients(self):
         if len(self.to_clients):
-            self.to_clients.flush(self.public)
-            self.count_send_drops(self.to_clients)
+            self.flush(self.to_clients, self.public)
+
+    def flush(self, outbox, sock):
+        """Send what an outbox holds; first the record learns of every nonce received
+        and sent so far, so that nothing leaves that a successor could repeat."""
+        self.note_nonces()
+        outbox.flush(sock)
+        self.count_send_drops(outbox)
+
+    def note_nonces(self):
+        session = self.session
+        if session is None or self.carrier is not None:
+            return
+        local_id, received, reserved = self.recorded
+        words = self.record.words
+        if local_id != session.local_id:
+            words[0] = 0                        # no session while the words change
+            words[1] = session.window.top
+            reserved = session.send_nonce + NONCE_RESERVE
+            words[2] = reserved
+            words[0] = session.local_id
+        elif received != session.window.top:
+            words[1] = session.window.top
+        if session.send_nonce + NONCE_RESERVE // 2 > reserved:
+            reserved = session.send_nonce + NONCE_RESERVE
+            words[2] = reserved
+        self.recorded = (session.local_id, session.window.top, reserved)
 
     def count_send_drops(self, outbox):
         if outbox.drops:
@@ -687,8 +764,8 @@ class RelayWorker(Worker):
                              "is down until it registers again", self.name,
                              format_peer(self.session.peer), now - self.heard)
             self.end_session()
-        for carrier, (_peer, since) in list(self.tcp_peers.items()):
-            if carrier is not self.carrier and now - since > TCP_HANDSHAKE:
+        for carrier, waiting in list(self.tcp_peers.items()):
+            if carrier is not self.carrier and now - waiting.since > TCP_HANDSHAKE:
                 self.drop(R_TCP_SILENT)
                 carrier.close(f"no registration within {TCP_HANDSHAKE:.0f} s")
             for reason, n in carrier.drops.items():
@@ -742,6 +819,19 @@ class RelayWorker(Worker):
     def on_exit(self):
         self.table.sync()
         self.write_state(time.monotonic())
+
+
+class Waiting:
+    """A TCP connection at the register address, until its exposer registers."""
+
+    __slots__ = ("carrier", "peer", "source", "since", "hello")
+
+    def __init__(self, carrier, peer, since):
+        self.carrier = carrier
+        self.peer = peer                # peer key
+        self.source = source_of(peer)
+        self.since = since
+        self.hello = False              # it sent a HELLO that verified and was new
 
 
 def main(args):

@@ -9,14 +9,17 @@ what carries their datagrams.
         DATA  -->  (re-sealed for the partner's session)  -->  DATA     (only while relayed)
 
 Each peer keeps an authenticated session with the relay (the tunnel's key): a stranger
-learns no address from it and moves no peer; a peer's new address is followed on an
-authenticated message with the newest nonce, and its partner is told at once.  A name
+learns no address from it and moves no peer; a peer's new address is followed once it
+answered a challenge (session.PathCheck), and its partner is told at once.  A name
 pairs one listen side with one forward side; a newer registration of the same name and
 side takes the place of the older.  PATH tells the relay whether the pair's datagrams
 go directly or through it, for `udpmux status`.
 
 Bounds: at most max_flows peers (a HELLO beyond is not answered), each forgotten after
-flow_idle seconds without a word; handshakes as for every responder.
+flow_idle seconds without a word; handshakes as for every responder.  The state block
+that `udpmux status` reads lists every pair: it is sized for max_flows records of the
+largest size a record can have (state_size()), and max_flows itself is bounded
+(PEERS_MAX) when the configuration is read.
 
 How we name things:
   peer      one `udpmux punch` registered here, with its session and its address
@@ -24,15 +27,16 @@ How we name things:
   partner   the other peer of a pair
 """
 
+import json
 import os
 import time
 
 from udpmux import wire
 from udpmux.addr import format_peer
 from udpmux.batchio import Batch, Outbox, recv_into
-from udpmux.limits import TokenBucket
 from udpmux.log import DropLog, Every
-from udpmux.session import R_SESSION, Acceptor, Drop, observed_fields
+from udpmux.session import R_SESSION, Acceptor, Drop, observed_fields, responder_name
+from udpmux.shm import DEFAULT_SIZE
 from udpmux.worker import Worker
 from udpmux.wire import (
     KEEPALIVE, KEEPALIVE_REPLY, PATH, PATH_DIRECT, PATH_RELAYED, PEER, RENDEZVOUS_NAME_MAX,
@@ -41,7 +45,7 @@ from udpmux.wire import (
 )
 
 BATCH = 64
-STALE_RATE = 10.0               # STALE answers a second
+PEERS_MAX = 65536               # the most max_flows may be for a rendezvous tunnel
 
 R_FULL = "full"                 # a peer beyond max_flows: its handshake is not answered
 R_NO_PARTNER = "no-partner"     # data from a peer whose partner has not registered
@@ -50,13 +54,31 @@ R_NAME = "name"                 # a RENDEZVOUS whose side or name cannot be righ
 PATH_NAMES = {PATH_DIRECT: "direct", PATH_RELAYED: "relayed"}
 
 
+def _record(name, listen, forward, path, datagrams, size):
+    """One pair as the state block lists it."""
+    return {"name": name, "listen": listen, "forward": forward, "path": path,
+            "relayed_datagrams": datagrams, "relayed_bytes": size}
+
+
+# The longest a pair's record can be, as JSON: the longest name in the most escapes
+# (every byte a control character, \u00XX), the longest addresses and counters.
+RECORD_MAX = len(json.dumps(_record("\x01" * RENDEZVOUS_NAME_MAX,
+                                    "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535",
+                                    "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535",
+                                    "punching", 2 ** 64, 2 ** 64), separators=(",", ":"))) + 1
+
+
+def state_size(max_flows):
+    """The bytes of the state block of a rendezvous tunnel with max_flows peers."""
+    return DEFAULT_SIZE + max_flows * RECORD_MAX
+
+
 class Peer:
-    __slots__ = ("session", "key", "name", "side", "partner", "path", "heard", "since",
+    __slots__ = ("session", "name", "side", "partner", "path", "heard", "since",
                  "relayed", "relayed_bytes", "pair")
 
-    def __init__(self, session, key, now):
+    def __init__(self, session, now):
         self.session = session
-        self.key = key
         self.name = None
         self.side = None
         self.partner = None
@@ -64,6 +86,11 @@ class Peer:
         self.heard = self.since = now
         self.relayed = self.relayed_bytes = 0
         self.pair = 0
+
+    @property
+    def key(self):
+        """Where the peer is: its session's address."""
+        return self.session.peer
 
 
 class RendezvousWorker(Worker):
@@ -75,8 +102,8 @@ class RendezvousWorker(Worker):
         self.keyed = self.config.key is not None
 
     def setup(self):
-        self.acceptor = Acceptor(self.config.key, [wire.ROLE_PUNCH])
-        self.stale_bucket = TokenBucket(STALE_RATE, now=time.monotonic())
+        self.acceptor = Acceptor(self.config.key, [wire.ROLE_PUNCH],
+                                 responder_name(self.config.key, self.name))
         self.peers = {}                 # our session id -> Peer
         self.names = {}                 # (name, side) -> Peer
         self.pairs = 0
@@ -132,7 +159,7 @@ class RendezvousWorker(Worker):
             mtype, sid, tag, nonce = parse_header(msg, self.keyed)
             peer = self.peers.get(sid)
             if peer is not None:
-                newest = peer.session.open(msg, nonce)
+                peer.session.open(msg, nonce)
             elif mtype == T_HELLO:
                 if len(self.peers) >= self.config.max_flows:
                     raise Drop(R_FULL)
@@ -141,25 +168,30 @@ class RendezvousWorker(Worker):
                 return
             elif sid in self.acceptor.pending:
                 session = self.acceptor.confirm(sid, msg, nonce)
-                peer = self.peers[session.local_id] = Peer(session, key, now)
+                peer = self.peers[session.local_id] = Peer(session, now)
                 self.counters["sessions"] += 1
-                newest = True
                 self.log.debug("tunnel %s: a punch peer registered from %s", self.name,
-                               format_peer(key))
+                               format_peer(session.peer))
             else:
                 self.drop(R_SESSION)
-                self.answer_stale(msg, sid, nonce, key, now)
+                stale = self.acceptor.answer_unknown(msg, sid, nonce, key, now)
+                if stale is not None:
+                    self.send(stale, key)
                 return
         except (Malformed, Drop) as exc:
             self.drop(exc.reason)
             return
         peer.heard = now
-        if key != peer.key and newest:
-            self.log.info("tunnel %s: peer %s moved from %s to %s", self.name,
-                          peer.name or "?", format_peer(peer.key), format_peer(key))
-            peer.key = key
-            if peer.partner is not None:
-                self.tell_peer(peer.partner, peer)
+        if key != peer.key:
+            old = peer.key
+            moved, challenge = peer.session.from_address(key, msg, now)
+            if moved:
+                self.log.info("tunnel %s: peer %s moved from %s to %s", self.name,
+                              peer.name or "?", format_peer(old), format_peer(key))
+                if peer.partner is not None:
+                    self.tell_peer(peer.partner, peer)
+            elif challenge is not None:
+                self.send(challenge, key)
         body = msg[wire.HEADER_SIZE:len(msg) - (wire.MAC_SIZE if self.keyed else 0)]
         if mtype in (T_DATA, T_CLOSE):
             partner = peer.partner
@@ -187,15 +219,6 @@ class RendezvousWorker(Worker):
                           peer.key)
         elif mtype == T_BYE:
             self.forget(peer, "said goodbye")
-
-    def answer_stale(self, msg, sid, nonce, key, now):
-        """A peer whose session this worker does not know (it came after a restart): ask
-        it to start again -- rate limited, and never larger than what it sent."""
-        if sid == 0 or not self.stale_bucket.take(now):
-            return
-        stale = self.acceptor.stale(sid, nonce)
-        if len(stale) <= len(msg):
-            self.send(stale, key)
 
     def register(self, peer, body, now):
         side = body[0]
@@ -274,19 +297,15 @@ class RendezvousWorker(Worker):
             paths = {PATH_NAMES.get(p.path) for p in (peer, partner) if p is not None}
             path = ("direct" if paths == {"direct"} else "relayed" if "relayed" in paths
                     else "punching" if partner is not None else "waiting")
-            pairs.append({
-                "name": name,
-                "listen": format_peer(peer.key),
-                "forward": format_peer(partner.key) if partner is not None else None,
-                "path": path,
-                "relayed_datagrams": peer.relayed + (partner.relayed if partner else 0),
-                "relayed_bytes": peer.relayed_bytes + (partner.relayed_bytes if partner else 0),
-            })
+            pairs.append(_record(
+                name, format_peer(peer.key),
+                format_peer(partner.key) if partner is not None else None, path,
+                peer.relayed + (partner.relayed if partner else 0),
+                peer.relayed_bytes + (partner.relayed_bytes if partner else 0)))
         for (name, side), peer in self.names.items():
             if side == SIDE_FORWARD and peer.partner is None:
-                pairs.append({"name": name, "listen": None, "forward": format_peer(peer.key),
-                              "path": "waiting", "relayed_datagrams": peer.relayed,
-                              "relayed_bytes": peer.relayed_bytes})
+                pairs.append(_record(name, None, format_peer(peer.key), "waiting",
+                                     peer.relayed, peer.relayed_bytes))
         self.state.write_json({
             "pid": os.getpid(),
             "mode": "rendezvous",

@@ -1,5 +1,6 @@
-"""Sessions between two agents: the handshake that starts one, and sealing and
-opening its messages.  Pure code: bytes in, bytes or a counted reason out.
+"""Sessions between two agents: the handshake that starts one, sealing and opening its
+messages, and the rules that say when a message may change where an agent sends.
+Pure code: bytes and time in, bytes, a decision or a counted reason out.
 
 The handshake (HELLO and WELCOME carry a MAC under the handshake key when keyed)::
 
@@ -7,27 +8,38 @@ The handshake (HELLO and WELCOME carry a MAC under the handshake key when keyed)
       HELLO   session=0  (id_i, random_i, role)  ------------->
                                                   (a pending session, bounded, expires)
               <--------  WELCOME  session=id_i  (id_r, random_i, random_r, your address,
-                                                 epoch)
+                                                 epoch, responder)
       any message under the session keys, session=id_r  ----->
                                                   (the pending session is confirmed)
 
 Both ends derive the session keys from the PSK, the two ids and the two randoms, so
 a replayed HELLO yields a session that nobody but the true initiator can use, and a
-replayed WELCOME echoes a random the initiator no longer waits for.  Every message
-after the handshake carries the sender's nonce counter and is checked against the
-receiver's replay window.  Only a message with the newest nonce yet may move a
-session to a new source address (roaming).
+replayed WELCOME echoes a random the initiator no longer waits for.  A HELLO changes
+nothing at the responder but a bounded table of pending sessions, and the WELCOME it
+gets is no larger than itself.  Every message after the handshake carries the sender's
+nonce counter and is checked against the receiver's replay window.
+
+Freshness is not enough to move a session to a new source address: an attacker who
+races a captured message to the receiver makes it fresh from the wrong address.  So a
+new address is only a candidate (PathCheck): it is sent a challenge, a KEEPALIVE that
+asks for a reply with a random stamp, and the session moves when an authentic, fresh
+reply echoing that stamp comes from that address (QUIC's path validation).  What a
+candidate is sent never exceeds what it sent.
 
 A responder that restarted knows no session.  When it receives a message for a session
-id it does not know, it may answer STALE (under the handshake key), naming the id and
-the nonce it saw; the initiator believes it only for its current session and a nonce it
-sent recently, and then starts a new handshake.
+id it does not know, it may answer STALE, naming the id and the nonce it saw, under a
+key derived from the responder's name (the 8-byte responder field of WELCOME, the same
+after every restart of that responder and different for every other one), so a STALE
+cannot be had from another relay's tunnel that shares the key.  The initiator believes
+it only for its current session and a nonce it sent recently, and starts again.
 
 How we name things:
   initiator  the end that sends HELLO (exposer, link client, uot client)
   responder  the end that answers with WELCOME (relay, link server, uot server)
   pending    a session the responder has welcomed but not yet heard from
   peer       the other end's address, as a peer key (see addr.py)
+  source     what per-source limits count by: an IPv4 address or an IPv6 /64
+  candidate  a new address a session's peer sent from, not yet proven
 """
 
 import os
@@ -37,10 +49,11 @@ from collections import OrderedDict
 
 from udpmux import auth
 from udpmux.auth import R_MAC, ReplayWindow
-from udpmux.limits import TokenBucket
+from udpmux.limits import PerSource, TokenBucket, source_of
 from udpmux.wire import (
-    FLAG_KEYED, HEADER, HEADER_SIZE, HELLO, MAC_SIZE, RANDOM_SIZE, STALE, T_HELLO, T_STALE,
-    T_WELCOME, VERSION, WELCOME, Malformed, body_of, parse_header,
+    FLAG_KEYED, HEADER, HEADER_SIZE, HELLO, KEEPALIVE, KEEPALIVE_REPLY, MAC_SIZE, RANDOM_SIZE,
+    RESPONDER_SIZE, STALE, T_HELLO, T_KEEPALIVE, T_STALE, T_WELCOME, VERSION, WELCOME,
+    Malformed, body_of, parse_header,
 )
 
 R_ROLE = "role"                 # HELLO asks for a role this responder does not serve
@@ -48,12 +61,19 @@ R_UNEXPECTED = "unexpected"     # a handshake message nobody waits for
 R_SESSION = "session"           # a session id this receiver does not know
 R_HELLO_RATE = "hello-rate"     # an authentic HELLO beyond the answers allowed per second
 
-PENDING_MAX = 16                # welcomed sessions awaiting their first message
-HELLO_RATE = 20.0               # HELLOs answered per second (after they authenticate)
+PENDING_MAX = 64                # welcomed sessions awaiting their first message
+PENDING_PER_SOURCE = 4          # ... of which from one source
+HELLO_RATE = 100.0              # HELLOs answered per second (after they authenticate)
+HELLO_RATE_PER_SOURCE = 5.0     # ... from one source
 PENDING_TTL = 10.0              # seconds a pending session waits
 HELLO_MEMORY = 4096             # HELLO randoms remembered, so a replayed HELLO is refused
+SOURCES_TRACKED = 4096          # sources whose HELLO and STALE rates are tracked at once
+STALE_RATE = 20.0               # STALE answers per second
+STALE_RATE_PER_SOURCE = 2.0     # ... to one source
+CHALLENGE_EVERY = 0.2           # seconds before a challenge to a candidate is repeated
 
 _ID = struct.Struct("!I")
+_STAMP = struct.Struct("!I")
 
 
 class Drop(Exception):
@@ -70,6 +90,19 @@ def new_id(taken=()):
         (sid,) = _ID.unpack(os.urandom(4))
         if sid and sid not in taken:
             return sid
+
+
+def challenge_size(keyed):
+    """The bytes of a path challenge: a KEEPALIVE."""
+    return HEADER_SIZE + KEEPALIVE.size + (MAC_SIZE if keyed else 0)
+
+
+def responder_name(psk, name):
+    """The responder field of a responder that must be the same after a restart (a
+    relay's tunnel: derived from its name), and different for every other name."""
+    if psk is None:
+        return bytes(RESPONDER_SIZE)
+    return auth.derive(psk, b"responder " + name.encode())[:RESPONDER_SIZE]
 
 
 def observed_fields(peer):
@@ -89,7 +122,8 @@ class Session:
     """One established session, at either end: keys, nonce counter, replay window."""
 
     __slots__ = ("local_id", "peer_id", "keyed", "flags", "send_key", "recv_key",
-                 "send_nonce", "window", "peer", "role", "observed", "confirmed", "epoch")
+                 "send_nonce", "window", "peer", "role", "observed", "confirmed", "epoch",
+                 "responder", "path")
 
     def __init__(self, local_id, peer_id, send_key, recv_key, role, peer=None):
         self.local_id = local_id
@@ -105,6 +139,8 @@ class Session:
         self.observed = None            # initiator: its address as the responder saw it
         self.confirmed = False          # responder: heard from the initiator since WELCOME
         self.epoch = 0                  # the responder's flow-table epoch (see WELCOME)
+        self.responder = None           # initiator: the responder's name (see WELCOME)
+        self.path = PathCheck()         # a new address of the peer, until it is proven
 
     def seal(self, mtype, tag, body=b""):
         """A whole message of this session."""
@@ -129,9 +165,8 @@ class Session:
     def open(self, msg, nonce):
         """Authenticate a message addressed to this session (its header already parsed).
 
-        Returns True when its nonce is the newest yet: only such a message may move the
-        session to a new address.  Raises Drop with the reason otherwise.
-        """
+        Returns True when its nonce is the newest yet.  Raises Drop with the reason
+        otherwise."""
         reason = self.window.check(nonce)
         if reason is not None:
             raise Drop(reason)
@@ -141,25 +176,85 @@ class Session:
         self.window.accept(nonce)
         return newest
 
+    def from_address(self, key, msg, now):
+        """After open(): the message came from `key`.  Returns (moved, challenge): moved
+        is True when key is now the session's peer because it answered our challenge
+        (msg is a KEEPALIVE reply echoing it); challenge is a message to send to key
+        (a path challenge), or None.  The caller sends challenge to key, not to the peer."""
+        if key == self.peer:
+            return False, None
+        path = self.path
+        if msg[1] == T_KEEPALIVE and path.answers(key, msg):
+            self.peer = key
+            self.path = PathCheck()
+            return True, None
+        return False, path.challenge(self, key, len(msg), now)
+
+
+class PathCheck:
+    """A session's candidate address: what it sent, the challenge it was sent.
+
+    A candidate is sent at most as many bytes as it sent (so a raced, replayed message
+    from a stranger's address gets no more back than it carried), and a challenge at
+    most every CHALLENGE_EVERY seconds.  A message from another address makes that one
+    the candidate instead."""
+
+    __slots__ = ("candidate", "stamp", "credit", "sent_at")
+
+    def __init__(self):
+        self.candidate = None
+        self.stamp = 0
+        self.credit = 0
+        self.sent_at = None
+
+    def challenge(self, session, key, size, now):
+        if key != self.candidate:
+            self.candidate = key
+            self.stamp = 0
+            while not self.stamp:
+                (self.stamp,) = _STAMP.unpack(os.urandom(4))
+            self.credit = 0
+            self.sent_at = None
+        self.credit += size
+        if self.credit < challenge_size(session.keyed) \
+                or self.sent_at is not None and now - self.sent_at < CHALLENGE_EVERY:
+            return None
+        msg = session.seal(T_KEEPALIVE, 0, KEEPALIVE.pack(KEEPALIVE_REPLY, self.stamp, 0))
+        self.credit -= len(msg)
+        self.sent_at = now
+        return msg
+
+    def answers(self, key, msg):
+        """True when msg (an authentic KEEPALIVE from key) echoes our challenge to key."""
+        if key != self.candidate or not self.stamp:
+            return False
+        flags, _stamp, echo = KEEPALIVE.unpack_from(msg, HEADER_SIZE)
+        return not flags & KEEPALIVE_REPLY and echo == self.stamp
+
 
 def _keys(psk, id_i, id_r, random_i, random_r):
     material = _ID.pack(id_i) + _ID.pack(id_r) + random_i + random_r
     return auth.derive(psk, b"i2r" + material), auth.derive(psk, b"r2i" + material)
 
 
+def _stale_key(psk, responder):
+    return auth.derive(psk, b"stale " + responder)
+
+
 class _HandshakeKey:
-    """MACs of HELLO, WELCOME and STALE, which no session key covers yet."""
+    """MACs of HELLO, WELCOME and PUNCH (the handshake key) and of STALE (a responder's
+    stale key), which no session key covers."""
 
     def __init__(self, psk):
         self.psk = psk
         self.keyed = psk is not None
         self.key = auth.derive(psk, b"handshake") if self.keyed else None
 
-    def seal(self, mtype, session, body):
+    def seal(self, mtype, session, body, key=None):
         msg = HEADER.pack(VERSION, mtype, FLAG_KEYED if self.keyed else 0, session, 0, 0) + body
-        return msg + auth.mac(self.key, msg) if self.keyed else msg
+        return msg + auth.mac(key or self.key, msg) if self.keyed else msg
 
-    def open(self, msg, mtype):
+    def open(self, msg, mtype, key=None):
         """Check a handshake message of the given type and return its body."""
         try:
             got, _session, _tag, _nonce = parse_header(msg, self.keyed)
@@ -167,7 +262,7 @@ class _HandshakeKey:
             raise Drop(exc.reason) from None
         if got != mtype:
             raise Drop(R_UNEXPECTED)
-        if self.keyed and not auth.verify(self.key, msg):
+        if self.keyed and not auth.verify(key or self.key, msg):
             raise Drop(R_MAC)
         return body_of(msg, self.keyed)
 
@@ -180,6 +275,7 @@ class Initiator(_HandshakeKey):
         self.role = role
         self.local_id = new_id()
         self.random = None
+        self.stale_keys = {}            # responder -> its stale key
 
     def hello(self):
         """A HELLO with a fresh random; any earlier HELLO's WELCOME is no longer accepted."""
@@ -189,7 +285,7 @@ class Initiator(_HandshakeKey):
     def welcome(self, msg):
         """The Session that a WELCOME establishes; Drop when it answers no HELLO of ours."""
         body = self.open(msg, T_WELCOME)
-        id_r, random_i, random_r, family, port, address, epoch = WELCOME.unpack(body)
+        id_r, random_i, random_r, family, port, address, epoch, responder = WELCOME.unpack(body)
         (session_field,) = _ID.unpack_from(msg, 4)
         if self.random is None or random_i != self.random or session_field != self.local_id:
             raise Drop(R_UNEXPECTED)
@@ -202,15 +298,25 @@ class Initiator(_HandshakeKey):
         if family in (4, 6):
             session.observed = observed_text(family, port, address)
         session.epoch = epoch
+        session.responder = responder
         # A later session gets a fresh id, so the responder can never confuse the two.
         self.local_id = new_id((self.local_id,))
         return session
 
     def stale(self, msg, session):
-        """True when a STALE genuinely says the responder lost `session`."""
-        body = self.open(msg, T_STALE)
+        """True when a STALE genuinely says the responder of `session` lost it."""
+        if session is None:
+            raise Drop(R_UNEXPECTED)
+        key = None
+        if self.keyed:
+            key = self.stale_keys.get(session.responder)
+            if key is None:
+                self.stale_keys.clear()
+                key = self.stale_keys[session.responder] = _stale_key(self.psk,
+                                                                      session.responder)
+        body = self.open(msg, T_STALE, key)
         unknown_id, nonce = STALE.unpack(body)
-        if session is None or unknown_id != session.peer_id:
+        if unknown_id != session.peer_id:
             raise Drop(R_UNEXPECTED)
         if not session.send_nonce - auth.WINDOW < nonce <= session.send_nonce:
             raise Drop(auth.R_OLD)
@@ -218,23 +324,33 @@ class Initiator(_HandshakeKey):
 
 
 class Acceptor(_HandshakeKey):
-    """The end that answers HELLO: keeps pending sessions, bounded, until confirmed."""
+    """The end that answers HELLO: keeps pending sessions, bounded, until confirmed.
 
-    def __init__(self, psk, roles, pending_max=PENDING_MAX, pending_ttl=PENDING_TTL,
-                 hello_rate=HELLO_RATE):
+    `responder` is the name this responder gives in WELCOME and keys its STALE with:
+    responder_name() for one that answers STALE after a restart, random otherwise."""
+
+    def __init__(self, psk, roles, responder=None, pending_max=PENDING_MAX,
+                 pending_ttl=PENDING_TTL, hello_rate=HELLO_RATE):
         super().__init__(psk)
         self.roles = frozenset(roles)
+        self.responder = responder or os.urandom(RESPONDER_SIZE)
+        self.stale_key = _stale_key(psk, self.responder) if self.keyed else None
         self.answers = TokenBucket(hello_rate)
+        self.answers_from = PerSource(min(hello_rate, HELLO_RATE_PER_SOURCE), SOURCES_TRACKED)
+        self.stales = TokenBucket(STALE_RATE)
+        self.stales_to = PerSource(STALE_RATE_PER_SOURCE, SOURCES_TRACKED)
         self.pending_max = pending_max
         self.pending_ttl = pending_ttl
-        self.pending = OrderedDict()    # local id -> (Session, welcomed at)
+        self.pending = OrderedDict()    # local id -> (Session, welcomed at), oldest first
         self.seen = OrderedDict()       # HELLO randoms seen, oldest first
 
     def hello(self, msg, peer, now, taken=(), epoch=0):
         """Answer a HELLO from peer: returns (WELCOME message, pending Session).
 
-        The rate of answers is limited only after the HELLO authenticated and proved
-        new, so strangers cannot spend the allowance of the true initiator."""
+        Nothing changes but the pending table.  The rate of answers is limited only
+        after the HELLO authenticated and proved new, so strangers cannot spend the
+        allowance of the true initiator, and per source first, so that one source
+        cannot spend the others'."""
         body = self.open(msg, T_HELLO)
         id_i, random_i, role = HELLO.unpack(body)
         if role not in self.roles:
@@ -244,9 +360,13 @@ class Acceptor(_HandshakeKey):
         self.seen[random_i] = None
         if len(self.seen) > HELLO_MEMORY:
             self.seen.popitem(last=False)
-        if not self.answers.take(now):
+        source = source_of(peer)
+        if not self.answers_from.take(source, now) or not self.answers.take(now):
             raise Drop(R_HELLO_RATE)
         self.expire(now)
+        mine = [sid for sid, (s, _t) in self.pending.items() if source_of(s.peer) == source]
+        if len(mine) >= PENDING_PER_SOURCE:
+            del self.pending[mine[0]]
         while len(self.pending) >= self.pending_max:
             self.pending.popitem(last=False)
         id_r = new_id(set(taken) | self.pending.keys())
@@ -259,13 +379,15 @@ class Acceptor(_HandshakeKey):
         session.epoch = epoch
         self.pending[id_r] = (session, now)
         family, port, address = observed_fields(peer)
-        welcome = self.seal(T_WELCOME, id_i,
-                            WELCOME.pack(id_r, random_i, random_r, family, port, address, epoch))
+        welcome = self.seal(T_WELCOME, id_i, WELCOME.pack(id_r, random_i, random_r, family,
+                                                          port, address, epoch, self.responder))
         return welcome, session
 
     def confirm(self, session_id, msg, nonce):
         """The pending session that msg (its header parsed) authenticates for, now confirmed
-        and no longer pending.  Drop leaves the pending session as it was."""
+        and no longer pending.  Drop leaves the pending session as it was.  The session's
+        peer is where the HELLO came from (where WELCOME went); a confirmation from
+        elsewhere goes through Session.from_address() like any later message."""
         entry = self.pending.get(session_id)
         if entry is None:
             raise Drop(R_SESSION)
@@ -284,10 +406,14 @@ class Acceptor(_HandshakeKey):
 
     def stale(self, unknown_id, nonce):
         """STALE for a message that named a session this responder does not know."""
-        return self.seal(T_STALE, 0, STALE.pack(unknown_id, nonce))
+        return self.seal(T_STALE, 0, STALE.pack(unknown_id, nonce), self.stale_key)
 
-
-def stale_of(msg):
-    """(session id, nonce) of a message, for answering it with STALE."""
-    _v, _t, _f, session, _tag, nonce = HEADER.unpack_from(msg)
-    return session, nonce
+    def answer_unknown(self, msg, sid, nonce, peer, now):
+        """The STALE to send to `peer` for a message that named a session id this responder
+        does not know, or None: never for session 0, never larger than what it answers,
+        and rate limited per source and in all."""
+        if sid == 0 or len(msg) < HEADER_SIZE + STALE.size + (MAC_SIZE if self.keyed else 0):
+            return None
+        if not self.stales_to.take(source_of(peer), now) or not self.stales.take(now):
+            return None
+        return self.stale(sid, nonce)

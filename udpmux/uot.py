@@ -20,7 +20,10 @@ holds up the others.
 
 Bounds: the server holds at most max_clients connections and max_flows flows (UDP
 sockets) in all, closing the idlest flow for a new one; flows idle for flow_idle end
-at both ends; a connection must finish its handshake within HANDSHAKE_TIMEOUT.  The
+at both ends; a connection must finish its handshake within HANDSHAKE_TIMEOUT, and
+connections still shaking hands are bounded per source and in all, the oldest of
+them closed to make room for a newcomer (limits.to_make_room), so strangers holding
+connections open cannot keep a client with the key out.  The
 client keeps at most max_flows flows in its tag table; tags are reused after expiry,
 so any number of client addresses over time is fine.  When the connection drops the
 client reconnects with backoff and keeps its flows.
@@ -42,7 +45,7 @@ from udpmux.batchio import Batch, Outbox, recv_into
 from udpmux.carrier import Dialer, TcpCarrier
 from udpmux.config import UOT_SETTINGS, option_values
 from udpmux.errors import EXIT_NOPERM, EXIT_OSERR, Fatal, UsageError
-from udpmux.limits import raise_open_files
+from udpmux.limits import raise_open_files, source_of, to_make_room
 from udpmux.log import DropLog, Every, setup as setup_log
 from udpmux.session import Acceptor, Drop, Initiator
 from udpmux.tagtable import TagTable
@@ -53,8 +56,9 @@ from udpmux.wire import (
     T_WELCOME, Malformed, parse_header,
 )
 
-HANDSHAKE_TIMEOUT = 10.0        # seconds a new connection has to finish its handshake
+HANDSHAKE_TIMEOUT = 5.0         # seconds a new connection has to finish its handshake
 HANDSHAKING = 16                # connections at once that have not finished their handshake
+HANDSHAKING_PER_SOURCE = 4      # ... from one source (IPv4 address, IPv6 /64)
 KEEPALIVE_EVERY = 15.0          # seconds between the client's keepalives when idle
 DEAD_AFTER = 3                  # keepalive intervals without a word: the connection is dead
 CONNECT_TIMEOUT = 10.0
@@ -70,7 +74,7 @@ R_QUEUE = "queue"               # the oldest datagram of a full per-flow queue
 R_TARGET = "target"             # the target refused a datagram (not running: ICMP)
 R_NO_CONNECTION = "no-connection"   # a local datagram while the client is not connected
 R_UNKNOWN_TAG = "unknown-tag"   # data from the server for a flow the client no longer has
-R_TCP_FULL = "tcp-full"         # a connection beyond HANDSHAKING or max_clients
+R_TCP_FULL = "tcp-full"         # a connection closed for a newer one, or beyond max_clients
 R_RECEIVE = "receive"           # receiving on the client's UDP socket failed (ICMP, mostly)
 
 
@@ -127,6 +131,8 @@ class Client:
     def __init__(self, carrier, peer, now):
         self.carrier = carrier
         self.peer = peer                # its address, as a peer key
+        self.source = source_of(peer)
+        self.hello = False              # it sent a HELLO that verified and was new
         self.name = addr.format_peer(peer)
         self.since = now
         self.session = None
@@ -179,13 +185,13 @@ class UotServer(Worker):
                 return
             # Connections still shaking hands have their own, small bound, so strangers
             # cannot take the places of clients that hold the key.
-            waiting = sum(1 for c in self.clients.values() if c.session is None)
-            if waiting >= HANDSHAKING or len(self.clients) >= self.max_clients + HANDSHAKING:
-                self.drop(R_TCP_FULL)
-                sock.close()
-                continue
+            peer = addr.peer_key(sock.family, sockaddr)
+            waiting = [c for c in self.clients.values() if c.session is None]
+            oldest = to_make_room(waiting, source_of(peer), HANDSHAKING_PER_SOURCE, HANDSHAKING)
+            if oldest is not None:
+                self.end(oldest, "closed for a newer connection", R_TCP_FULL)
             carrier = TcpCarrier(sock, self.poller, self.on_message, self.on_closed)
-            client = Client(carrier, addr.peer_key(sock.family, sockaddr), time.monotonic())
+            client = Client(carrier, peer, time.monotonic())
             self.clients[carrier] = client
             self.log.debug("connection from %s", client.name)
 
@@ -263,6 +269,7 @@ class UotServer(Worker):
             welcome, pending = self.acceptor.hello(msg, client.peer, now,
                                                    taken=(), epoch=0)
             client.pending = pending.local_id
+            client.hello = True
             client.carrier.send(welcome)
             return None
         if sid != client.pending:

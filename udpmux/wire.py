@@ -33,14 +33,17 @@ length as a 32-bit unsigned integer in network byte order::
 
 Bodies by type (offsets from the start of the body):
 
-    HELLO (64)    0 initiator id u32 | 4 initiator random 16B | 20 role u8 | 21 zero 43B
-    WELCOME (64)  0 responder id u32 | 4 initiator random 16B | 20 responder random 16B |
+    HELLO (72)    0 initiator id u32 | 4 initiator random 16B | 20 role u8 | 21 zero 51B
+    WELCOME (72)  0 responder id u32 | 4 initiator random 16B | 20 responder random 16B |
                   36 family u8 (4|6) | 37 zero u8 | 38 port u16 | 40 address 16B |
-                  56 epoch u64
+                  56 epoch u64 | 64 responder 8B
                   (address: the initiator's, as the responder saw it; epoch: names the
-                  responder's flow table, and changes when tags from before mean nothing)
+                  responder's flow table, and changes when tags from before mean nothing;
+                  responder: names the responder for STALE, the same after its restarts)
     KEEPALIVE(12) 0 flags u8 (1 = reply, please) | 1 zero 3B | 4 stamp u32 | 8 echo u32
+                  (a path challenge is a KEEPALIVE asking for a reply, with a random stamp)
     STALE (12)    0 session id the sender does not know u32 | 4 nonce of that message u64
+                  (under the stale key of the responder named in WELCOME)
     BYE (1)       0 reason u8
     DATA (0..)    the datagram, whole
     CLOSE (1)     0 reason u8
@@ -57,7 +60,8 @@ Bodies by type (offsets from the start of the body):
     RESET (1)     0 reason u8: the stream is abandoned in both directions, its bytes
                   undelivered (0 = cancelled, 1 = refused: too many streams,
                   2 = the server could not connect to the target)
-    PUNCH (32)    0 random 16B | 16 flags u8 (1 = an answer) | 17 zero 15B
+    PUNCH (32)    0 challenge 16B (zero: no answer wanted) | 16 echo 16B (zero: answers
+                  nothing; else the challenge of the PUNCH this one answers)
                   (under the handshake key, session 0: it opens a NAT mapping)
     RENDEZVOUS    0 side u8 (1 listen, 2 forward) | 1 the rendezvous name, 1-64 bytes UTF-8
     PEER (24)     0 family u8 (4|6) | 1 zero | 2 port u16 | 4 address 16B | 20 pair u32
@@ -144,18 +148,18 @@ ROLE_UOT = 3            # a UDP-over-TCP client
 ROLE_PUNCH = 4          # a hole-punching peer
 ROLE_NAMES = {ROLE_EXPOSE: "expose", ROLE_LINK: "link", ROLE_UOT: "uot", ROLE_PUNCH: "punch"}
 
-HELLO = struct.Struct("!I16sB43x")
-WELCOME = struct.Struct("!I16s16sBxH16sQ")
+HELLO = struct.Struct("!I16sB51x")
+WELCOME = struct.Struct("!I16s16sBxH16sQ8s")
 KEEPALIVE = struct.Struct("!B3xII")
 STREAM = struct.Struct("!QB")           # offset, flags; the bytes follow
 ACK = struct.Struct("!QIIB")            # largest, delay, first, count; the ranges follow
 ACK_RANGE = struct.Struct("!II")        # gap, length
 WINDOW = struct.Struct("!Q")
 STREAM_FIN = 0x01
-PUNCH = struct.Struct("!16sB15x")       # random, flags; padded so that any answer fits
+PUNCH = struct.Struct("!16s16s")        # challenge, echo
 PEER = struct.Struct("!BxH16sI")        # family 4|6, port, address, pair number
 PATH = struct.Struct("!B")              # PATH_DIRECT or PATH_RELAYED
-PUNCH_ANSWER = 0x01                     # PUNCH flags: this one answers a PUNCH
+NO_RANDOM = bytes(16)                   # PUNCH: no challenge, or no echo
 PATH_DIRECT = 1
 PATH_RELAYED = 2
 RENDEZVOUS_NAME_MAX = 64                # bytes of UTF-8
@@ -164,6 +168,7 @@ SIDE_FORWARD = 2                        # ... and the side that forwards to a lo
 STALE = struct.Struct("!IQ")
 REASON = struct.Struct("!B")
 RANDOM_SIZE = 16
+RESPONDER_SIZE = 8
 
 KEEPALIVE_REPLY = 0x01
 

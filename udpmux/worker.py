@@ -11,7 +11,7 @@ through os._exit() with a status the master understands:
     EXIT_SOFTWARE     crashed (the master respawns it, with backoff)
 
 The master's end of the control pipe reaching EOF means the master died: the worker
-stops at once.  Per-tunnel behaviour (the relay's data path, for instance) lives in
+says goodbye to its peers and stops at once.  Per-tunnel behaviour (the relay's data path, for instance) lives in
 subclasses, which implement setup(), after_events(), tick(), on_stop() and on_exit().
 
 The single-host modes (expose, for instance) run the same class without a master:
@@ -139,6 +139,10 @@ class Worker:
             return
         if message is None:             # the master is gone
             self.log.warning("tunnel %s: the master went away; stopping", self.name)
+            self.poller.unregister(self.pipe)
+            # No successor will carry on with our sessions: say goodbye to the peers, so
+            # that they register again at once with whatever relay comes next.
+            self.stop(0.0, final=True)
             self.alive = False
             return
         mtype, body = message
