@@ -1,15 +1,21 @@
-"""Control messages, shared blocks, rate limits and sd_notify: the small parts, for real."""
+"""Control messages, shared blocks, rate limits, sd_notify and the control servers' connections:
+the small parts, for real."""
 
+import errno
+import logging
 import os
+import selectors
 import socket
 import struct
 
 import pytest
 
+from procs import deadline_loop
 from udpmux import control
 from udpmux.limits import PerSource, TokenBucket, source_of
 from udpmux.sdnotify import Notifier
 from udpmux.shm import SharedBlock
+from udpmux.status import Connections
 
 
 def test_control_messages_keep_their_boundaries_and_bodies():
@@ -119,7 +125,6 @@ def test_a_write_cut_short_by_a_dead_writer_is_void_until_the_next_write():
 
 
 def test_logs_to_the_journal_carry_priorities_and_no_timestamps(tmp_path, monkeypatch):
-    import logging
     from udpmux import log as udpmux_log
     with open(tmp_path / "journal", "w+") as stream:
         st = os.fstat(stream.fileno())
@@ -137,7 +142,6 @@ def test_logs_to_the_journal_carry_priorities_and_no_timestamps(tmp_path, monkey
 
 
 def test_drop_summaries_come_at_most_once_an_interval():
-    import logging
     from udpmux.log import DropLog
 
     class Recorder(logging.Handler):
@@ -162,3 +166,83 @@ def test_drop_summaries_come_at_most_once_an_interval():
     assert recorder.lines == ["tunnel wg: dropped in the last 61 s: mac 1000, replay 3"]
     drops.maybe_log(200.0)
     assert len(recorder.lines) == 1         # nothing dropped since: nothing said
+
+
+def test_a_listener_that_cannot_accept_rests_instead_of_spinning_the_loop():
+
+    class OutOfDescriptors(socket.socket):
+        def accept(self):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    selector = selectors.DefaultSelector()
+    server = Connections(selector, logging.getLogger("test.connections"), limit=4,
+                         max_request=100, timeout=2.0, reply_timeout=2.0)
+    listener = OutOfDescriptors(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    with listener, socket.create_connection(listener.getsockname()), selector:
+        server.listen(listener)
+        assert [key.fileobj for key, _ in selector.select(5.0)] == [listener]
+        server.on_accept()
+        assert listener not in [key.fileobj for key in selector.get_map().values()]
+        resume = server.paused_until
+        server.expire(resume - 0.5)
+        assert listener not in [key.fileobj for key in selector.get_map().values()]
+        server.expire(resume)
+        assert [key.fileobj for key in selector.get_map().values()] == [listener]
+        server.close()
+
+
+def test_connections_close_the_oldest_for_a_newcomer_and_write_a_long_reply_in_pieces(
+        tmp_path):
+
+    class Lines(Connections):
+        def complete(self, data):
+            return b"\n" in data
+
+        def respond(self, data):
+            return data.split(b"\n", 1)[0] * 500_000
+
+    def serve():
+        for key, _ in selector.select(0):
+            key.data()
+
+    selector = selectors.DefaultSelector()
+    server = Lines(selector, logging.getLogger("test.connections"), limit=2,
+                   max_request=100, timeout=2.0, reply_timeout=2.0)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "s"))
+    listener.listen()
+    server.listen(listener)
+    clients = []
+    try:
+        for _ in range(3):
+            clients.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            clients[-1].connect(str(tmp_path / "s"))
+            serve()                                 # accepts it
+        oldest, idle, asking = clients
+        assert len(server.clients) == 2
+        oldest.settimeout(5.0)
+        assert oldest.recv(1) == b""                # closed to make room
+        asking.sendall(b"ab\n")
+        asking.setblocking(False)
+        reply = b""
+        for _ in deadline_loop(5.0, "the whole reply"):
+            serve()                                 # writes what the socket takes
+            try:
+                chunk = asking.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            reply += chunk
+        assert reply == b"ab" * 500_000             # 1 MB: many times the socket's buffer
+        assert len(server.clients) == 1             # the idle one, still held open
+        idle.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            idle.recv(1)
+    finally:
+        for conn in clients:
+            conn.close()
+        server.close()
+        selector.close()

@@ -37,6 +37,7 @@ MAX_REQUEST = 4096
 MAX_CLIENTS = 16                # control connections held at once; a newcomer closes the oldest
 REQUEST_TIMEOUT = 2.0           # seconds from accept to a whole request line
 REPLY_TIMEOUT = 10.0            # seconds a reply may wait for the client to read more of it
+ACCEPT_PAUSE = 1.0              # seconds a listener rests after accept() failed (EMFILE)
 
 
 class Client:
@@ -71,6 +72,7 @@ class Connections:
         self.reply_timeout = reply_timeout
         self.sock = None
         self.clients = {}       # socket -> Client, oldest first
+        self.paused_until = None    # while accept() fails: when to listen again
 
     # -- what a server says (subclasses)
 
@@ -107,13 +109,19 @@ class Connections:
         return ([self.sock] if self.sock is not None else []) + list(self.clients)
 
     def on_accept(self):
-        for _ in range(self.limit):     # a bounded batch: a storm of connects cannot starve the loop
+        # A bounded batch, so that a storm of connections cannot starve the loop.
+        for _ in range(self.limit):
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, ConnectionAbortedError):
                 return
-            except OSError as exc:      # EMFILE and friends: the listener stays, try again later
-                self.log.debug("%s: accept: %s", type(self).__name__, exc.strerror or exc)
+            except OSError as exc:
+                # Out of descriptors (EMFILE, ENFILE) or buffers: the listener would stay
+                # readable and spin the loop, so it rests until expire() a second later.
+                self.log.warning("%s: cannot accept a connection: %s; pausing for %g s",
+                                 type(self).__name__, exc.strerror or exc, ACCEPT_PAUSE)
+                self.selector.unregister(self.sock)
+                self.paused_until = time.monotonic() + ACCEPT_PAUSE
                 return
             while len(self.clients) >= self.limit:
                 self.drop(next(iter(self.clients)))
@@ -174,6 +182,10 @@ class Connections:
         client.deadline = time.monotonic() + self.reply_timeout
 
     def expire(self, now):
+        if self.paused_until is not None and now >= self.paused_until:
+            self.paused_until = None
+            if self.sock is not None:
+                self.selector.register(self.sock, selectors.EVENT_READ, self.on_accept)
         for conn, client in list(self.clients.items()):
             if now < client.deadline or conn not in self.clients:
                 continue
@@ -183,9 +195,7 @@ class Connections:
                 self.drop(conn)         # it stopped reading its reply
 
     def drop(self, conn):
-        client = self.clients.pop(conn, None)
-        if client is not None and client.out is not None:
-            client.out.release()
+        self.clients.pop(conn, None)
         try:
             self.selector.unregister(conn)
         except (KeyError, ValueError):
