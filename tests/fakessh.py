@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Stands in for ssh in loopback tests of `udpmux link`: `fakessh.py DEST COMMAND` runs
 COMMAND through /bin/sh on this host, as sshd would run it on DEST, with SSH_CONNECTION
-set as sshd sets it.  The lab tests use the real OpenSSH instead."""
+set as sshd sets it.  The lab tests use the real OpenSSH instead.
+
+With FAKESSH_ECHO=FILE it behaves as an ssh that allocated a terminal on the server: what
+comes on standard input is echoed to standard output first (a terminal's echo); the
+first line is also written to FILE, for the test to look for it where it must not be."""
 
 import os
 import sys
@@ -9,4 +13,15 @@ import sys
 if len(sys.argv) < 3:
     sys.exit("usage: fakessh.py DEST COMMAND")
 os.environ["SSH_CONNECTION"] = "127.0.0.1 50000 127.0.0.1 22"
+echo = os.environ.pop("FAKESSH_ECHO", None)
+if echo:
+    line = sys.stdin.buffer.readline()
+    with open(echo, "wb") as f:
+        f.write(line)
+    os.write(1, line.replace(b"\n", b"\r\n"))
+    r, w = os.pipe()
+    os.write(w, line)
+    os.close(w)
+    os.dup2(r, 0)
+    os.close(r)
 os.execv("/bin/sh", ["sh", "-c", " ".join(sys.argv[2:])])

@@ -335,3 +335,44 @@ class Tap:
         self.thread.join(2)
         self.inner.close()
         self.outward.close()
+
+
+class Sniffer:
+    """The UDP payloads sent to some ports on loopback (a range, or a set), as an
+    attacker on the host sees them (a packet socket; root only).  Start it before the
+    traffic to capture."""
+
+    def __init__(self, ports):
+        self.ports = ports
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+        self.sock.bind(("lo", 0x0800))
+        self.seen = []
+        self.lock = threading.Lock()
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while self.running:
+            ready, _, _ = select.select([self.sock], [], [], 0.05)
+            if not ready:
+                continue
+            packet, (_ifname, _proto, pkttype, *_rest) = self.sock.recvfrom(70000)
+            if pkttype != socket.PACKET_HOST or len(packet) < 28 or packet[9] != 17:
+                continue
+            ihl = (packet[0] & 0x0F) * 4
+            port = int.from_bytes(packet[ihl + 2:ihl + 4], "big")
+            if port in self.ports:
+                with self.lock:
+                    self.seen.append((port, bytes(packet[ihl + 8:])))
+
+    def captured(self, mtype=None):
+        """(port, payload) of what was sent to the ports, of one message type."""
+        with self.lock:
+            got = list(self.seen)
+        return [(p, d) for p, d in got if mtype is None or (len(d) > 1 and d[1] == mtype)]
+
+    def close(self):
+        self.running = False
+        self.thread.join(2)
+        self.sock.close()

@@ -253,3 +253,274 @@ def test_datagrams_are_counted_once_each_both_ways(rig):
     assert got == sent
     rig.wait_tunnel("the counters", lambda t: t["counters"]["datagrams_in"] == sent
                     and t["counters"]["datagrams_out"] == sent)
+
+
+# -- punch
+
+ATTACKER = "127.0.0.2"          # another host on loopback
+
+
+class Punched:
+    """Two punch agents whose paths to each other go through taps: the listen side
+    sends to `to_forwarder`, the forward side to `to_listener`."""
+
+    def __init__(self, tmp_path):
+        self.key = str(tmp_path / "key")
+        subprocess.run(udpmux_argv("keygen", self.key), env=env(), check=True)
+        self.echo = Echo()
+        a, b, self.listen = free_port(), free_port(), free_port()
+        self.ports = {"forwarder": a, "listener": b}
+        self.to_listener, self.to_forwarder = Tap((LOCAL, b)), Tap((LOCAL, a))
+        self.forwarder = Daemon(["punch", "--peer", f"{LOCAL}:{self.to_listener.address[1]}",
+                                 "--port", a, "--key-file", self.key, "--forward",
+                                 f"{LOCAL}:{self.echo.port}", "--keepalive", "1", "--debug"])
+        self.listener = Daemon(["punch", "--peer", f"{LOCAL}:{self.to_forwarder.address[1]}",
+                                "--port", b, "--key-file", self.key, "--listen",
+                                f"{LOCAL}:{self.listen}", "--keepalive", "1", "--debug"])
+
+    def block(self, blocked=True):
+        self.to_listener.block(blocked)
+        self.to_forwarder.block(blocked)
+
+    def close(self):
+        for daemon in (self.listener, self.forwarder):
+            daemon.stop()
+        for tap in (self.to_listener, self.to_forwarder):
+            tap.close()
+        self.echo.close()
+
+
+@pytest.fixture
+def punched(tmp_path):
+    p = Punched(tmp_path)
+    yield p
+    p.close()
+
+
+def wait_captured(tap, mtype, count=1):
+    for _ in deadline_loop(what=f"{count} captured messages of type {mtype:#x}"):
+        got = tap.captured(mtype)
+        if len(got) >= count:
+            return got
+        time.sleep(0.05)
+
+
+def test_a_replayed_punch_gets_one_answer_of_its_size_and_moves_nothing(punched):
+    """The two agents cannot reach each other.  A stranger replays a probe it captured
+    to the listen side, over and over: each gets at most one answer no larger than
+    itself, nothing follows once the stranger stops, and the stranger is no peer."""
+    punched.block()
+    probe = wait_captured(punched.to_listener, wire.T_PUNCH)[0]
+    attacker = udp_client(ATTACKER, timeout=0.2)
+    sent = 0
+    for _ in range(20):
+        attacker.sendto(probe, (LOCAL, punched.ports["listener"]))
+        sent += len(probe)
+    received = drain(attacker)
+    assert received <= sent
+    attacker.settimeout(1.5)
+    assert drain(attacker) == 0                 # and nothing after
+    assert ATTACKER not in punched.listener.log()
+
+
+def test_a_stranger_that_forwards_replayed_punches_is_not_made_the_path(punched):
+    """Both agents are cut off from each other.  A stranger replays the newest probe of
+    each side to the other, and forwards between them whatever comes back: it never
+    becomes the direct path."""
+    punched.block()
+    from_forwarder = wait_captured(punched.to_listener, wire.T_PUNCH)[-1]
+    from_listener = wait_captured(punched.to_forwarder, wire.T_PUNCH)[-1]
+    near_listener, near_forwarder = udp_client(ATTACKER, 0.05), udp_client(ATTACKER, 0.05)
+    listener = (LOCAL, punched.ports["listener"])
+    forwarder = (LOCAL, punched.ports["forwarder"])
+    near_listener.sendto(from_forwarder, listener)
+    near_forwarder.sendto(from_listener, forwarder)
+    until = time.monotonic() + 3.0          # bounded: three seconds of forwarding
+    while time.monotonic() < until:
+        ready, _, _ = select.select([near_listener, near_forwarder], [], [], 0.05)
+        for sock in ready:
+            data = sock.recv(70000)
+            if sock is near_listener:
+                near_forwarder.sendto(data, forwarder)
+            else:
+                near_listener.sendto(data, listener)
+    for daemon in (punched.listener, punched.forwarder):
+        assert f"direct path to {ATTACKER}" not in daemon.log()
+        assert f"path to {ATTACKER}" not in daemon.log()
+
+
+def test_a_replayed_hello_does_not_take_the_direct_path(punched):
+    punched.listener.wait_log("direct path to")
+    punched.forwarder.wait_log("direct path to")
+    client = udp_client()
+    assert exchange(client, b"before", (LOCAL, punched.listen)) == b"before"
+    hello = wait_captured(punched.to_forwarder, wire.T_HELLO)[-1]
+    attacker = udp_client(ATTACKER, timeout=0.5)
+    for _ in range(3):
+        attacker.sendto(hello, (LOCAL, punched.ports["forwarder"]))
+    for n in range(45):
+        assert exchange(client, b"%d" % n, (LOCAL, punched.listen)) == b"%d" % n
+    assert drain(attacker) == 0
+    assert ATTACKER not in punched.forwarder.log()
+
+
+def test_the_direct_session_follows_a_peer_that_moved(punched):
+    punched.listener.wait_log("direct path to")
+    client = udp_client()
+    assert exchange(client, b"before", (LOCAL, punched.listen)) == b"before"
+    punched.to_forwarder.rebind()           # the listen side's NAT gives a new port
+    port = punched.to_forwarder.outward_address[1]
+    punched.forwarder.wait_log(f"the peer moved from {LOCAL}:")
+    assert f"to {LOCAL}:{port}" in punched.forwarder.log()
+    for _ in deadline_loop(what="datagrams over the moved path"):
+        try:
+            assert exchange(client, b"after", (LOCAL, punched.listen), tries=1) == b"after"
+            break
+        except AssertionError:
+            continue
+
+
+# -- rendezvous
+
+def test_a_rendezvous_peer_is_not_moved_by_a_raced_message(tmp_path):
+    """A punch agent reaches the rendezvous tunnel through a tap; a stranger gets the
+    agent's fresh keepalives to the relay first, from its own address.  The relay does
+    not follow, and the agent's partner is never told of the stranger's address."""
+    from test_punch import Pair
+    pair = Pair(tmp_path)
+    tap = None
+    try:
+        pair.relay()
+        tap = Tap((LOCAL, pair.meet))
+        pair.listen = free_port()
+        forwarder = pair.start(["punch", "--relay", f"{LOCAL}:{tap.address[1]}",
+                                "--rendezvous", "mosh", "--key-file", pair.key, "--forward",
+                                f"{LOCAL}:{pair.echo.port}", "--keepalive", "1", "--debug"])
+        listener = pair.start(["punch", "--relay", f"{LOCAL}:{pair.meet}", "--rendezvous",
+                               "mosh", "--key-file", pair.key, "--listen",
+                               f"{LOCAL}:{pair.listen}", "--debug"])
+        listener.wait_log("direct path to")
+        forwarder.wait_log("direct path to")
+        attacker = udp_client(ATTACKER, timeout=0.5)
+        old = tap.captured()
+        for msg in old:                         # replays: refused
+            attacker.sendto(msg, (LOCAL, pair.meet))
+        tap.block()
+        seen, sent = len(tap.captured()), sum(map(len, old))
+        for _ in deadline_loop(what="fresh messages raced to the relay"):
+            fresh = tap.captured()[seen:]
+            for msg in fresh:
+                attacker.sendto(msg, (LOCAL, pair.meet))
+                sent += len(msg)
+            seen += len(fresh)
+            if len(tap.captured()) - len(old) >= 3:
+                break
+            time.sleep(0.05)
+        assert drain(attacker) <= sent
+        assert ATTACKER not in pair.relay_daemon.log() + listener.log()
+    finally:
+        pair.close()
+        if tap is not None:
+            tap.close()
+
+
+def test_a_key_holder_filling_a_rendezvous_tunnel_does_not_crash_it(tmp_path):
+    """Peers with the longest names, as many as max_flows allows: the state block that
+    status reads holds them all, and the worker serves on."""
+    from test_punch import Pair
+    from udpmux.auth import read_key
+    from udpmux.session import Initiator
+    pair = Pair(tmp_path)
+    socks = []
+    try:
+        pair.relay()
+        key = read_key(pair.key)
+        count = 300
+        for n in range(count):
+            sock = udp_client(f"127.0.{n // 250 + 1}.{n % 250 + 2}", timeout=0.2)
+            initiator = Initiator(key, wire.ROLE_PUNCH)
+            for _ in deadline_loop(what="a WELCOME (HELLOs are answered 100 a second)"):
+                sock.sendto(initiator.hello(), (LOCAL, pair.meet))
+                try:
+                    session = initiator.welcome(sock.recv(1000))
+                    break
+                except socket.timeout:
+                    continue
+            name = (b"\x01" * 58) + b"%06d" % n     # 64 bytes, each escaped in JSON
+            sock.sendto(session.seal(wire.T_RENDEZVOUS, 0, bytes([wire.SIDE_FORWARD]) + name),
+                        (LOCAL, pair.meet))
+            socks.append(sock)
+        from procs import tunnel
+        for _ in deadline_loop(what="every peer in the status"):
+            t = tunnel(pair.control, "meet")
+            if len(t["pairs"]) == count:
+                break
+        assert t["restarts"] == 0 and t["state"] == "running"
+        assert "crashed" not in pair.relay_daemon.log()
+    finally:
+        for sock in socks:
+            sock.close()
+        pair.close()
+
+
+# -- link
+
+def test_a_terminal_that_echoes_the_key_does_not_show_it(tmp_path):
+    """An ssh that allocates a terminal echoes the session key back before the server's
+    banner: the link works, and the key is nowhere in what the user sees."""
+    from test_link import TcpService, link_argv
+    service = TcpService()
+    keyfile = tmp_path / "echoed"
+    try:
+        data = os.urandom(50_000)
+        out = subprocess.run(link_argv(service.port, "--debug", bind="47900-47919"),
+                             input=data, env={**env(), "FAKESSH_ECHO": str(keyfile)},
+                             capture_output=True, timeout=60)
+        key = keyfile.read_bytes().strip()
+        assert len(key) == 44                   # the key did go through the echo
+        assert out.returncode == 0, out.stderr.decode()
+        assert out.stdout == data
+        assert key not in out.stderr and key not in out.stdout
+    finally:
+        service.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="capturing loopback traffic needs root")
+def test_replayed_link_messages_from_another_address_change_nothing():
+    """A stranger who captured the client's messages replays them to the server from
+    another address while the session runs: the server keeps sending to the client,
+    every byte arrives, and the stranger gets nothing back."""
+    from procs import Sniffer
+    from test_link import TcpService, link_argv
+    service = TcpService()
+    low, high = 47920, 47939
+    sniffer = Sniffer(range(low, high + 1))
+    proc = subprocess.Popen(link_argv(service.port, "--debug", bind=f"{low}-{high}"),
+                            env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        first = os.urandom(200_000)
+        proc.stdin.write(first)
+        proc.stdin.flush()
+        assert proc.stdout.read(len(first)) == first
+        captured = sniffer.captured()
+        assert captured
+        attacker = udp_client(ATTACKER, timeout=0.5)
+        for port, msg in captured:
+            attacker.sendto(msg, (LOCAL, port))
+        second = os.urandom(200_000)
+        proc.stdin.write(second)
+        proc.stdin.close()
+        assert proc.stdout.read() == second
+        assert proc.wait(WAIT) == 0
+        err = proc.stderr.read().decode()
+        assert "moved" not in err and ATTACKER not in err
+        assert drain(attacker) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+        sniffer.close()
+        service.close()
