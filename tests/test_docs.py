@@ -26,7 +26,10 @@ from unittest import mock
 
 import pytest
 
-from udpmux import addr, auth, carrier, cli, config, errors, link, punch, relay, session, stream, uot, wire
+from udpmux import (
+    addr, auth, carrier, cli, config, errors, link, punch, relay, rendezvous, session, stream, uot,
+    wire,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 MAN = REPO / "man"
@@ -458,11 +461,12 @@ def protocol_vectors():
             mock.patch.object(session, "os", fake_os):
         initiator = session.Initiator(psk, wire.ROLE_EXPOSE)
         hello = initiator.hello()
-        acceptor = session.Acceptor(psk, [wire.ROLE_EXPOSE])
+        acceptor = session.Acceptor(psk, [wire.ROLE_EXPOSE], session.responder_name(psk, "wg"))
         welcome, _pending = acceptor.hello(hello, peer, 0.0, epoch=epoch)
         s = initiator.welcome(welcome)
     keepalive = s.seal(wire.T_KEEPALIVE, 0,
                        wire.KEEPALIVE.pack(wire.KEEPALIVE_REPLY, 0x01020304, 0))
+    stale = acceptor.stale(s.peer_id, s.send_nonce)
 
     def dump(title, data):
         rows = [f"{title}, {len(data)} bytes:"]
@@ -476,13 +480,16 @@ def protocol_vectors():
 
     keys = []
     for name, key in (("handshake key", auth.derive(psk, b"handshake")),
-                      ("i2r key", s.send_key), ("r2i key", s.recv_key)):
+                      ("i2r key", s.send_key), ("r2i key", s.recv_key),
+                      ("stale key", acceptor.stale_key)):
         keys += [f"{name:<15}{key[:16].hex()}", f"{'':<15}{key[16:].hex()}"]
+    keys.append(f"{'responder':<15}{acceptor.responder.hex()}")
     return ["\n".join(rows) + "\n" for rows in (
         keys,
         dump("HELLO, role 1", hello),
-        dump("WELCOME to 192.0.2.1:40000, epoch 0x0102030405060708", welcome),
-        dump("first KEEPALIVE, REPLY, stamp 0x01020304", keepalive))]
+        dump("WELCOME to 192.0.2.1:40000, epoch 0x0102030405060708, tunnel wg", welcome),
+        dump("first KEEPALIVE, REPLY, stamp 0x01020304", keepalive),
+        dump("STALE from tunnel wg for that KEEPALIVE", stale))]
 
 
 def test_protocol_test_vectors_match_the_code():
@@ -506,15 +513,21 @@ def test_protocol_limits_and_types_match_the_code():
         "largest TCP carrier message": wire.MAX_FRAME,
         "PSK and derived keys": auth.KEY_SIZE, "handshake random": wire.RANDOM_SIZE,
         "replay window, nonces": auth.WINDOW, "pending sessions": session.PENDING_MAX,
+        "pending sessions, per source": session.PENDING_PER_SOURCE,
         "pending session lifetime": f"{session.PENDING_TTL:g} s",
         "HELLO randoms remembered": session.HELLO_MEMORY,
         "HELLOs answered, per tunnel": f"{session.HELLO_RATE:g}/s",
-        "STALEs sent, per tunnel": f"{relay.STALE_RATE:g}/s",
-        "nonces skipped by a restarted worker": f"2^{relay.NONCE_RESERVE.bit_length() - 1}",
+        "HELLOs answered, per source": f"{session.HELLO_RATE_PER_SOURCE:g}/s",
+        "STALEs sent, per tunnel": f"{session.STALE_RATE:g}/s",
+        "STALEs sent, per source": f"{session.STALE_RATE_PER_SOURCE:g}/s",
+        "path challenges to a candidate, at most every": f"{session.CHALLENGE_EVERY:g} s",
+        "nonces reserved ahead by a relay worker": f"2^{relay.NONCE_RESERVE.bit_length() - 1}",
         "TCP messages queued per flow": carrier.FLOW_QUEUE,
         "TCP control messages queued": carrier.CONTROL_QUEUE,
         "TCP connections waiting, per tunnel": relay.TCP_WAITING,
+        "TCP connections waiting, per source": relay.TCP_WAITING_PER_SOURCE,
         "TCP registration time, relay": f"{relay.TCP_HANDSHAKE:g} s",
+        "TCP handshakes waiting, uot-server": uot.HANDSHAKING,
         "TCP handshake time, uot-server": f"{uot.HANDSHAKE_TIMEOUT:g} s",
         "uot-client keepalive interval": f"{uot.KEEPALIVE_EVERY:g} s",
         "uot-client silence before reconnecting": f"{uot.DEAD_AFTER * uot.KEEPALIVE_EVERY:g} s",
@@ -523,8 +536,11 @@ def test_protocol_limits_and_types_match_the_code():
         "PUNCH interval, no relay, after an attempt": f"{punch.SLOW_PUNCH:g} s",
         "punch retry, default": f"{punch.RETRY_EVERY:g} s",
         "random-port PUNCH a second, at most": punch.PROBE_RATE,
-        "PUNCH randoms remembered": punch.PUNCHES_REMEMBERED,
+        "PUNCH challenges remembered": punch.CHALLENGES_MAX,
+        "PUNCH answer accepted within": f"{punch.CHALLENGE_TTL:g} s",
+        "probes answered a second, at most": f"{punch.ANSWER_RATE:g}",
         "rendezvous name, bytes": wire.RENDEZVOUS_NAME_MAX,
+        "rendezvous agents, max_flows at most": rendezvous.PEERS_MAX,
     }
     assert relay.NONCE_RESERVE == 1 << (relay.NONCE_RESERVE.bit_length() - 1)
     for name, value in expected.items():
