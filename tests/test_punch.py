@@ -3,16 +3,14 @@ and symmetric), the relayed fallback and its upgrade, and mosh are in
 tests/test_lab_punch.py."""
 
 import re
-import select
 import socket
 import subprocess
-import threading
 import urllib.request
 
 import pytest
 
 from procs import (
-    WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, free_port, tunnel,
+    WAIT, Daemon, Echo, Notify, Tap, deadline_loop, env, exchange, free_port, tunnel,
     udp_client, udpmux_argv,
 )
 from udpmux import auth, wire
@@ -124,60 +122,16 @@ def test_the_relay_pairs_two_peers_by_name_and_they_go_direct(pair):
     assert 'udpmux_punch_pairs{tunnel="meet",path="relayed"} 0' in text
 
 
-class Mapping:
-    """A NAT's mapping on loopback (a thread): what is sent to .port leaves for `target` from
-    another socket, and what comes back goes to the last sender. renew() moves the flow to a
-    new source port, as a symmetric NAT does for a new socket of the host behind it."""
-
-    def __init__(self, target):
-        self.target = target
-        self.down = udp_client()
-        self.port = self.down.getsockname()[1]
-        self.up = udp_client()
-        self.sender = None
-        self.renewed = None
-        self.running = True
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        while self.running:
-            if self.renewed is not None and not self.renewed.is_set():
-                self.up.close()
-                self.up = udp_client()
-                self.renewed.set()
-            ready, _, _ = select.select([self.down, self.up], [], [], 0.1)
-            for sock in ready:
-                data, source = sock.recvfrom(70000)
-                if sock is self.down:
-                    self.sender = source
-                    self.up.sendto(data, self.target)
-                elif self.sender is not None:
-                    self.down.sendto(data, self.sender)
-
-    def renew(self):
-        """Move to a new source port; returns it."""
-        self.renewed = threading.Event()
-        assert self.renewed.wait(WAIT)
-        return self.up.getsockname()[1]
-
-    def close(self):
-        self.running = False
-        self.thread.join(WAIT)
-        self.down.close()
-        self.up.close()
-
-
 def test_the_direct_path_stays_when_the_relay_sees_the_peer_elsewhere(pair):
     """Behind a symmetric NAT, or once a birthday probe socket has taken over, the relay
     sees a peer at another port than the direct path does. When the relay says so, the
     direct session keeps the address that its own messages came from."""
     pair.relay()
-    mapping = Mapping((LOCAL, pair.meet))
+    mapping = Tap((LOCAL, pair.meet))          # the forwarder's NAT towards the relay
     try:
         pair.listen = free_port()
-        forwarder = pair.start(["punch", "--relay", f"{LOCAL}:{mapping.port}", "--rendezvous",
-                                "mosh", "--key-file", pair.key, "--forward",
+        forwarder = pair.start(["punch", "--relay", f"{LOCAL}:{mapping.address[1]}",
+                                "--rendezvous", "mosh", "--key-file", pair.key, "--forward",
                                 f"{LOCAL}:{pair.echo.port}", "--keepalive", "2", "--debug"])
         listener = pair.start(["punch", "--relay", f"{LOCAL}:{pair.meet}", "--rendezvous",
                                "mosh", "--key-file", pair.key, "--listen",
@@ -185,7 +139,8 @@ def test_the_direct_path_stays_when_the_relay_sees_the_peer_elsewhere(pair):
         listener.wait_log("direct path to")
         client = udp_client(timeout=1.0)
         assert exchange(client, b"before", (LOCAL, pair.listen)) == b"before"
-        port = mapping.renew()
+        mapping.rebind()
+        port = mapping.outward_address[1]
         # The forwarder's next keepalive to the relay leaves from the new port; the relay
         # tells the listener, which must go on sending to where the direct session is.
         pair.relay_daemon.wait_log(f"moved from {LOCAL}:")
