@@ -151,27 +151,140 @@ def test_a_changed_tunnel_gets_a_new_worker_and_keeps_its_flows(relay):
     assert exchange(client, b"still", (LOCAL, relay.ports["alpha"][0])) == b"still"
 
 
+def bad_reload(relay):
+    """SIGHUP the master after a bad edit; return the fields of its READY=1, which must
+    follow RELOADING=1 promptly (systemd waits for it) and say that the reload failed."""
+    relay.master.signal(signal.SIGHUP)
+    relay.notify.wait_for("RELOADING=1")
+    fields = relay.notify.wait_for("READY=1")
+    status = [f for f in fields if f.startswith("STATUS=")]
+    assert status and status[0].startswith("STATUS=reload failed: "), fields
+    assert "the running configuration stays" in status[0], fields
+    return fields
+
+
+def still_serving(relay, before):
+    """The same workers run, and a datagram goes through the tunnel and back."""
+    assert relay.workers() == before
+    relay.expose("alpha")
+    client = udp_client()
+    assert exchange(client, b"served", (LOCAL, relay.ports["alpha"][0])) == b"served"
+    assert relay.master.proc.poll() is None
+    assert "Traceback" not in relay.master.log()
+
+
 @pytest.mark.parametrize("added, message", [
     ("max_flow = 3", "unknown setting 'max_flow'"),
     ("[tunnels.beta]\npublic = '127.0.0.1:{port}'\ninsecure = true\nmax_flows = 100000000000",
      "max_flows: expected at most 16777216 flows"),
+    ("[tunnels.beta]\npublic = '127.0.0.1:{port}'\ninsecure = true\nmax_flows = 100000000",
+     "max_flows: expected at most 16777216 flows"),
     ("[tunnels.beta]\npublic = '127.0.0.1:{port}'\nkey_file = '{key}/inside'",
      "cannot read the key file: Not a directory"),
+    ("[tunnels.beta]\npublic = '127.0.0.1:{port}'\nkey_file = '{fifo}'",
+     "is a FIFO, not a key file"),
+    ("[tunnels.beta]\npublic = '127.0.0.1:{port}'\nkey_file = '/dev/zero'",
+     "/dev/zero: is a character device, not a key file"),
+    ("[tunnels.beta]\npublic = '127.0.0.1:{port}'\ninsecure = true\nflow_idle = inf",
+     "flow_idle: expected a number above 0, got inf"),
+    ("[tunnels.beta]\npublic = '[]:{port}'\ninsecure = true", "the address in brackets is missing"),
 ])
 def test_a_broken_config_on_reload_keeps_the_running_one(relay, added, message):
     relay.write("alpha")
     relay.start()
     before = relay.workers()
-    added = added.format(port=free_port(), key=relay.key)
+    fifo = relay.tmp / "fifo"
+    os.mkfifo(fifo)
+    added = added.format(port=free_port(), key=relay.key, fifo=fifo)
     relay.config.write_text(relay.config.read_text() + "\n" + added + "\n")
-    relay.master.signal(signal.SIGHUP)
-    relay.notify.wait_for("READY=1")
+    fields = bad_reload(relay)
+    assert any(message in f for f in fields), fields
     line = relay.master.wait_log("reload failed; the running configuration stays")
     assert message in relay.master.lines[line]
-    assert relay.workers() == before
-    client = udp_client()
-    relay.expose("alpha")
-    assert exchange(client, b"served", (LOCAL, relay.ports["alpha"][0])) == b"served"
+    still_serving(relay, before)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00 not text", bytes(range(256)) * 16],
+                         ids=["non-utf8", "random"])
+def test_a_config_file_of_bytes_on_reload_keeps_the_running_one(relay, content):
+    # tomllib raised UnicodeDecodeError: the master died with a traceback (exit 70)
+    # and took every worker with it.
+    relay.write("alpha")
+    relay.start()
+    before = relay.workers()
+    relay.config.write_bytes(content)
+    fields = bad_reload(relay)
+    assert any("not UTF-8 text" in f for f in fields), fields
+    still_serving(relay, before)
+
+
+@pytest.mark.parametrize("what", ["fifo", "directory"])
+def test_a_config_path_that_became_a_fifo_or_a_directory_on_reload(relay, what):
+    # A FIFO blocked the master in open() for ever: no signal, no worker respawn.
+    relay.write("alpha")
+    relay.start()
+    before = relay.workers()
+    relay.config.unlink()
+    if what == "fifo":
+        os.mkfifo(relay.config)
+    else:
+        relay.config.mkdir()
+    fields = bad_reload(relay)
+    assert any(f"is a {'FIFO' if what == 'fifo' else 'directory'}" in f for f in fields)
+    still_serving(relay, before)
+
+
+def test_a_control_socket_path_too_long_on_reload_keeps_the_running_one(relay):
+    relay.write("alpha")
+    relay.start()
+    before = relay.workers()
+    long = "/tmp/" + "x" * 120
+    relay.config.write_text(relay.config.read_text().replace(relay.control, long))
+    fields = bad_reload(relay)
+    assert any("control_socket: control socket path is 125 bytes; at most 107" in f
+               for f in fields), fields
+    still_serving(relay, before)
+
+
+def test_memory_refused_for_a_new_tunnel_on_reload_keeps_the_running_one(relay):
+    """mmap() of a new tunnel's flow table fails (ENOMEM under an address-space limit):
+    the reload fails as a whole, and a changed tunnel keeps its worker."""
+    relay.write("alpha")
+    relay.start()
+    before = relay.workers()
+    master = psutil.Process(relay.master.pid)
+    room = master.memory_info().vms + (256 << 20)
+    _soft, hard = master.rlimit(psutil.RLIMIT_AS)
+    master.rlimit(psutil.RLIMIT_AS, (room, hard))
+    # alpha changes (it would get a new worker) and beta needs a 3 GiB table.
+    relay.write("alpha", "beta", extra="[defaults]\nflow_idle = 600")
+    text = relay.config.read_text().replace("[tunnels.beta]", "[tunnels.beta]\nmax_flows = 16777216")
+    relay.config.write_text(text)
+    fields = bad_reload(relay)
+    assert any("tunnel beta: cannot map its shared memory" in f for f in fields), fields
+    relay.master.wait_log("reload failed; the running configuration stays: tunnel beta")
+    assert sorted(relay.tunnels()) == ["alpha"]
+    still_serving(relay, before)
+    # A table that fits is mapped: the failed reload left nothing in the way.
+    relay.config.write_text(text.replace("max_flows = 16777216", "max_flows = 4096"))
+    fields = relay.reload()
+    assert "STATUS=2 of 2 tunnels running" in fields
+    assert relay.workers()["alpha"] != before["alpha"]
+
+
+def test_a_port_taken_on_reload_changes_nothing(relay):
+    relay.write("alpha")
+    relay.start()
+    before = relay.workers()
+    with udp_client() as taken:
+        port = taken.getsockname()[1]
+        relay.write("alpha", "beta", extra="[defaults]\nflow_idle = 600")
+        relay.config.write_text(relay.config.read_text().replace(
+            f"{LOCAL}:{relay.ports['beta'][0]}", f"{LOCAL}:{port}"))
+        fields = bad_reload(relay)
+    assert any(f"cannot bind {LOCAL}:{port}: Address already in use" in f for f in fields)
+    assert sorted(relay.tunnels()) == ["alpha"]
+    still_serving(relay, before)                # alpha's change waits for a good reload
 
 
 def test_sigterm_stops_everything_within_the_deadline(relay):

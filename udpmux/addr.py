@@ -8,6 +8,7 @@ How we name things:
              keys, so the data path never builds a Python tuple per datagram.
 """
 
+import re
 import socket
 import struct
 
@@ -19,31 +20,53 @@ SOCKADDR_IN_LEN = _SIN.size      # 16
 SOCKADDR_IN6_LEN = _SIN6.size    # 28
 SOCKADDR_MAX = SOCKADDR_IN6_LEN
 
+_DIGITS = re.compile(r"[0-9]+")        # ASCII digits only: str.isdigit() takes "²" and "٥"
+_SPACE = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+def shown(value, limit=72):
+    """repr(value) for a message, cut short: what a user typed may be a whole file."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _port(text, whole):
+    """A port written in ASCII digits, 0 to 65535; ValueError naming `whole` otherwise.
+
+    int() is not used alone: it also takes "+5", " 5", "5_0" and digits of other
+    scripts ("٥٥٦٦"), none of which is a port anyone means to write."""
+    if not _DIGITS.fullmatch(text) or len(text) > 5 or int(text) > 65535:
+        raise ValueError(f"{shown(whole)}: port must be a number from 0 to 65535")
+    return int(text)
+
 
 def split_hostport(text, default_host=None):
     """Split "host:port", "[v6]:port" or (with default_host) a bare "port".
 
     Raises ValueError with a message that names what is wrong.
     """
-    text = text.strip()
     if not text:
         raise ValueError("empty address")
+    if _SPACE.search(text):
+        raise ValueError(f"{shown(text)}: an address has no spaces or control characters")
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep or not rest.startswith(":"):
-            raise ValueError(f"{text!r}: expected [IPv6]:PORT")
+            raise ValueError(f"{shown(text)}: expected [IPv6]:PORT")
+        if not host:
+            raise ValueError(f"{shown(text)}: the address in brackets is missing")
         port = rest[1:]
-    elif text.isdigit() and default_host is not None:
+    elif _DIGITS.fullmatch(text) and default_host is not None:
         host, port = default_host, text
     else:
         host, sep, port = text.rpartition(":")
         if not sep:
-            raise ValueError(f"{text!r}: expected HOST:PORT")
+            raise ValueError(f"{shown(text)}: expected HOST:PORT")
         if ":" in host:
-            raise ValueError(f"{text!r}: write IPv6 addresses in brackets, as [::1]:PORT")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
-    return host, int(port)
+            raise ValueError(f"{shown(text)}: write IPv6 addresses in brackets, as [::1]:PORT")
+        if not host:
+            raise ValueError(f"{shown(text)}: the host is missing; expected HOST:PORT")
+    return host, _port(port, text)
 
 
 def resolve(host, port, kind=socket.SOCK_DGRAM, passive=False):
@@ -55,29 +78,35 @@ def resolve(host, port, kind=socket.SOCK_DGRAM, passive=False):
     try:
         infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, kind, 0, flags)
     except socket.gaierror as exc:
-        raise ValueError(f"cannot resolve {host!r}: {exc.strerror}") from None
+        raise ValueError(f"cannot resolve {shown(host)}: {exc.strerror}") from None
+    except UnicodeError:        # the IDNA codec: an empty or overlong label, a stray byte
+        raise ValueError(f"{shown(host)} is not a valid host name") from None
     for family, _type, _proto, _canon, sockaddr in infos:
         if family in (socket.AF_INET, socket.AF_INET6):
             return family, sockaddr
-    raise ValueError(f"{host!r} has no IPv4 or IPv6 address")
+    raise ValueError(f"{shown(host)} has no IPv4 or IPv6 address")
 
 
 def parse_endpoint(text, kind=socket.SOCK_DGRAM, passive=False):
-    """Parse and resolve user text to (family, sockaddr); ValueError on failure."""
+    """Parse and resolve user text to (family, sockaddr); ValueError on failure.
+
+    An address to listen on (passive) may have port 0: the kernel picks one.  An
+    address to send or connect to may not: nothing listens on port 0."""
     host, port = split_hostport(text, default_host="0.0.0.0" if passive else None)
+    if port == 0 and not passive:
+        raise ValueError(f"{shown(text)}: port 0 is not a destination; give the port to reach")
     return resolve(host, port, kind, passive)
 
 
 def parse_port_range(text):
     """Parse "PORT" or "MIN-MAX" into an inclusive (low, high) pair."""
     low, sep, high = text.partition("-")
-    try:
-        low = int(low)
-        high = int(high) if sep else low
-    except ValueError:
-        raise ValueError(f"{text!r}: expected PORT or MIN-MAX") from None
+    numbers = [low, high] if sep else [low]
+    if not all(_DIGITS.fullmatch(n) and len(n) <= 5 for n in numbers):
+        raise ValueError(f"{shown(text)}: expected PORT or MIN-MAX")
+    low, high = int(numbers[0]), int(numbers[-1])
     if not 1 <= low <= high <= 65535:
-        raise ValueError(f"{text!r}: expected ports from 1 to 65535, MIN not above MAX")
+        raise ValueError(f"{shown(text)}: expected ports from 1 to 65535, MIN not above MAX")
     return low, high
 
 

@@ -15,11 +15,12 @@ from docopt import DocoptExit, docopt
 from udpmux import __version__
 from udpmux.config import (
     EXPOSE as _EXPOSE, LINK as _LINK, PUNCH as _PUNCH, TUNNEL as _TUNNEL, UOT as _UOT,
-    default_text,
+    control_socket_path, default_text,
 )
 from udpmux.errors import (
-    EXIT_OK, EXIT_SOFTWARE, EXIT_USAGE, Fatal,
+    EXIT_OK, EXIT_OSERR, EXIT_SOFTWARE, EXIT_USAGE, Fatal,
 )
+
 
 def _d(name):
     return default_text(_TUNNEL[name])
@@ -341,8 +342,8 @@ Modes:
 
 `udpmux MODE --help` shows a mode's options; man udpmux(8) tells everything.
 Exit status: 0 ok; 1 the job failed; 64 bad command line; 65 bad key file;
-66 missing input; 69 mode not available; 70 internal error; 71 the system
-refused (bind, fork); 77 permission denied; 78 bad configuration.
+66 missing input; 70 internal error; 71 the system refused (bind, fork,
+write); 77 permission denied; 78 bad configuration.
 """
 
 
@@ -386,18 +387,39 @@ def diagnose(doc, argv, exc):
     return "these options do not go together"
 
 
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def error(message, status):
+    """One line on standard error, even when the message quotes a name with a newline."""
+    message = CONTROL.sub(lambda m: repr(m.group())[1:-1], message)
     print(f"udpmux: {message}", file=sys.stderr)
     return status
 
 
 def main(argv=None):
     try:
-        return _main(sys.argv[1:] if argv is None else list(argv))
+        status = _main(sys.argv[1:] if argv is None else list(argv))
+        if sys.stdout is not None:
+            sys.stdout.flush()      # now, so that a failure is reported and not lost at exit
+        return status
     except BrokenPipeError:
         # The reader went away (`udpmux punch --help | head`): it read all it wanted.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_to_devnull()
         return EXIT_OK
+    except OSError as exc:          # standard output is a full disk, /dev/full, EIO
+        _stdout_to_devnull()
+        return error(f"cannot write to standard output: {exc.strerror or exc}", EXIT_OSERR)
+
+
+def _stdout_to_devnull():
+    """What stays buffered for standard output would fail again at exit: let it go."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+# Options that several modes share, checked before the mode runs, so that each mode
+# meets them in the same words (`udpmux status` as much as `udpmux relay`).
+COMMON_CHECKS = {"--control-socket": control_socket_path}
 
 
 def _main(argv):
@@ -419,6 +441,12 @@ def _main(argv):
         print(mode.doc.split("Options:")[0].split("\n\n", 1)[1].strip(), file=sys.stderr)
         return error(f"{mode.name}: {diagnose(mode.doc, argv[1:], exc)}; "
                      f"`udpmux {mode.name} --help` explains", EXIT_USAGE)
+    for option, check in COMMON_CHECKS.items():
+        if args.get(option):
+            try:
+                check(args[option])
+            except ValueError as exc:
+                return error(f"{mode.name}: {option}: {exc}", EXIT_USAGE)
     module, _, function = mode.entry.partition(":")
     run = getattr(importlib.import_module(module), function)
     try:
@@ -429,7 +457,7 @@ def _main(argv):
         return 130
     except BrokenPipeError:
         # The reader went away (`udpmux status | head`): what it read is all it wanted.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_to_devnull()
         return EXIT_OK
     except Exception:       # a bug: say so, with the traceback an issue report needs
         logging.getLogger("udpmux").exception("internal error; please report it")

@@ -15,6 +15,7 @@ when the relay starts or reloads, not when the first datagram arrives.
 """
 
 import difflib
+import math
 import os
 import re
 import socket
@@ -22,15 +23,19 @@ import tomllib
 from dataclasses import dataclass, field
 
 from udpmux import addr, auth, wire
+from udpmux.addr import shown
 from udpmux.errors import ConfigError, Fatal, UsageError
 from udpmux.tagtable import CAPACITY_MAX
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")      # whole names: NAME.fullmatch()
+CONFIG_FILE_MAX = 1 << 20       # bytes; a configuration of a thousand tunnels takes 200 KiB
+# sizeof(sun_path) is 108 bytes on Linux; one stays for the NUL that C code expects.
+CONTROL_SOCKET_MAX = 107
 
 
 def _positive_int(value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"expected a whole number of at least 1, got {value!r}")
+        raise ValueError(f"expected a whole number of at least 1, got {shown(value)}")
     return value
 
 
@@ -42,25 +47,50 @@ def _flow_count(value):
 
 
 def _positive_number(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"expected a number above 0, got {value!r}")
-    return float(value)
+    """A finite number above 0, as a float: TOML has inf and nan, and an integer past
+    what a float holds (10**400) does not turn into one."""
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if math.isfinite(number) and number > 0:
+            return number
+    raise ValueError(f"expected a number above 0, got {shown(value)}")
 
 
 def _text(value):
     if not isinstance(value, str) or not value:
-        raise ValueError(f"expected a non-empty string, got {value!r}")
+        raise ValueError(f"expected a non-empty string, got {shown(value)}")
     return value
 
 
 def _flag(value):
     if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
+        raise ValueError(f"expected true or false, got {shown(value)}")
     return value
 
 
-def _udp_listen(value):
-    return addr.parse_endpoint(_text(value), socket.SOCK_DGRAM, passive=True)
+def control_socket_path(value):
+    """A path an AF_UNIX socket can be bound to; ValueError says why not.
+
+    The kernel takes at most 108 bytes and Python says only "AF_UNIX path too long"
+    when the socket is bound, long after the configuration was read."""
+    value = _text(value)
+    size = len(os.fsencode(value))
+    if "\0" in value:
+        raise ValueError(f"{shown(value)}: a path holds no NUL character")
+    if size > CONTROL_SOCKET_MAX:
+        raise ValueError(f"control socket path is {size} bytes; at most {CONTROL_SOCKET_MAX} "
+                         "fit in a socket address")
+    return value
+
+
+def _udp_listen(name, value):
+    try:
+        return addr.parse_endpoint(_text(value), socket.SOCK_DGRAM, passive=True)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -77,7 +107,7 @@ class Setting:
 
 def _mode(value):
     if value not in ("expose", "rendezvous"):
-        raise ValueError(f"expected \"expose\" or \"rendezvous\", got {value!r}")
+        raise ValueError(f"expected \"expose\" or \"rendezvous\", got {shown(value)}")
     return value
 
 
@@ -168,19 +198,20 @@ def _metrics_endpoint(text):
 def _unknown(key, known, where):
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{where}: unknown setting {key!r}{hint}"
+    return f"{where}: unknown setting {shown(key)}{hint}"
 
 
 def _tunnel(name, values, where, log):
     """A TunnelConfig from checked setting values; ValueError on a problem."""
-    if not NAME.match(name):
-        raise ValueError(f"tunnel name {name!r}: use up to 32 letters, digits, '.', '_', '-'")
+    if not NAME.fullmatch(name):
+        raise ValueError(f"tunnel name {shown(name)}: use up to 32 letters, digits, '.', '_', "
+                         "'-'")
     if values.get("public") is None:
         raise ValueError("public: missing (the UDP address clients send to)")
-    public = _udp_listen(values["public"])
+    public = _udp_listen("public", values["public"])
     register = None
     if values.get("register") is not None:
-        register = _udp_listen(values["register"])
+        register = _udp_listen("register", values["register"])
         if register == public and public[1][1] != 0:    # port 0: two ports the kernel picks
             register = None
     key = _key(values, where, log)
@@ -230,17 +261,35 @@ def _check_unique(tunnels, complain):
 
 
 def _read_toml(path):
+    """The table a TOML file holds; ConfigError names the file and what is wrong with it.
+
+    Only a regular file is read (a FIFO would block the reader for ever, /dev/zero
+    would never end), and at most CONFIG_FILE_MAX bytes of it."""
     try:
-        with open(path, "rb") as f:
-            return dict(tomllib.load(f))
+        data, _mode = auth.read_regular(path, CONFIG_FILE_MAX)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except PermissionError:
         raise ConfigError(f"{path}: permission denied") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory") from None
+    except auth.NotRegularFile as exc:
+        raise ConfigError(f"{path}: is {exc.args[0]}, not a configuration file") from None
+    except OSError as exc:          # a path through a file, a name too long, a loop, EIO
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > CONFIG_FILE_MAX:
+        raise ConfigError(f"{path}: larger than {CONFIG_FILE_MAX >> 10} KiB; "
+                          "is it the configuration file?")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text (byte 0x{data[exc.start]:02x} "
+                          f"on line {line}); is it the configuration file?") from None
+    try:
+        return dict(tomllib.loads(text))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
 
 
 def load(path, log=None):
@@ -276,10 +325,25 @@ def load(path, log=None):
             metrics = _metrics_endpoint(globals_["metrics_listen"])
         except ValueError as exc:
             raise ConfigError(f"{path}: metrics_listen: {exc}") from None
-    return RelayConfig(tunnels=tunnels,
-                       control_socket=globals_.get("control_socket") or default_control_socket(),
+    if globals_.get("control_socket"):
+        try:
+            control = control_socket_path(globals_["control_socket"])
+        except ValueError as exc:
+            raise ConfigError(f"{path}: control_socket: {exc}") from None
+    else:
+        control = _default_socket("control_socket", ConfigError, f"{path}: ")
+    return RelayConfig(tunnels=tunnels, control_socket=control,
                        stop_timeout=globals_.get("stop_timeout", 10.0), path=path,
                        metrics_listen=metrics)
+
+
+def _default_socket(name, error, where=""):
+    """default_control_socket(), checked; `error` names `name` as the way to another."""
+    path = default_control_socket()
+    try:
+        return control_socket_path(path)
+    except ValueError as exc:
+        raise error(f"{where}the default {exc} (set {name})") from None
 
 
 def default_text(setting):
@@ -302,19 +366,38 @@ def option_values(args, settings):
     return values
 
 
+_WHOLE_TEXT = re.compile(r"[0-9]{1,30}")
+_NUMBER_TEXT = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
 def _from_text(setting, raw):
-    """Option text as the type its setting checks (the check then words any error)."""
+    """Option text as the type its setting checks (the check then words any error).
+
+    Only plain decimals are converted: ASCII digits and, for a number that may have a
+    fraction, one decimal point.  int() and float() also take "+5", " 5", "1_000",
+    "٥", "inf", "nan" and "1e999"; those stay text, which the check refuses."""
     if not isinstance(raw, str):
         return raw
     convert = {_positive_int: int, _positive_number: float}.get(setting.check)
     if convert is None and type(setting.default) in (int, float):
         convert = type(setting.default)
-    if convert is None:
-        return raw
-    try:
-        return convert(raw)
-    except ValueError:
-        return raw
+    if convert is int and _WHOLE_TEXT.fullmatch(raw):
+        return int(raw)
+    if convert is float and _NUMBER_TEXT.fullmatch(raw) and len(raw) <= 40:
+        return float(raw)
+    return raw
+
+
+def _in_option_words(message, settings):
+    """A message that starts with setting names ("key_file and insecure: ...") in the
+    command line's words ("--key-file and --insecure: ..."); the rest, which may quote
+    what the user wrote, stays as it is."""
+    head, sep, rest = message.partition(": ")
+    options = {s.name: s.option for s in settings}
+    names = head.split(" and ")
+    if not sep or not all(name in options for name in names):
+        return message
+    return " and ".join(options[name] for name in names) + sep + rest
 
 
 def from_options(args, log=None):
@@ -325,7 +408,7 @@ def from_options(args, log=None):
     try:
         tunnel = _tunnel(name, values, "options", log)
     except ValueError as exc:
-        raise UsageError(str(exc).replace("_", "-")) from None
+        raise UsageError(_in_option_words(str(exc), TUNNEL_SETTINGS)) from None
     tunnels = {name: tunnel}
 
     def complain(message):
@@ -337,9 +420,14 @@ def from_options(args, log=None):
             metrics = _metrics_endpoint(args["--metrics-listen"])
         except ValueError as exc:
             raise UsageError(f"--metrics-listen: {exc}") from None
-    return RelayConfig(tunnels=tunnels,
-                       control_socket=args.get("--control-socket") or default_control_socket(),
-                       metrics_listen=metrics)
+    if args.get("--control-socket"):
+        try:
+            control = control_socket_path(args["--control-socket"])
+        except ValueError as exc:
+            raise UsageError(f"--control-socket: {exc}") from None
+    else:
+        control = _default_socket("--control-socket", UsageError)
+    return RelayConfig(tunnels=tunnels, control_socket=control, metrics_listen=metrics)
 
 
 # -- single-host agents
@@ -358,7 +446,10 @@ def _port_range(value):
 
 
 def _hostport(value):
-    addr.split_hostport(_text(value))
+    """A HOST:PORT to connect to: port 0 is nobody's."""
+    _host, port = addr.split_hostport(_text(value))
+    if port == 0:
+        raise ValueError(f"{shown(value)}: port 0 is not a destination; give the port to reach")
     return value
 
 
@@ -386,7 +477,7 @@ LINK = {s.name: s for s in LINK_SETTINGS}
 
 def _carrier(value):
     if value not in ("udp", "tcp"):
-        raise ValueError(f"expected udp or tcp, got {value!r}")
+        raise ValueError(f"expected udp or tcp, got {shown(value)}")
     return value
 
 
@@ -451,27 +542,27 @@ def expose_from_options(args, log=None):
     try:
         return _expose(option_values(args, EXPOSE_SETTINGS), "options", log)
     except ValueError as exc:
-        raise UsageError(str(exc).replace("key_file", "--key-file")) from None
+        raise UsageError(_in_option_words(str(exc), EXPOSE_SETTINGS)) from None
 
 
 # `udpmux punch` (one side of a punched path per file or command line)
 
 def _port(value):
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
-        raise ValueError(f"expected a port, 0 to 65535, got {value!r}")
+        raise ValueError(f"expected a port, 0 to 65535, got {shown(value)}")
     return value
 
 
 def _whole(value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"expected a whole number of at least 0, got {value!r}")
+        raise ValueError(f"expected a whole number of at least 0, got {shown(value)}")
     return value
 
 
 def _rendezvous(value):
     value = _text(value)
     if len(value.encode()) > wire.RENDEZVOUS_NAME_MAX:
-        raise ValueError(f"expected at most {wire.RENDEZVOUS_NAME_MAX} bytes, got {value!r}")
+        raise ValueError(f"expected at most {wire.RENDEZVOUS_NAME_MAX} bytes, got {shown(value)}")
     return value
 
 

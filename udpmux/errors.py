@@ -8,10 +8,10 @@ network that went away.  The man page's EXIT STATUS section lists the same.
 EXIT_OK = 0
 EXIT_FAILURE = 1        # the job ran and failed (a session could not deliver, the demo saw loss)
 EXIT_USAGE = 64         # bad command line
-EXIT_DATAERR = 65       # bad input data (a key file that is not a key)
+EXIT_DATAERR = 65       # bad input data (a key file that is not a key, or not a regular file)
 EXIT_NOINPUT = 66       # an input file is missing (a key file)
 EXIT_SOFTWARE = 70      # an internal error (a bug: please report it)
-EXIT_OSERR = 71         # the system refused: cannot bind, cannot fork
+EXIT_OSERR = 71         # the system refused: cannot bind, fork, map memory, write a file
 EXIT_NOPERM = 77        # permission denied (a key file, a privileged port)
 EXIT_CONFIG = 78        # bad configuration file
 

@@ -33,9 +33,7 @@ import time
 
 from udpmux import control
 from udpmux.addr import format_endpoint
-from udpmux.errors import (
-    EXIT_FAILURE, EXIT_OK, EXIT_OSERR, EXIT_WORKER_BOOT, ConfigError, Fatal,
-)
+from udpmux.errors import EXIT_FAILURE, EXIT_OK, EXIT_OSERR, EXIT_WORKER_BOOT, Fatal
 from udpmux.sdnotify import Notifier
 
 STARTING = "starting"
@@ -56,7 +54,14 @@ HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
 def bind(endpoint, what):
     """A nonblocking socket bound to endpoint: UDP with large buffers, or a TCP listener."""
     family, sockaddr, kind = endpoint
-    sock = socket.socket(family, kind | socket.SOCK_CLOEXEC)
+    where = format_endpoint(family, sockaddr)
+    if kind == socket.SOCK_STREAM:
+        where = "TCP " + where
+    try:
+        sock = socket.socket(family, kind | socket.SOCK_CLOEXEC)
+    except OSError as exc:          # EMFILE, ENFILE, ENOBUFS, an address family not built in
+        raise Fatal(f"{what}: cannot open a socket for {where}: {exc.strerror or exc}",
+                    status=EXIT_OSERR) from None
     try:
         if kind == socket.SOCK_DGRAM:
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
@@ -68,9 +73,6 @@ def bind(endpoint, what):
             sock.listen(16)
     except OSError as exc:
         sock.close()
-        where = format_endpoint(family, sockaddr)
-        if kind == socket.SOCK_STREAM:
-            where = "TCP " + where
         status = EXIT_OSERR if exc.errno != errno.EACCES else 77
         raise Fatal(f"{what}: cannot bind {where}: {exc.strerror}", status=status) from None
     sock.setblocking(False)
@@ -271,15 +273,19 @@ class Master:
             self.stop_worker(tunnel)
 
     def handle_hup(self):
+        """Reload: read the configuration, then bind and map what new and changed tunnels
+        need.  Only when all of that worked does anything change; a failure of any kind
+        (a bad file, a port taken, memory the kernel refused, a bug) is logged, told to
+        systemd, and leaves the running tunnels and configuration as they were."""
         if self.stopping:
             return
         self.log.info("reloading the configuration")
         self.notifier.reloading()
         try:
             config = self.kind.load()
-        except (ConfigError, Fatal) as exc:
-            self.log.error("reload failed; the running configuration stays: %s", exc)
-            self.notifier.ready(self.summary())
+            opened = self.open_changed(config)
+        except Exception as exc:        # noqa: BLE001 - whatever it was, the master goes on
+            self.reload_failed(exc)
             return
         for name in ("control_socket", "metrics_listen"):
             if getattr(config, name, None) != getattr(self.config, name, None):
@@ -293,29 +299,57 @@ class Master:
                 tunnel = self.tunnels[name]
                 tunnel.removed = True
                 self.retire(tunnel)
-        for name, tunnel_config in config.tunnels.items():
+        for name, new in opened.items():
             old = self.tunnels.get(name)
-            if old is None:
-                try:
-                    self.start_tunnel(self.open_tunnel(tunnel_config))
-                except Fatal as exc:
-                    self.log.error("tunnel %s: not started: %s", name, exc)
-            elif old.config != tunnel_config or old.state == FAILED:
-                try:
-                    new = self.open_tunnel(tunnel_config, old)
-                except Fatal as exc:
-                    self.log.error("tunnel %s: keeps its old settings: %s", name, exc)
-                    continue
-                self.log.info("tunnel %s: settings changed; restarting its worker", name)
-                old.replacement = new
-                self.retire(old)
+            try:
+                if old is None:
+                    self.start_tunnel(new)
+                else:
+                    self.log.info("tunnel %s: settings changed; restarting its worker", name)
+                    old.replacement = new
+                    self.retire(old)
+            except Exception as exc:    # noqa: BLE001 - the other tunnels go on
+                self.log.error("tunnel %s: not started: %s", name, _reason(exc))
+                self.log.debug("tunnel %s: the error in full", name, exc_info=True)
+                if self.tunnels.get(name) is new:
+                    del self.tunnels[name]
+                if old is not None and old.replacement is new:
+                    old.replacement = None
+                self.close_tunnel(new, keep=set(old.sockets.values()) if old else ())
         self.check_ready()
+
+    def open_changed(self, config):
+        """{name: Tunnel} bound and mapped for every tunnel that is new, changed, or
+        failed before; on any failure, close what was opened and raise."""
+        opened = {}
+        try:
+            for name, tunnel_config in config.tunnels.items():
+                old = self.tunnels.get(name)
+                if old is None or old.config != tunnel_config or old.state == FAILED:
+                    opened[name] = self.open_tunnel(tunnel_config, old)
+        except BaseException:
+            for name, tunnel in opened.items():
+                old = self.tunnels.get(name)
+                self.close_tunnel(tunnel, keep=set(old.sockets.values()) if old else ())
+            raise
+        return opened
+
+    def reload_failed(self, exc):
+        reason = _reason(exc)
+        self.log.error("reload failed; the running configuration stays: %s", reason)
+        if not isinstance(exc, (Fatal, OSError, MemoryError)):
+            self.log.debug("the reload's error in full", exc_info=True)
+        # systemd waits for READY=1 after RELOADING=1, failed or not; STATUS= says which.
+        self.notifier.ready(_one_line(f"reload failed: {reason}; the running configuration "
+                                      f"stays; {self.summary()}"))
 
     # -- tunnels
 
     def open_tunnel(self, tunnel_config, old=None):
-        """Bind a tunnel's sockets (reusing the old tunnel's where the address stayed)."""
+        """Bind a tunnel's sockets (reusing the old tunnel's where the address stayed) and
+        map its shared memory; Fatal says what failed, and nothing stays open."""
         sockets = {}
+        name = tunnel_config.name
         try:
             for label, endpoint in tunnel_config.endpoints().items():
                 reuse = None
@@ -323,13 +357,18 @@ class Master:
                     for old_label, old_endpoint in old.config.endpoints().items():
                         if old_endpoint == endpoint:
                             reuse = old.sockets[old_label]
-                sockets[label] = reuse or bind(endpoint, f"tunnel {tunnel_config.name}")
-        except Fatal:
+                sockets[label] = reuse or bind(endpoint, f"tunnel {name}")
+            try:
+                shared = self.kind.shared(tunnel_config, old)
+            except (OSError, MemoryError, ValueError) as exc:   # mmap() refused
+                raise Fatal(f"tunnel {name}: cannot map its shared memory: {_reason(exc)}",
+                            status=EXIT_OSERR) from None
+        except BaseException:
             for sock in sockets.values():
                 if old is None or sock not in old.sockets.values():
                     sock.close()
             raise
-        return Tunnel(tunnel_config, sockets, self.kind.shared(tunnel_config, old))
+        return Tunnel(tunnel_config, sockets, shared)
 
     def start_tunnel(self, tunnel):
         self.tunnels[tunnel.name] = tunnel
@@ -516,6 +555,22 @@ class Master:
             self.last_count = (now, datagrams)
             text += f", {flows} flows, {rate:.0f} datagrams/s"
         return text
+
+
+def _reason(exc):
+    """An exception in one phrase: a Fatal's message, or what the system said."""
+    if isinstance(exc, Fatal):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _one_line(text):
+    """Text fit for one sd_notify field: no newline, and nothing UTF-8 cannot encode
+    (a path from the command line may hold undecodable bytes)."""
+    text = " ".join(text.splitlines())
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _ignore(signum, frame):
