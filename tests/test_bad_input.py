@@ -6,6 +6,7 @@ input are in test_master.py, next to the relay fixture.
 """
 
 import os
+import resource
 import stat
 import subprocess
 
@@ -253,6 +254,17 @@ def test_a_tunnel_name_with_a_newline_is_refused(tmp_path):
     refused(run("relay", "-c", path), 78, "tunnel name 'a\\n'")
     refused(run("relay", "--public", f"{LOCAL}:0", "--insecure", "--name", "a\n"), 64,
             "tunnel name 'a\\n'")
+
+
+def test_shared_memory_the_system_refuses_at_start_is_one_line_and_71():
+    # A flow table of 16 Mi flows needs 3 GiB; under a 600 MB address-space limit
+    # mmap() fails.  Before, the relay ended with a traceback and status 70.
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (600 << 20, resource.RLIM_INFINITY))
+    out = subprocess.run(udpmux_argv("relay", "--public", f"{LOCAL}:0", "--insecure",
+                                     "--max-flows", "16777216"),
+                         env=env(), capture_output=True, timeout=WAIT, preexec_fn=limit)
+    refused(out, 71, "tunnel tunnel: cannot map its shared memory: OSError: Cannot allocate")
 
 
 # -- the control socket's path

@@ -2,13 +2,14 @@
 
 import base64
 import os
+import re
 import stat
 import subprocess
 
 import pytest
 
 from procs import WAIT, Daemon, Notify, env, udpmux_argv
-from udpmux import __version__
+from udpmux import __version__, errors
 from udpmux.cli import MODES, usage_lines
 
 
@@ -47,6 +48,12 @@ def test_help_into_a_reader_that_stops_early(args):
                          text=True, timeout=WAIT)
     os.close(write)
     assert out.returncode == 0 and out.stderr == ""
+
+
+def test_the_exit_statuses_in_help_are_those_the_code_uses():
+    text = run("--help").stdout.split("Exit status:")[1]
+    listed = {int(n) for n in re.findall(r"(\d+) [a-z]", text)}
+    assert listed == set(errors.EXIT_NAMES) - {errors.EXIT_WORKER_BOOT}
 
 
 def test_no_mode_is_a_usage_error():

@@ -383,7 +383,7 @@ def _from_text(setting, raw):
         convert = type(setting.default)
     if convert is int and _WHOLE_TEXT.fullmatch(raw):
         return int(raw)
-    if convert is float and _NUMBER_TEXT.fullmatch(raw) and len(raw) <= 40:
+    if convert is float and _NUMBER_TEXT.fullmatch(raw) and math.isfinite(float(raw)):
         return float(raw)
     return raw
 
