@@ -287,6 +287,57 @@ def test_a_port_taken_on_reload_changes_nothing(relay):
     still_serving(relay, before)                # alpha's change waits for a good reload
 
 
+def test_a_second_reload_while_a_changed_worker_still_stops(relay):
+    """The old worker cannot stop (SIGSTOP) until it is killed at stop_timeout; a reload
+    in that time found the new register port bound by the replacement that waits, and
+    failed.  Now it sees that the replacement already has those settings."""
+    relay.write("alpha")
+    relay.start()
+    before = relay.workers()
+    os.kill(before["alpha"], signal.SIGSTOP)
+    relay.ports["alpha"] = (relay.ports["alpha"][0], free_port())
+    relay.write("alpha")
+    relay.master.signal(signal.SIGHUP)
+    relay.notify.wait_for("RELOADING=1")
+    first = relay.master.wait_log("settings changed; restarting its worker")
+    relay.master.signal(signal.SIGHUP)
+    relay.notify.wait_for("RELOADING=1")
+    fields = relay.notify.wait_for("READY=1")      # once the stopped worker is killed
+    assert "STATUS=1 of 1 tunnels running" in fields, fields
+    log = relay.master.log()
+    assert "cannot bind" not in log and "reload failed" not in log, log
+    assert log.count("settings changed") == 1, relay.master.lines[first:]
+    assert relay.workers()["alpha"] != before["alpha"]
+    relay.expose("alpha")                           # at the new register port
+    client = udp_client()
+    assert exchange(client, b"moved", (LOCAL, relay.ports["alpha"][0])) == b"moved"
+
+
+def test_a_tunnel_removed_and_given_back_before_its_worker_exited(relay):
+    """Removed by one reload and back in the next, while its worker still stops: the
+    tunnel used to vanish when that worker exited."""
+    relay.write("alpha", "beta")
+    relay.start()
+    before = relay.workers()
+    os.kill(before["alpha"], signal.SIGSTOP)
+    relay.write("beta")
+    relay.master.signal(signal.SIGHUP)
+    relay.notify.wait_for("RELOADING=1")
+    relay.master.wait_log("tunnel alpha: removed from the configuration")
+    relay.write("alpha", "beta")
+    relay.master.signal(signal.SIGHUP)
+    relay.notify.wait_for("RELOADING=1")
+    relay.master.wait_log("tunnel alpha: back in the configuration")
+    fields = relay.notify.wait_for("READY=1")
+    assert "STATUS=2 of 2 tunnels running" in fields, fields
+    after = relay.workers()
+    assert sorted(after) == ["alpha", "beta"] and after["beta"] == before["beta"]
+    assert after["alpha"] != before["alpha"]
+    relay.expose("alpha")
+    client = udp_client()
+    assert exchange(client, b"back", (LOCAL, relay.ports["alpha"][0])) == b"back"
+
+
 def test_sigterm_stops_everything_within_the_deadline(relay):
     relay.write("alpha", "beta")
     relay.start()

@@ -284,7 +284,7 @@ class Master:
         try:
             config = self.kind.load()
             opened = self.open_changed(config)
-        except Exception as exc:        # noqa: BLE001 - whatever it was, the master goes on
+        except Exception as exc:        # whatever it was, the master goes on
             self.reload_failed(exc)
             return
         for name in ("control_socket", "metrics_listen"):
@@ -305,18 +305,32 @@ class Master:
                 if old is None:
                     self.start_tunnel(new)
                 else:
-                    self.log.info("tunnel %s: settings changed; restarting its worker", name)
-                    old.replacement = new
-                    self.retire(old)
-            except Exception as exc:    # noqa: BLE001 - the other tunnels go on
+                    self.replace(old, new)
+            except Exception as exc:    # a bug or the system: the other tunnels go on
                 self.log.error("tunnel %s: not started: %s", name, _reason(exc))
                 self.log.debug("tunnel %s: the error in full", name, exc_info=True)
                 if self.tunnels.get(name) is new:
                     del self.tunnels[name]
                 if old is not None and old.replacement is new:
                     old.replacement = None
-                self.close_tunnel(new, keep=set(old.sockets.values()) if old else ())
+                self.close_tunnel(new, keep=_sockets(old, old and old.replacement))
         self.check_ready()
+
+    def replace(self, old, new):
+        """Let `new` take over from `old` once old's worker has exited.  A reload that
+        comes while an earlier replacement still waits supersedes it; a tunnel removed
+        by one reload and given back by the next, before its worker exited, comes back."""
+        waiting = old.replacement
+        if old.removed and waiting is None:
+            self.log.info("tunnel %s: back in the configuration", old.name)
+        else:
+            self.log.info("tunnel %s: settings changed; restarting its worker", old.name)
+        old.replacement = new
+        old.removed = False
+        if waiting is not None:
+            self.close_tunnel(waiting, keep=_sockets(old, new))
+        if old.state != STOPPING:
+            self.retire(old)
 
     def open_changed(self, config):
         """{name: Tunnel} bound and mapped for every tunnel that is new, changed, or
@@ -325,12 +339,16 @@ class Master:
         try:
             for name, tunnel_config in config.tunnels.items():
                 old = self.tunnels.get(name)
-                if old is None or old.config != tunnel_config or old.state == FAILED:
-                    opened[name] = self.open_tunnel(tunnel_config, old)
+                # What runs next: a replacement an earlier reload made, still waiting for
+                # the old worker to exit, or the old tunnel unless it is on its way out.
+                current = old and (old.replacement or (None if old.removed else old))
+                if current is None or current.config != tunnel_config or \
+                        current.state == FAILED:
+                    opened[name] = self.open_tunnel(tunnel_config, current or old)
         except BaseException:
             for name, tunnel in opened.items():
                 old = self.tunnels.get(name)
-                self.close_tunnel(tunnel, keep=set(old.sockets.values()) if old else ())
+                self.close_tunnel(tunnel, keep=_sockets(old, old and old.replacement))
             raise
         return opened
 
@@ -555,6 +573,11 @@ class Master:
             self.last_count = (now, datagrams)
             text += f", {flows} flows, {rate:.0f} datagrams/s"
         return text
+
+
+def _sockets(*tunnels):
+    """The sockets of these tunnels (None stands for no tunnel), as a set."""
+    return {sock for tunnel in tunnels if tunnel is not None for sock in tunnel.sockets.values()}
 
 
 def _reason(exc):
