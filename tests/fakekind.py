@@ -5,6 +5,8 @@
 boot-fails  the worker cannot start (BootError): the master must not respawn it
 crashes     the worker dies of an exception a moment after it is ready: respawn, backoff
 stubborn    the worker ignores MSG_STOP and SIGTERM: the master kills it at the deadline
+unbuildable the first worker runs; making the next one fails in the master (a bug in the
+            kind, or no memory): the master logs it and tries again later
 """
 
 import os
@@ -56,8 +58,10 @@ class Stubborn(Worker):
 
 
 class Kind:
-    def __init__(self, worker_class):
+    def __init__(self, worker_class, builds=None):
         self.worker_class = worker_class
+        self.builds = builds            # workers it can make, then it fails; None: any
+
 
     def load(self):
         return Config()
@@ -66,6 +70,10 @@ class Kind:
         return None
 
     def worker(self, tunnel, pipe, inherited, log):
+        if self.builds is not None:
+            if self.builds == 0:
+                raise RuntimeError("the fake kind cannot make a worker")
+            self.builds -= 1
         return self.worker_class(tunnel.name, pipe, inherited, log)
 
     def event(self, tunnel, body, log):
@@ -76,6 +84,7 @@ class Kind:
 
 
 if __name__ == "__main__":
-    classes = {"boot-fails": BootFails, "crashes": Crashes, "stubborn": Stubborn}
+    kinds = {"boot-fails": Kind(BootFails), "crashes": Kind(Crashes),
+             "stubborn": Kind(Stubborn), "unbuildable": Kind(Worker, builds=1)}
     log = setup(debug=True)
-    sys.exit(Master(Kind(classes[sys.argv[1]]), log).run())
+    sys.exit(Master(kinds[sys.argv[1]], log).run())

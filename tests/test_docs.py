@@ -27,8 +27,7 @@ from unittest import mock
 import pytest
 
 from udpmux import (
-    addr, auth, carrier, cli, config, errors, link, punch, relay, rendezvous, session, stream, uot,
-    wire,
+    addr, auth, carrier, cli, config, errors, link, punch, relay, session, stream, uot, wire,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -201,6 +200,7 @@ TYPES = {config._positive_int: {"integer"}, config._positive_number: {"number"},
          config._flag: {"boolean"}, config._text: {"string", "address"},
          config._carrier: {"string"}, config._mode: {"string"}, config._port: {"integer"},
          config._whole: {"integer"}, config._rendezvous: {"string"},
+         config._probe_count: {"integer"},
          config._flow_count: {"integer"}}
 
 
@@ -540,7 +540,7 @@ def test_protocol_limits_and_types_match_the_code():
         "PUNCH answer accepted within": f"{punch.CHALLENGE_TTL:g} s",
         "probes answered a second, at most": f"{punch.ANSWER_RATE:g}",
         "rendezvous name, bytes": wire.RENDEZVOUS_NAME_MAX,
-        "rendezvous agents, max_flows at most": rendezvous.PEERS_MAX,
+        "rendezvous agents, max_flows at most": config.RENDEZVOUS_MAX_FLOWS,
     }
     assert relay.NONCE_RESERVE == 1 << (relay.NONCE_RESERVE.bit_length() - 1)
     for name, value in expected.items():

@@ -416,6 +416,36 @@ def test_a_crashing_worker_is_respawned_with_backoff(tmp_path):
         notify.close()
 
 
+def test_a_worker_the_master_cannot_make_again_does_not_end_the_master(tmp_path):
+    daemon, notify = fake(tmp_path, "unbuildable")
+    try:
+        notify.wait_for("READY=1")
+        (worker,) = daemon.children()
+        os.kill(worker, signal.SIGKILL)
+        first = daemon.wait_log("cannot start its worker: RuntimeError: the fake kind cannot")
+        daemon.wait_log("cannot start its worker", start=first + 1)    # and again, later
+        assert daemon.proc.poll() is None
+        assert "Traceback" not in daemon.log()
+    finally:
+        daemon.stop()
+        notify.close()
+
+
+def test_a_failed_reload_stays_in_the_status_until_one_works(relay):
+    relay.write("alpha")
+    relay.start()
+    relay.config.write_text(relay.config.read_text() + "\nmax_flow = 3\n")
+    relay.master.signal(signal.SIGHUP)
+    relay.notify.wait_match(lambda f: any(x.startswith("STATUS=reload failed") for x in f))
+    # The traffic figures that follow every few seconds keep saying so.
+    later = relay.notify.wait_match(lambda f: any("datagrams/s" in x for x in f), timeout=WAIT)
+    assert any(x.startswith("STATUS=reload failed: ") for x in later), later
+    relay.write("alpha")
+    relay.master.signal(signal.SIGHUP)
+    relay.notify.wait_match(lambda f: any(x.startswith("STATUS=") and "reload failed" not in x
+                                          for x in f))
+
+
 def test_a_worker_that_will_not_stop_is_killed_at_the_deadline(tmp_path):
     daemon, notify = fake(tmp_path, "stubborn")
     try:

@@ -31,6 +31,8 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")      # whole names: NAME.f
 CONFIG_FILE_MAX = 1 << 20       # bytes; a configuration of a thousand tunnels takes 200 KiB
 # sizeof(sun_path) is 108 bytes on Linux; one stays for the NUL that C code expects.
 CONTROL_SOCKET_MAX = 107
+RENDEZVOUS_MAX_FLOWS = 65536    # agents a rendezvous tunnel holds at most (its state block)
+PROBE_PORTS_MAX = 4096          # punch's birthday sockets and guesses at most
 
 
 def _positive_int(value):
@@ -214,6 +216,10 @@ def _tunnel(name, values, where, log):
         register = _udp_listen("register", values["register"])
         if register == public and public[1][1] != 0:    # port 0: two ports the kernel picks
             register = None
+    if values.get("mode") == "rendezvous" \
+            and values.get("max_flows", 0) > RENDEZVOUS_MAX_FLOWS:
+        raise ValueError(f"max_flows: a rendezvous tunnel holds at most {RENDEZVOUS_MAX_FLOWS} "
+                         f"agents, not {values['max_flows']}")
     key = _key(values, where, log)
     numbers = {s.name: values.get(s.name, s.default) for s in TUNNEL_SETTINGS
                if s.name not in ("public", "register", "key_file", "insecure")}
@@ -368,6 +374,14 @@ def option_values(args, settings):
 
 _WHOLE_TEXT = re.compile(r"[0-9]{1,30}")
 _NUMBER_TEXT = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
+def whole_number(text):
+    """A whole number written in ASCII digits; ValueError for anything else (int() also
+    takes "+5", " 5", "1_000" and other scripts' digits)."""
+    if not _WHOLE_TEXT.fullmatch(text):
+        raise ValueError(f"expected a whole number, got {text!r}")
+    return int(text)
 
 
 def _from_text(setting, raw):
@@ -559,6 +573,13 @@ def _whole(value):
     return value
 
 
+def _probe_count(value):
+    value = _whole(value)
+    if value > PROBE_PORTS_MAX:
+        raise ValueError(f"expected at most {PROBE_PORTS_MAX}, got {value}")
+    return value
+
+
 def _rendezvous(value):
     value = _text(value)
     if len(value.encode()) > wire.RENDEZVOUS_NAME_MAX:
@@ -577,7 +598,7 @@ PUNCH_SETTINGS = [
     Setting("listen", _text, None, "where local UDP clients send, ADDR"),
     Setting("keepalive", _positive_number, 25.0,
             "seconds between keepalives; below the NATs' UDP timeout"),
-    Setting("probe_ports", _whole, 256,
+    Setting("probe_ports", _probe_count, 256,
             "extra sockets and guessed ports against a symmetric NAT (0: none)"),
     Setting("retry", _positive_number, 30.0, "seconds between direct attempts while relayed"),
     Setting("flow_idle", _positive_number, 180.0, "seconds without datagrams before a flow ends"),

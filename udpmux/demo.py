@@ -19,6 +19,7 @@ import threading
 import time
 
 from udpmux.auth import write_key_file
+from udpmux.config import whole_number
 from udpmux.errors import EXIT_FAILURE, EXIT_OK, Fatal, UsageError
 from udpmux.status import ask, format_flows, format_status
 
@@ -55,7 +56,7 @@ class Echo(threading.Thread):
 
 def _count(args, name):
     try:
-        value = int(args[name])
+        value = whole_number(args[name])
     except ValueError:
         raise UsageError(f"{name}: expected a whole number, got {args[name]!r}") from None
     if not 1 <= value <= 10000:

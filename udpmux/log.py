@@ -24,7 +24,7 @@ def under_journal(stream=None):
     """True when stream (stderr by default) is connected to journald ($JOURNAL_STREAM)."""
     value = os.environ.get("JOURNAL_STREAM", "")
     dev, _, ino = value.partition(":")
-    if not (dev.isdigit() and ino.isdigit()):
+    if not (dev.isascii() and dev.isdigit() and ino.isascii() and ino.isdigit()):
         return False
     try:
         st = os.fstat((stream or sys.stderr).fileno())

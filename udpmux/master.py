@@ -124,6 +124,7 @@ class Master:
         self.status_server = None
         self.metrics = None
         self.status = EXIT_OK           # the master's exit status
+        self.reload_error = None        # why the last reload failed, until one works
         self.next_status = None         # when to tell systemd the traffic figures next
         self.last_count = None          # (time, datagrams) at the last STATUS=
 
@@ -291,6 +292,7 @@ class Master:
             if getattr(config, name, None) != getattr(self.config, name, None):
                 self.log.warning("%s changes take effect when the relay restarts", name)
         self.config = config
+        self.reload_error = None
         self.reloading = True
         self.ready_sent = False
         for name in list(self.tunnels):
@@ -358,8 +360,8 @@ class Master:
         if not isinstance(exc, (Fatal, OSError, MemoryError)):
             self.log.debug("the reload's error in full", exc_info=True)
         # systemd waits for READY=1 after RELOADING=1, failed or not; STATUS= says which.
-        self.notifier.ready(_one_line(f"reload failed: {reason}; the running configuration "
-                                      f"stays; {self.summary()}"))
+        self.reload_error = reason
+        self.notifier.ready(_one_line(self.summary()))
 
     # -- tunnels
 
@@ -393,15 +395,21 @@ class Master:
         self.spawn(tunnel)
 
     def spawn(self, tunnel):
-        master_end, worker_end = control.pair()
-        inherited = self.inherited(keep=tunnel) + [master_end]
-        worker = self.kind.worker(tunnel, worker_end, inherited, self.log)
         try:
-            pid = self.fork()
+            master_end, worker_end = control.pair()
         except OSError as exc:
+            self.log.error("tunnel %s: cannot make its control pipe: %s", tunnel.name,
+                           exc.strerror or exc)
+            self.schedule_respawn(tunnel)
+            return
+        try:
+            inherited = self.inherited(keep=tunnel) + [master_end]
+            worker = self.kind.worker(tunnel, worker_end, inherited, self.log)
+            pid = self.fork()
+        except Exception as exc:        # noqa: BLE001 -- any of it, and the master stays
             master_end.close()
             worker_end.close()
-            self.log.error("tunnel %s: cannot fork: %s", tunnel.name, exc.strerror)
+            self.log.error("tunnel %s: cannot start its worker: %s", tunnel.name, _reason(exc))
             self.schedule_respawn(tunnel)
             return
         if pid == 0:
@@ -564,6 +572,9 @@ class Master:
         text = f"{states.count(RUNNING)} of {len(states)} tunnels running"
         if states.count(FAILED):
             text += f", {states.count(FAILED)} failed"
+        if self.reload_error is not None:
+            text = (f"reload failed: {self.reload_error}; the running configuration stays; "
+                    + text)
         if traffic:
             flows, datagrams = self.kind.traffic(self.tunnels.values())
             now = time.monotonic()

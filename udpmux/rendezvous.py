@@ -19,7 +19,7 @@ Bounds: at most max_flows peers (a HELLO beyond is not answered), each forgotten
 flow_idle seconds without a word; handshakes as for every responder.  The state block
 that `udpmux status` reads lists every pair: it is sized for max_flows records of the
 largest size a record can have (state_size()), and max_flows itself is bounded
-(PEERS_MAX) when the configuration is read.
+(config.RENDEZVOUS_MAX_FLOWS) when the configuration is read.
 
 How we name things:
   peer      one `udpmux punch` registered here, with its session and its address
@@ -45,7 +45,6 @@ from udpmux.wire import (
 )
 
 BATCH = 64
-PEERS_MAX = 65536               # the most max_flows may be for a rendezvous tunnel
 
 R_FULL = "full"                 # a peer beyond max_flows: its handshake is not answered
 R_NO_PARTNER = "no-partner"     # data from a peer whose partner has not registered

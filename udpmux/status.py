@@ -252,7 +252,8 @@ class StatusServer(Connections):
             os.chmod(path, 0o660)
             sock.listen(16)
         except OSError as exc:
-            self.log.warning("control socket %s: %s; serving no status", path, exc.strerror)
+            self.log.warning("control socket %s: %s; serving no status", path,
+                             exc.strerror or exc)
             return None
         self.listen(sock)
         return sock
@@ -391,7 +392,7 @@ def ask(path, request, timeout=5.0):
         raise Fatal(f"{path}: no such control socket; is the relay running? "
                     "(--control-socket names another)", status=EXIT_NOINPUT) from None
     except OSError as exc:
-        raise Fatal(f"{path}: {exc.strerror}; is the relay running?") from None
+        raise Fatal(f"{path}: {exc.strerror or exc}; is the relay running?") from None
     try:
         sock.sendall(json.dumps(request).encode() + b"\n")
         data = b""
