@@ -3,6 +3,8 @@
     python tests/fakekind.py boot-fails|crashes|stubborn
 
 boot-fails  the worker cannot start (BootError): the master must not respawn it
+setup-raises the worker's setup fails with any other exception (a damaged table): the
+            same, a boot error
 crashes     the worker dies of an exception a moment after it is ready: respawn, backoff
 stubborn    the worker ignores MSG_STOP and SIGTERM: the master kills it at the deadline
 unbuildable the first worker runs; making the next one fails in the master (a bug in the
@@ -38,6 +40,11 @@ class Config:
 class BootFails(Worker):
     def setup(self):
         raise BootError("the fake resource is missing")
+
+
+class SetupRaises(Worker):
+    def setup(self):
+        raise RuntimeError("tag table header is damaged, on purpose")
 
 
 class Crashes(Worker):
@@ -84,7 +91,8 @@ class Kind:
 
 
 if __name__ == "__main__":
-    kinds = {"boot-fails": Kind(BootFails), "crashes": Kind(Crashes),
+    kinds = {"boot-fails": Kind(BootFails), "setup-raises": Kind(SetupRaises),
+             "crashes": Kind(Crashes),
              "stubborn": Kind(Stubborn), "unbuildable": Kind(Worker, builds=1)}
     log = setup(debug=True)
     sys.exit(Master(kinds[sys.argv[1]], log).run())

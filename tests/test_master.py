@@ -389,13 +389,16 @@ def fake(tmp_path, mode):
     return daemon, notify
 
 
-def test_a_worker_that_cannot_boot_is_not_respawned(tmp_path):
-    daemon, notify = fake(tmp_path, "boot-fails")
+@pytest.mark.parametrize("mode, why", [
+    ("boot-fails", "cannot start: the fake resource is missing"),
+    ("setup-raises", "cannot start: RuntimeError: tag table header is damaged, on purpose")])
+def test_a_worker_that_cannot_boot_is_not_respawned(tmp_path, mode, why):
+    daemon, notify = fake(tmp_path, mode)
     try:
         # With its only tunnel failed, the master has nothing to serve: it says why and
         # exits non-zero, without READY=1, instead of respawning the worker forever.
         assert daemon.proc.wait(WAIT) == 1
-        daemon.wait_log("cannot start: the fake resource is missing")
+        daemon.wait_log(why)
         daemon.wait_log("not respawning it until the next reload")
         daemon.wait_log("no tunnel could start; stopping")
         assert not any("READY=1" in fields for fields in notify.seen)

@@ -14,13 +14,18 @@ Each tunnel's flow table and state block are mapped here, before the fork, so a
 respawned worker finds its predecessor's flows.  Readiness goes to systemd through
 sd_notify: READY=1 once every worker reported ready, RELOADING=1 and STOPPING=1.
 
-Tunnel states, as the master sees them:
+Tunnel states, as the master sees them, and the only ways between them (every change
+goes through Tunnel.change_state(), which refuses any other):
 
-    STARTING  forked, waiting for MSG_READY
-    RUNNING   the worker said it is ready
+    NEW       made, not forked yet                 -> STARTING, BACKOFF
+    STARTING  forked, waiting for MSG_READY        -> RUNNING, STOPPING, BACKOFF, FAILED
+    RUNNING   the worker said it is ready          -> STOPPING, BACKOFF
     STOPPING  asked to stop (removed, changed, or the master is stopping)
-    BACKOFF   crashed; will be respawned when its backoff ends
-    FAILED    could not boot; waits for the next reload
+    BACKOFF   crashed; will be respawned when its backoff ends   -> STARTING, STOPPING
+    FAILED    could not boot; waits for the next reload          -> STOPPING
+
+A worker that fails before it is ready (any exception, see worker.py) exits with
+EXIT_WORKER_BOOT and its tunnel is FAILED: respawning it would fail the same way.
 """
 
 import errno
@@ -36,11 +41,20 @@ from udpmux.addr import format_endpoint
 from udpmux.errors import EXIT_FAILURE, EXIT_OK, EXIT_OSERR, EXIT_WORKER_BOOT, Fatal
 from udpmux.sdnotify import Notifier
 
+NEW = "new"
 STARTING = "starting"
 RUNNING = "running"
 STOPPING = "stopping"
 BACKOFF = "backoff"
 FAILED = "failed"
+TRANSITIONS = {
+    NEW: {STARTING, BACKOFF},
+    STARTING: {RUNNING, STOPPING, BACKOFF, FAILED},
+    RUNNING: {STOPPING, BACKOFF},
+    STOPPING: {STOPPING},
+    BACKOFF: {STARTING, BACKOFF, STOPPING},
+    FAILED: {STOPPING},
+}
 
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 30.0
@@ -87,7 +101,7 @@ class Tunnel:
         self.name = config.name
         self.sockets = sockets          # label -> bound socket
         self.shared = shared            # what the worker kind maps before fork (tables...)
-        self.state = STARTING
+        self.state = NEW
         self.pid = None
         self.pipe = None
         self.started = 0.0
@@ -97,6 +111,11 @@ class Tunnel:
         self.replacement = None         # a Tunnel that takes over once this one's worker exits
         self.removed = False
         self.kill_at = None             # when a stopping worker gets SIGKILL
+
+    def change_state(self, new):
+        if new not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"tunnel {self.name}: no way from {self.state} to {new}")
+        self.state = new
 
 
 class Master:
@@ -417,7 +436,7 @@ class Master:
         worker_end.close()
         tunnel.pid = pid
         tunnel.pipe = master_end
-        tunnel.state = STARTING
+        tunnel.change_state(STARTING)
         tunnel.started = time.monotonic()
         self.by_pid[pid] = tunnel
         self.selector.register(master_end, selectors.EVENT_READ,
@@ -457,19 +476,24 @@ class Master:
             return
         mtype, body = message
         body = body or {}
-        if mtype == control.MSG_READY and tunnel.state == STARTING:
-            tunnel.state = RUNNING
-            self.log.info("tunnel %s: up (worker %d)", tunnel.name, tunnel.pid)
-            self.check_ready()
+        if mtype == control.MSG_READY:
+            self.worker_ready(tunnel)
         elif mtype == control.MSG_FAILED:
             self.log.error("tunnel %s: %s", tunnel.name, body.get("error", "failed to start"))
         elif mtype == control.MSG_EVENT:
             self.kind.event(tunnel, body, self.log)
 
+    def worker_ready(self, tunnel):
+        if tunnel.state != STARTING:
+            return                      # asked to stop meanwhile: it is on its way out
+        tunnel.change_state(RUNNING)
+        self.log.info("tunnel %s: up (worker %d)", tunnel.name, tunnel.pid)
+        self.check_ready()
+
     def stop_worker(self, tunnel):
         if tunnel.pid is None:
             return
-        tunnel.state = STOPPING
+        tunnel.change_state(STOPPING)
         tunnel.kill_at = time.monotonic() + self.config.stop_timeout
         final = self.stopping or tunnel.removed
         if tunnel.pipe is None or not control.send(
@@ -508,8 +532,8 @@ class Master:
         if tunnel.removed or tunnel.replacement is not None:
             self.finish_retire(tunnel)
             return
-        if code == EXIT_WORKER_BOOT:
-            tunnel.state = FAILED
+        if code == EXIT_WORKER_BOOT and tunnel.state == STARTING:
+            tunnel.change_state(FAILED)
             self.log.error("tunnel %s: worker %d could not start; not respawning it until "
                            "the next reload (SIGHUP)", tunnel.name, pid)
             self.check_ready()
@@ -527,7 +551,7 @@ class Master:
             tunnel.backoff = 0.0
         else:
             tunnel.backoff = min(BACKOFF_MAX, max(BACKOFF_FIRST, tunnel.backoff * 2))
-        tunnel.state = BACKOFF
+        tunnel.change_state(BACKOFF)
         tunnel.respawn_at = now + tunnel.backoff
 
     def close_tunnel(self, tunnel, keep=()):

@@ -7,8 +7,9 @@ then loop() serves until the master says stop or goes away, and the child leaves
 through os._exit() with a status the master understands:
 
     0                 stopped when asked
-    EXIT_WORKER_BOOT  could not start (the master does not respawn it)
-    EXIT_SOFTWARE     crashed (the master respawns it, with backoff)
+    EXIT_WORKER_BOOT  could not start: anything that went wrong before it was ready
+                      (the master does not respawn it; it would fail the same way)
+    EXIT_SOFTWARE     crashed once it was serving (the master respawns it, with backoff)
 
 The master's end of the control pipe reaching EOF means the master died: the worker
 says goodbye to its peers and stops at once.  Per-tunnel behaviour (the relay's data path, for instance) lives in
@@ -53,8 +54,16 @@ class Worker:
     def run(self):
         """In the child: never returns."""
         status = EXIT_SOFTWARE
+        booted = False
         try:
-            self.init_process()
+            try:
+                self.init_process()
+            except BootError:
+                raise
+            except Exception as exc:        # whatever it was, it would be again
+                self.log.exception("tunnel %s: cannot start", self.name)
+                raise BootError(f"{type(exc).__name__}: {exc}") from None
+            booted = True
             control.send(self.pipe, control.MSG_READY, {"pid": os.getpid()})
             self.loop()
             status = EXIT_OK
@@ -63,7 +72,8 @@ class Worker:
             control.send(self.pipe, control.MSG_FAILED, {"error": str(exc)})
             status = EXIT_WORKER_BOOT
         except BaseException:
-            self.log.exception("tunnel %s: worker crashed", self.name)
+            self.log.exception("tunnel %s: worker crashed%s", self.name,
+                               "" if booted else " while starting")
         finally:
             os._exit(status)
 
