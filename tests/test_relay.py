@@ -421,6 +421,38 @@ def test_an_exposer_back_on_a_shared_socket_gets_waiting_datagrams_at_once(rig):
     assert rig.tunnel()["worker_pid"] == worker         # and nothing was respawned
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="spoofing a source address needs root")
+def test_garbage_from_the_exposers_address_on_a_shared_socket_makes_no_flow(rig):
+    """Found by tests/test_fuzz.py: a datagram that is no message, sent (spoofed) from the
+    exposer's address to a shared socket, made that address a client's flow; a later
+    exposer's messages from there, its HELLO too, then went to the exposer of the day as
+    a client's datagrams, and it could never register again."""
+    from fuzzing import Spoofer
+    port = free_port()
+    rig.public = rig.register = port
+    rig.start(["relay", "--public", f"{LOCAL}:{port}", "--key-file", rig.key,
+               "--control-socket", rig.control, "--debug"])
+    rig.notify.wait_for("READY=1")
+    tap = Tap((LOCAL, port))
+    spoofer = Spoofer()
+    try:
+        rig.expose("--keepalive", "1", relay=f"{LOCAL}:{tap.address[1]}")
+        home = tap.outward_address
+        client = udp_client()
+        assert exchange(client, b"before", (LOCAL, port)) == b"before"
+        spoofer.send(b"no message", home, (LOCAL, port))
+        t = rig.wait_tunnel("the spoofed datagram dropped", lambda t: t["drops"].get("short"))
+        assert t["flows"] == 1 and t["drops"]["short"] == 1
+        # Another exposer takes the tunnel; the first comes back from its address.
+        rig.expose()
+        rig.daemons[0].wait_log("replaced by a new session from "
+                                f"{home[0]}:{home[1]}")
+        assert exchange(client, b"after", (LOCAL, port)) == b"after"
+    finally:
+        spoofer.close()
+        tap.close()
+
+
 def test_a_flood_on_one_tunnel_does_not_reach_the_other(tmp_path):
     """Two tunnels in one relay: one tunnel's port is flooded with garbage while the
     other's clients keep being served, and the flood's cost lands on the flooded

@@ -385,12 +385,18 @@ class RelayWorker(Worker):
         return slot
 
     def maybe_exposer(self, batch, i, now):
-        """On a shared socket: handle datagram i as the exposer's if it is a message."""
+        """On a shared socket: handle datagram i as the exposer's if it is a message.
+        What is no message but comes from the exposer's address is a counted drop: that
+        address is never a client's (a flow there would take the exposer's later
+        messages, its HELLO too, for a client's datagrams)."""
         start, length = batch.starts[i], batch.lengths[i]
         msg = batch.view[start:start + min(length, batch.capacity)]
         try:
             parse_header(msg, self.keyed)
-        except Malformed:
+        except Malformed as exc:
+            if self.session is not None and batch.keys[i] == self.session.peer:
+                self.drop(exc.reason)
+                return True
             return False
         self.from_exposer(msg, batch.keys[i], now, start)
         return True
