@@ -153,6 +153,40 @@ def test_the_direct_path_stays_when_the_relay_sees_the_peer_elsewhere(pair):
         mapping.close()
 
 
+@pytest.mark.parametrize("side", ["forwarder", "listener"])
+def test_a_path_proven_elsewhere_leaves_the_direct_sessions_datagrams_where_they_go(
+        pair, side):
+    """Found by tests/test_fuzz.py: a key holder elsewhere on the peer's host (a late
+    answer from one of the peer's birthday probe sockets is one) answered a probe while
+    the direct session was up.  The agent then sent the session's datagrams there, while
+    the session stayed with the peer: the flow was lost until the path timed out."""
+    pair.direct()
+    pair.listener.wait_log("direct path to")
+    pair.forwarder.wait_log("direct path to")
+    agent = getattr(pair, side)
+    port = int(agent.lines[agent.wait_log("punching from port")].split("port ")[1].split()[0])
+    client = udp_client()
+    assert exchange(client, b"before", (LOCAL, pair.listen)) == b"before"
+    initiator = Initiator(auth.read_key(pair.key), wire.ROLE_PUNCH)
+    holder = udp_client()
+    mine = bytes(range(16))
+    holder.sendto(initiator.seal(wire.T_PUNCH, 0, wire.PUNCH.pack(mine, wire.NO_RANDOM)),
+                  (LOCAL, port))
+    for _ in deadline_loop(what="the agent's answer to the probe"):
+        msg = holder.recv(1000)
+        if msg[1] == wire.T_PUNCH:
+            challenge, echo = wire.PUNCH.unpack(initiator.open(msg, wire.T_PUNCH))
+            if echo == mine:
+                break
+    holder.sendto(initiator.seal(wire.T_PUNCH, 0, wire.PUNCH.pack(wire.NO_RANDOM, challenge)),
+                  (LOCAL, port))
+    agent.wait_log(f"a path to {LOCAL}:{holder.getsockname()[1]} is proven")
+    for n in range(10):
+        data = b"after %d" % n
+        assert exchange(client, data, (LOCAL, pair.listen), tries=1) == data
+    assert "gone" not in pair.listener.log() + pair.forwarder.log()
+
+
 def test_strangers_learn_no_address_from_the_rendezvous(pair):
     pair.relay()
     pair.brokered()

@@ -415,11 +415,15 @@ class PunchWorker(Worker):
         self.proved(sock, key, now)
 
     def proved(self, sock, key, now):
-        """A key holder at `key` answered a challenge sent from `sock`: the path works."""
+        """A key holder at `key` answered a challenge sent from `sock`: the path works.
+        While a direct session is up, the datagrams still go where the session is (it
+        moves only when its peer answers a challenge: new_address()); the path is for a
+        new session, which the listen side offers there and the forward side accepts."""
         if self.direct is not None and key == self.direct.peer:
             return
         first = key not in self.proven
-        self.adopt(sock)
+        if self.direct is None:
+            self.adopt(sock)
         self.proven[key] = now
         self.proven.move_to_end(key)
         while len(self.proven) > PROVEN_MAX or \
@@ -427,7 +431,8 @@ class PunchWorker(Worker):
             self.proven.popitem(last=False)
         if first:
             self.log.debug("a path to %s is proven", addr.format_peer(key))
-        self.peer_key = key
+        if self.direct is None:
+            self.peer_key = key
         if self.side == SIDE_LISTEN:
             self.hello_to = key
             self.send(self.initiator.hello(), key)
