@@ -315,3 +315,54 @@ def test_bad_link_options(args, message):
     out = subprocess.run(udpmux_argv("link", *args, "testhost"), env=env(),
                          capture_output=True, text=True, timeout=WAIT)
     assert out.returncode == 64 and message in out.stderr
+
+
+OPENING_SERVER = '''
+"""A stand-in for link-server that opens a stream of its own once the session is up,
+and writes down the client's RESETs of it."""
+import base64, socket, sys, time
+from udpmux import wire
+from udpmux.session import Acceptor
+key = base64.b64decode(sys.stdin.readline())
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("127.0.0.1", 0))
+print(f"UDPMUX-LINK 1 127.0.0.1 {sock.getsockname()[1]}", flush=True)
+sys.stdout.close()
+acceptor, session = Acceptor(key, [wire.ROLE_LINK]), None
+sock.settimeout(0.5)
+end = time.monotonic() + 10
+with open(sys.argv[1], "a") as seen:
+    while time.monotonic() < end and not seen.tell():
+        try:
+            msg, peer = sock.recvfrom(70000)
+        except socket.timeout:
+            continue
+        mtype, sid, tag, nonce = wire.parse_header(msg, True)
+        if mtype == wire.T_HELLO:
+            sock.sendto(acceptor.hello(msg, bytes(16), time.monotonic())[0], peer)
+        elif session is None and sid in acceptor.pending:
+            session = acceptor.confirm(sid, msg, nonce)
+            sock.sendto(session.seal(wire.T_STREAM, 2, wire.STREAM.pack(0, 0) + b"hi"), peer)
+        elif mtype == wire.T_RESET:
+            seen.write(f"RESET {tag}\\n")
+            seen.flush()
+'''
+
+
+def test_a_stream_the_server_opens_is_refused_not_a_crash(tmp_path):
+    """Found while fuzzing the stream engine (tests/fuzzing.py): the client learnt of a
+    stream the server opened (an even id, which the protocol gives the server), and
+    crashed: "'LinkClient' object has no attribute 'new_stream'"."""
+    server, seen = tmp_path / "server.py", tmp_path / "seen"
+    server.write_text(OPENING_SERVER)
+    seen.write_text("")
+    out = subprocess.run(
+        udpmux_argv("link", "--ssh-command", FAKESSH, "--server-command",
+                    f"{sys.executable} {server} {seen} #", "--linger", "1", "--debug",
+                    "testhost"),
+        input=b"", env=env(), capture_output=True, timeout=60)
+    err = out.stderr.decode()
+    assert "Traceback" not in err and out.returncode != 70, err
+    for _ in deadline_loop(what="the client's RESET of the server's stream"):
+        if "RESET 2" in seen.read_text():
+            break

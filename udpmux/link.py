@@ -56,8 +56,8 @@ from udpmux.errors import EXIT_FAILURE, EXIT_OK, EXIT_OSERR, Fatal, KeyFileError
 from udpmux.log import DropLog, Every, setup as setup_log
 from udpmux.session import Acceptor, Drop, Initiator
 from udpmux.stream import (
-    EV_ACKED, EV_NEW, EV_READABLE, EV_RESET, EV_WRITABLE, Connection, ProtocolError,
-    StreamClosed,
+    EV_ACKED, EV_NEW, EV_READABLE, EV_RESET, EV_WRITABLE, RESET_REFUSED, Connection,
+    ProtocolError, StreamClosed,
 )
 from udpmux.worker import Worker
 from udpmux.wire import (
@@ -664,6 +664,10 @@ class LinkClient(LinkEnd):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.endpoints[sid] = Endpoint(sock.fileno(), sock.fileno(), sock)
         self.log.debug("stream %d: a local connection", sid)
+
+    def new_stream(self, sid, now):
+        """The server opened a stream: a client serves none, so it is refused."""
+        self.conn.reset(sid, RESET_REFUSED)
 
     def stream_reset(self, sid, code):
         if code == RESET_CONNECT:
