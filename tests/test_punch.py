@@ -238,7 +238,10 @@ def test_once_punches_and_leaves_the_port_free(pair):
       "--probe-ports", "many"], "--probe-ports: expected a whole number of at least 0"),
     (["--peer", "nowhere", "--port", "5", "--insecure", "--forward", "127.0.0.1:9"],
      "--peer: "),
-    (["--once", "--peer", "127.0.0.1:1", "--port", "65536"], "--port: expected 0 to 65535"),
+    (["--once", "--peer", "127.0.0.1:1", "--port", "65536"],
+     "--port: expected a port, 0 to 65535, got 65536"),
+    (["--once", "--peer", "127.0.0.1:1", "--port", "\u0665"],
+     "--port: expected a port, 0 to 65535, got '\u0665'"),
 ])
 def test_bad_punch_options(args, message):
     out = subprocess.run(udpmux_argv("punch", *args), env=env(), capture_output=True,

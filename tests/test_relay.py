@@ -571,3 +571,17 @@ def test_no_tcp_means_no_tcp(rig):
     rig.relay("--no-tcp")
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((LOCAL, rig.register), timeout=WAIT)
+
+
+def test_sighup_reads_the_key_file_of_the_one_tunnel_form_again(rig):
+    relay = rig.relay()
+    first = rig.expose()
+    client = udp_client()
+    assert exchange(client, b"old key", (LOCAL, rig.public)) == b"old key"
+    first.stop()
+    subprocess.run(udpmux_argv("keygen", "--force", rig.key), env=env(), check=True)
+    relay.signal(signal.SIGHUP)
+    relay.wait_log("settings changed; restarting its worker")
+    rig.notify.wait_for("READY=1")
+    rig.expose()                        # with the new key
+    assert exchange(client, b"new key", (LOCAL, rig.public)) == b"new key"

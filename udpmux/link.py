@@ -52,7 +52,7 @@ import time
 from udpmux import addr, auth, wire
 from udpmux.batchio import Batch, Outbox, recv_into
 from udpmux.config import LINK_SETTINGS, option_values
-from udpmux.errors import EXIT_FAILURE, EXIT_OK, EXIT_OSERR, Fatal, KeyFileError, UsageError
+from udpmux.errors import EXIT_FAILURE, EXIT_OK, EXIT_OSERR, Fatal, UsageError
 from udpmux.log import DropLog, Every, setup as setup_log
 from udpmux.session import Acceptor, Drop, Initiator
 from udpmux.stream import (
@@ -936,10 +936,7 @@ def server_main(args):
         host, port = addr.split_hostport(values["target"])
     except ValueError as exc:
         raise UsageError(f"--target: {exc}") from None
-    try:
-        key = auth.decode_key(sys.stdin.readline(), "standard input")
-    except KeyFileError:
-        raise
+    key = auth.read_key("-")
     low, high = addr.parse_port_range(values["bind"])
     sock = _bind_in_range(low, high)
     where = os.environ.get("SSH_CONNECTION", "").split()

@@ -764,13 +764,13 @@ def _bind_udp(endpoint, what):
     return sock
 
 
-def _number(args, name, kind, least):
+def _port(args, name):
     try:
-        value = kind(args[name])
+        value = config.whole_number(args[name])
     except ValueError:
-        raise UsageError(f"{name}: expected a number, got {args[name]!r}") from None
-    if value < least:
-        raise UsageError(f"{name}: expected at least {least}, got {args[name]}")
+        raise UsageError(f"{name}: expected a port, 0 to 65535, got {args[name]!r}") from None
+    if value > 65535:
+        raise UsageError(f"{name}: expected a port, 0 to 65535, got {value}")
     return value
 
 
@@ -803,9 +803,7 @@ def once(peer, port, log):
 def main(args):
     log = setup_log(args["--debug"])
     if args["--once"]:
-        port = _number(args, "--port", int, 0)
-        if port > 65535:
-            raise UsageError(f"--port: expected 0 to 65535, got {port}")
+        port = _port(args, "--port")
         return once(_endpoint(args, "--peer"), port, log)
     if args["--config"]:
         settings = config.load_punch(args["--config"], log)

@@ -129,9 +129,10 @@ class RelayKind:
     def load(self):
         if self.args.get("--config"):
             return load(self.args["--config"], self.log)
-        # Options do not change on reload, and a key from standard input can be read
-        # only once: a reload of the one-tunnel form retries failed workers, no more.
-        if self.from_options is None:
+        # A reload of the one-tunnel form reads its key file again (options do not
+        # change); a key from standard input can be read only once, so with one the
+        # reload retries failed workers, no more.
+        if self.from_options is None or self.args.get("--key-file") != "-":
             self.from_options = from_options(self.args, self.log)
         return self.from_options
 
