@@ -1538,9 +1538,9 @@ class RendezvousTarget(Target):
                 ours = peer in (self.a, self.b)
                 self.keyed_throw(peer, (7,), bye=0.0 if ours else 0.01, elsewhere=elsewhere,
                                  exclude=(wire.T_RENDEZVOUS,) if ours else ())
-            run.add()
             if rng.random() < 0.05:
                 peer.receive(0)
+            run.add()           # last: its round trip may give us new peers of our own
 
     def stop(self):
         super().stop()
