@@ -1005,6 +1005,36 @@ class Target:
                 run.add(len(picked))
         return phase
 
+    def tcp_held_phase(self, dest, captures, held_max=48):
+        """Connections from many addresses that send part of a frame (or a whole
+        message) and stay, more of them than the daemon keeps waiting: the newest
+        push out the oldest, and the legitimate flow goes on beside them."""
+        def phase(run):
+            rng, held = self.rng, []
+            msgs = captures() or [self.mut.forged()]
+            try:
+                while run.more():
+                    host = f"127.0.{rng.randrange(6, 9)}.{rng.randrange(1, 250)}"
+                    try:
+                        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                        sock.bind((host, 0))
+                        sock.settimeout(2.0)
+                        sock.connect(dest)
+                        framed = wire.frame(rng.choice(msgs))
+                        sock.send(framed[:rng.choice((1, 3, 4, 5, 20, len(framed)))])
+                    except OSError:
+                        sock.close()
+                        run.add()
+                        continue
+                    held.append(sock)
+                    if len(held) > held_max:
+                        held.pop(rng.randrange(len(held))).close()
+                    run.add()
+            finally:
+                for sock in held:
+                    sock.close()
+        return phase
+
     def tcp_replay_phase(self, dest, streams):
         def phase(run):
             rng = self.rng
@@ -1075,16 +1105,20 @@ class RelayTarget(Target):
 
     name = "relay-register"
     where = "register"          # the socket fuzzed: public, register, tcp, shared, control
+    keyed = True                # False: --insecure at both ends (no MAC: every forgery
+                                # that parses is taken for the exposer's)
 
     def start(self):
         from test_relay import Rig
         self.rig = rig = Rig(self.tmp)
         self.add(rig.close)
-        self.key = auth.read_key(rig.key)
+        self.key = auth.read_key(rig.key) if self.keyed else None
+        self.mut = Mutator(self.rng, keyed=self.keyed)
         self.public = free_port()
         self.register = self.public if self.where == "shared" else free_port()
         args = ["relay", "--public", f"{LOCAL}:{self.public}", "--control-socket", rig.control,
-                "--key-file", rig.key, "--metrics-listen", f"{LOCAL}:0", "--debug"]
+                *(["--key-file", rig.key] if self.keyed else ["--insecure"]),
+                "--metrics-listen", f"{LOCAL}:0", "--debug"]
         if self.where != "shared":
             args += ["--register", f"{LOCAL}:{self.register}"]
         self.relay = rig.start(args)
@@ -1111,7 +1145,8 @@ class RelayTarget(Target):
         return tap
 
     def expose(self, *extra, at=None):
-        exposer = self.rig.expose("--keepalive", "1", *extra, relay=f"{LOCAL}:{at[1]}")
+        exposer = self.rig.expose("--keepalive", "1", *extra, relay=f"{LOCAL}:{at[1]}",
+                                  key=None if self.keyed else False)
         self.daemons.append(exposer)
         return exposer
 
@@ -1130,7 +1165,7 @@ class RelayTarget(Target):
     def drops(self):
         return sum(self.tunnel()["drops"].values())
 
-    def problems(self):
+    def worker_problems(self):
         t = self.tunnel()
         found = []
         if t["restarts"] or t["worker_pid"] != self.worker:
@@ -1146,6 +1181,10 @@ class RelayTarget(Target):
             self.peer.close()
             self.peer = None
             self.sync_with = None
+            at = self.tcptap.address if self.tcptap else self.tap.address
+            self.exposer = self.expose(*(["--carrier", "tcp"] if self.tcptap else []), at=at)
+        elif not self.keyed:
+            self.exposer.stop()
             at = self.tcptap.address if self.tcptap else self.tap.address
             self.exposer = self.expose(*(["--carrier", "tcp"] if self.tcptap else []), at=at)
         self.legit()
@@ -1168,7 +1207,8 @@ class RelayTarget(Target):
         if self.where == "control":
             return [("http", 0.5, self.http_phase), ("status", 0.5, self.status_phase)]
         if self.where == "tcp":
-            return [("noise", 0.2, self.tcp_noise_phase(reg)),
+            return [("noise", 0.15, self.tcp_noise_phase(reg)),
+                    ("held", 0.05, self.tcp_held_phase(reg, self.captures)),
                     ("forged", 0.15, self.tcp_forged_phase(reg)),
                     ("mutated", 0.25, self.tcp_mutated_phase(reg, self.captures)),
                     ("replayed", 0.05, self.tcp_replay_phase(reg, self.tcptap.streams)),
@@ -1364,7 +1404,20 @@ class RelayTarget(Target):
     def sync(self):
         if self.where == "control":
             self.control_legit()
+        if not self.keyed and self.peer is None:
+            # Without a key anyone may register, and a forgery that parses is the
+            # exposer's: the flow is not expected to survive the strangers, the relay
+            # is (and final() registers an exposer again and checks the flow).
+            if self.sources is not None:
+                self.sources.drain()
+            return
         super().sync()
+
+    def problems(self):
+        found = self.worker_problems()
+        if not self.keyed and self.sources is not None:
+            self.sources.received = 0      # a stranger that registered got the clients'
+        return found
 
     def stop(self):
         if self.peer is not None:
@@ -1382,11 +1435,13 @@ RELAY_ABOUT = {
 }
 
 
-def relay_target(where):
+def relay_target(where, keyed=True):
     unit = {"tcp": "frames", "control": "requests"}.get(where, "datagrams")
-    return type(f"Relay_{where}", (RelayTarget,),
-                {"name": f"relay-{where}", "where": where, "unit": unit,
-                 "about": RELAY_ABOUT[where]})
+    name = f"relay-{where}" if keyed else f"relay-{where}-insecure"
+    about = RELAY_ABOUT[where] if keyed else \
+        RELAY_ABOUT[where].replace("with the key", "") + " (--insecure: no MAC at all)"
+    return type(f"Relay_{name}", (RelayTarget,), {"name": name, "where": where, "unit": unit,
+                                                   "about": about, "keyed": keyed})
 
 
 # -- rendezvous: where punch peers meet
@@ -1704,7 +1759,8 @@ class UotTarget(Target):
                     ("mutated", 0.3, self.mutated_phase(dest, captures)),
                     ("replayed", 0.2, self.replay_phase(dest, captures))]
         dest = (LOCAL, self.uot.tcp)
-        return [("noise", 0.2, self.tcp_noise_phase(dest)),
+        return [("noise", 0.15, self.tcp_noise_phase(dest)),
+                ("held", 0.05, self.tcp_held_phase(dest, self.tcptap.messages)),
                 ("forged", 0.15, self.tcp_forged_phase(dest)),
                 ("mutated", 0.25, self.tcp_mutated_phase(dest, self.tcptap.messages)),
                 ("replayed", 0.05, self.tcp_replay_phase(dest, self.tcptap.streams)),
@@ -2390,7 +2446,8 @@ class StreamEngineTarget(Target):
 
 TARGETS = {cls.name: cls for cls in [
     relay_target("public"), relay_target("register"), relay_target("tcp"),
-    relay_target("shared"), relay_target("control"), RendezvousTarget,
+    relay_target("shared"), relay_target("control"), relay_target("register", keyed=False),
+    relay_target("tcp", keyed=False), RendezvousTarget,
     PunchTarget,
     type("Punch_listen", (PunchTarget,), {
         "name": "punch-listen", "where": "listen",

@@ -55,7 +55,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.list:
         for name, cls in TARGETS.items():
-            print(f"{name:<16} {cls.about}")
+            print(f"{name:<24} {cls.about}")
         return 0
     names = args.target or list(TARGETS)
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
@@ -63,7 +63,7 @@ def main(argv=None):
     seconds = args.seconds / len(names)
     print(f"udpmux fuzz: {len(names)} targets, {count} each, at most {seconds:.0f} s each, "
           f"seeds from {seed}", flush=True)
-    header = (f"{'target':<16} {'sent':>9} {'unit':<11} {'rate/s':>8} {'drops':>8} "
+    header = (f"{'target':<24} {'sent':>9} {'unit':<11} {'rate/s':>8} {'drops':>8} "
               f"{'RSS MiB before':>14} {'after':>7}  result")
     print(header)
     print("-" * len(header), flush=True)
@@ -77,12 +77,12 @@ def main(argv=None):
         results.append(result)
         drops = str(result.drops) if result.drops is not None else \
             f"{result.logged_drops}*" if result.logged_drops is not None else "-"
-        print(f"{name:<16} {result.sent:>9} {result.unit:<11} {result.rate:>8.0f} {drops:>8} "
+        print(f"{name:<24} {result.sent:>9} {result.unit:<11} {result.rate:>8.0f} {drops:>8} "
               f"{_rss(result.rss_before):>14} {_rss(result.rss_after):>7}  "
               f"{'PASS' if result.ok else 'FAIL'}", flush=True)
     total = sum(r.sent for r in results)
     print("-" * len(header))
-    print(f"{'all':<16} {total:>9} {'':<11} {total / (time.monotonic() - started):>8.0f}"
+    print(f"{'all':<24} {total:>9} {'':<11} {total / (time.monotonic() - started):>8.0f}"
           f"{'':>9} {'':>14} {'':>7}  "
           f"{'PASS' if all(r.ok for r in results) else 'FAIL'}  "
           f"({time.monotonic() - started:.0f} s)")
