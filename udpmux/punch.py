@@ -418,7 +418,9 @@ class PunchWorker(Worker):
         """A key holder at `key` answered a challenge sent from `sock`: the path works.
         While a direct session is up, the datagrams still go where the session is (it
         moves only when its peer answers a challenge: new_address()); the path is for a
-        new session, which the listen side offers there and the forward side accepts."""
+        new session, which the forward side accepts there and the listen side offers
+        only when its session has gone quiet (the peer restarted, say): a proof that
+        comes late, for the path not taken, changes nothing."""
         if self.direct is not None and key == self.direct.peer:
             return
         first = key not in self.proven
@@ -433,7 +435,8 @@ class PunchWorker(Worker):
             self.log.debug("a path to %s is proven", addr.format_peer(key))
         if self.direct is None:
             self.peer_key = key
-        if self.side == SIDE_LISTEN:
+        if self.side == SIDE_LISTEN and (self.direct is None
+                                         or now - self.peer_heard >= self.keepalive):
             self.hello_to = key
             self.send(self.initiator.hello(), key)
 
