@@ -2173,9 +2173,9 @@ class LinkServerTarget(Target):
                 client.receive(0.05)
             log = logpath.read_text(errors="replace")
             if not running(pid):
-                # It ends the session when the protocol is broken (it does not say so:
-                # see the report), through its loop's end, which says "session over".
-                if "session over" not in log:
+                # It ends the session when the protocol is broken, and says why in the
+                # line that ends it.
+                if "session failed: the other end broke the stream protocol" not in log:
                     raise AssertionError(f"link-server {pid} exited without ending its "
                                          f"session:\n{log}")
                 self.absurd["ended"] += 1

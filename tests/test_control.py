@@ -110,6 +110,31 @@ def test_sd_notify_writes_to_the_socket_named_in_the_environment(tmp_path):
         notifier.close()
 
 
+def test_sd_notify_never_blocks_and_keeps_state_changes_for_later(tmp_path):
+    """systemd slow to read: the socket's queue fills.  Sending returns at once; STATUS
+    lines that cannot go are dropped, READY waits and goes, in order, once there is room."""
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        systemd.bind(path)
+        notifier = Notifier(path)
+        sent = [notifier.status(f"traffic {n}") for n in range(100)]   # never blocks
+        assert not all(sent)
+        assert notifier.ready("up") is False and len(notifier.pending) == 1
+        systemd.setblocking(False)
+        got = []
+        while True:
+            try:
+                got.append(systemd.recv(4096).decode())
+            except BlockingIOError:
+                break
+        assert notifier.flush() and not notifier.pending
+        got.append(systemd.recv(4096).decode())
+        assert got[-1] == "READY=1\nSTATUS=up"
+        assert all(g.startswith("STATUS=traffic") for g in got[:-1])
+    notifier.close()
+
+
 def test_sd_notify_without_systemd_does_nothing():
     assert Notifier("").ready() is False
 

@@ -473,3 +473,25 @@ def test_workers_exit_when_the_master_dies(relay):
         for _ in deadline_loop(what=f"worker {pid} to exit"):
             if not alive(pid):
                 break
+
+
+def test_a_systemd_that_reads_nothing_never_blocks_the_master(relay):
+    """The notify socket's queue is full and nobody reads it: reloads, status and a
+    respawn go on as usual."""
+    import socket
+    relay.notify.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+    relay.write("alpha")
+    relay.master = Daemon(["relay", "-c", relay.config, "--debug"], notify=relay.notify)
+    relay.daemons.append(relay.master)
+    start = relay.master.wait_log("ready: 1 of 1 tunnels running")
+    for _ in range(4):                  # each says RELOADING=1 and READY=1: the queue fills
+        relay.master.signal(signal.SIGHUP)
+        start = relay.master.wait_log("reload done", start=start + 1)
+    worker = relay.workers()["alpha"]
+    os.kill(worker, signal.SIGKILL)
+    for _ in deadline_loop(what="a new worker, in the status"):
+        tunnel = relay.tunnels()["alpha"]
+        if tunnel["worker_pid"] not in (None, worker) and tunnel["state"] == "running":
+            break
+    relay.expose("alpha")
+    assert exchange(udp_client(), b"still", (LOCAL, relay.ports["alpha"][0])) == b"still"

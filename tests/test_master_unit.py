@@ -14,6 +14,7 @@ from udpmux.errors import EXIT_WORKER_BOOT
 
 class Notifier:
     address = None
+    pending = ()
 
     def __init__(self):
         self.said = []

@@ -561,7 +561,10 @@ class LinkServer(LinkEnd):
     def on_exit(self):
         for sid in list(self.endpoints):
             self.close_stream(sid)
-        self.log.info("session over: %s", self.summary())
+        if self.failure is not None:
+            self.log.error("session failed: %s; %s", self.failure, self.summary())
+        else:
+            self.log.info("session over: %s", self.summary())
 
 
 # -- the client

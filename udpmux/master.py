@@ -59,6 +59,7 @@ TRANSITIONS = {
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0         # a worker that ran this long restarts without delay
+NOTIFY_RETRY = 0.1         # seconds between tries of a notification systemd could not take
 STATUS_EVERY = 5.0          # seconds between sd_notify STATUS= lines with the traffic
 SOCKET_BUFFER = 4 * 1024 * 1024
 
@@ -233,11 +234,15 @@ class Master:
                    if m is not None]
         if self.next_status is not None:
             moments.append(self.next_status)
+        if self.notifier.pending:
+            moments.append(now + NOTIFY_RETRY)
         if not moments:
             return 1.0
         return max(0.0, min(min(moments) - now, 1.0))
 
     def on_timers(self, now):
+        if self.notifier.pending:
+            self.notifier.flush()
         if self.metrics is not None:
             self.metrics.expire(now)
         if self.status_server is not None:
