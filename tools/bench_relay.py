@@ -10,7 +10,7 @@ tools/crelay.c with gcc into tools/build/ when the binary is missing or older th
 source, starts everything itself on 127.0.0.1, and prints four figures measured in the same
 run, whether the project's targets are met, and the exact command line.  Every load stops
 by itself (bounded in time and in count); every process it starts is stopped by its PID.
-The default run takes about 2.5 minutes; --quick about 35 s (0.6 s per measurement, one
+The default run takes about 2.75 minutes; --quick about 40 s (0.6 s per measurement, one
 round, flow counts 1, 1,000 and 100,000).  --figures 4 (for example) runs only figure 4.
 
 Paths compared (figures 1-3):
@@ -18,6 +18,13 @@ Paths compared (figures 1-3):
            separate --public and --register ports and a key (default limits).  CPU is the
            relay WORKER's (psutil on the worker_pid of `udpmux status --json`; the idle
            master is not counted) and the exposer's, shown apart and summed.
+  udpmux shared  (figures 1-2 only) the same with ONE socket for clients and the exposer:
+           the relay has --public and no --register, so the exposer registers on the public
+           socket (the "shared register socket" path of udpmux/relay.py): every datagram
+           arriving there is checked for being the exposer's message, and each of the
+           exposer's messages takes the relay's per-message path (client_slow, then
+           from_exposer) instead of the inline loop of a separate register socket.  CPU as
+           for udpmux.
   uot      client -> udpmux uot-client -> TCP -> udpmux uot-server -> echo, and back: UDP
            carried over TCP, keyed; its two processes' CPU in the two columns of figure 2.
   C        crelay `fused` (tools/crelay.c; its header comment says exactly what it does): one
@@ -418,10 +425,15 @@ class Relay:
 
 
 class Udpmux(Relay):
+    """shared: no --register, so that the exposer registers on the public socket (the
+    relay then checks every datagram arriving there for being the exposer's message)."""
+
     name = "udpmux"
 
     def __init__(self, tmp, service_port, limits=(), exposer=True, tag="udpmux",
-                 expose_limits=()):
+                 expose_limits=(), shared=False):
+        if shared:
+            self.name = "udpmux shared"
         self.key = os.path.join(tmp, "key")
         if not os.path.exists(self.key):
             subprocess.run(udpmux_argv("keygen", self.key), env=env_for_udpmux(),
@@ -430,10 +442,11 @@ class Udpmux(Relay):
         notify_path = os.path.join(tmp, f"{tag}.notify")
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(notify_path)
-        self.port, self.register = free_port(), free_port()
+        self.port = free_port()
+        self.register = self.port if shared else free_port()
         self.relay_args = ["relay", "--public", f"{LOCAL}:{self.port}",
-                           "--register", f"{LOCAL}:{self.register}", "--key-file", self.key,
-                           "--control-socket", self.control, *limits]
+                           *(() if shared else ("--register", f"{LOCAL}:{self.register}")),
+                           "--key-file", self.key, "--control-socket", self.control, *limits]
         self.relay = Proc(f"{tag} relay", udpmux_argv(*self.relay_args), RELAY,
                           env=env_for_udpmux(notify_path), log_stderr=True)
         self.procs = [self.relay]
@@ -764,31 +777,41 @@ def verdict(ok):
 def figures_1_to_3(opts, tmp, results):
     echo = crelay("echo", "echo", TRAFFIC, port=0)
     echo_port = int(echo.expect("READY").split()[1])
+    fig_1_2 = "1" in opts.figures or "2" in opts.figures
     paths = []
+    shared = None                       # the shared-socket udpmux path: figures 1-2 only
     try:
-        paths += [Udpmux(tmp, echo_port), Uot(tmp, echo_port), CFused(echo_port),
-                  CSplit(echo_port)]
+        paths.append(Udpmux(tmp, echo_port))
+        if fig_1_2:
+            shared = Udpmux(tmp, echo_port, tag="udpmux-shared", shared=True)
+            paths.append(shared)
+        paths += [Uot(tmp, echo_port), CFused(echo_port), CSplit(echo_port)]
         if opts.socat:
             paths.append(Socat(echo_port))
         paths.append(Direct(echo_port))
+        width = max(9, max(len(p.name) for p in paths))
         print("Commands (figures 1-3):")
-        print(f"  echo      {shown(echo, port=echo_port)}")
+        print(f"  {'echo':{width}} {shown(echo, port=echo_port)}")
         for p in paths:
             for c in p.commands():
-                print(f"  {p.name:9} {c}")
-        print(f"  fig. 1-2  crelay load port=P flows={FLOWS} size=S window={WINDOW} "
+                print(f"  {p.name:{width}} {c}" + ("  (figures 1-2 only)" if p is shared
+                                                    else ""))
+        print(f"  {'fig. 1-2':{width}} crelay load port=P flows={FLOWS} size=S window={WINDOW} "
               f"warmup={opts.warmup:g} seconds={opts.seconds:g} count={int(5e6 * opts.seconds)}")
-        print(f"  fig. 3    crelay latency port=P flows={FLOWS} size=S "
+        print(f"  {'fig. 3':{width}} crelay latency port=P flows={FLOWS} size=S "
               f"rate={LATENCY_RATE} warmup={opts.warmup:g} seconds={opts.lat_seconds:g}")
         print()
         runs = {}
-        if "1" in opts.figures or "2" in opts.figures:
+        if fig_1_2:
             for _ in range(opts.rounds):
                 for size in SIZES:
                     for p in paths:
                         runs.setdefault((p.name, size), []).append(
                             throughput(p, size, opts.seconds, opts.warmup))
             report_1_2(opts, paths, runs, results)
+        if shared is not None:
+            shared.stop()               # not part of figure 3: it leaves the relay core
+            paths.remove(shared)
         if "3" in opts.figures:
             for size in SIZES:
                 lat = {p.name: latency(p, opts.lat_seconds, opts.warmup, size) for p in paths}
@@ -846,8 +869,9 @@ def report_1_2(opts, paths, runs, results):
     table(f"Figure 2: relay CPU-seconds per million round trips (= CPU us per round trip, "
           f"each crossing the relay twice; lowest of {opts.rounds})",
           ["path", "size", "relay/worker", "exposer", "total", "x C"], rows,
-          ["udpmux: relay worker + udpmux expose (the idle master not counted); uot: "
-           "uot-server + uot-client; C split: crelay relay + crelay expose;",
+          ["udpmux: relay worker + udpmux expose (the idle master not counted); udpmux "
+           "shared: the same, the exposer registered on the public socket;",
+           "uot: uot-server + uot-client; C split: crelay relay + crelay expose;",
            "socat: the parent and every child.  x C: total / the C relay's total (lower is "
            "better)."])
 
@@ -1015,6 +1039,13 @@ def report_targets(results):
                 s = cpu[("socat", size)]
                 line += f";  below socat's: {u:.1f} vs {s:.1f} us  {verdict(u < s)}"
             print(line)
+    shared = [size for size in SIZES if ("udpmux shared", size) in cpu]
+    if shared:
+        print("    for comparison, one socket for clients and the exposer (udpmux shared), "
+              "whole tunnel / relay worker against the C relay: "
+              + ", ".join(f"{size} B {cpu[('udpmux shared', size)] / cpu[('C', size)]:.2f} x"
+                          f" / {relay_cpu[('udpmux shared', size)] / cpu[('C', size)]:.2f} x"
+                          for size in shared))
     if "flows_a" in results:
         a = results["flows_a"]
         first, last = min(a), max(a)
@@ -1041,7 +1072,7 @@ def main():
     parser = argparse.ArgumentParser(
         description="udpmux relay + expose against a C relay, socat and no relay, on "
                     "loopback (see the module docstring)")
-    parser.add_argument("--quick", action="store_true", help="about 35 s instead of 2.5 min")
+    parser.add_argument("--quick", action="store_true", help="about 40 s instead of 2.75 min")
     parser.add_argument("--seconds", type=float, help="measured seconds per run")
     parser.add_argument("--rounds", type=int, help="rounds of figures 1-2 (the best shown)")
     parser.add_argument("--figures", default="1234", help="which figures [default: 1234]")
