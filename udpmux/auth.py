@@ -37,6 +37,7 @@ import os
 import stat
 import sys
 
+from udpmux.reasons import R_MAC, R_NONCE, R_OLD, R_REPLAY  # noqa: F401
 from udpmux.errors import (
     EXIT_NOINPUT, EXIT_NOPERM, EXIT_OSERR, Fatal, KeyFileError,
 )
@@ -45,10 +46,6 @@ from udpmux.wire import MAC_SIZE
 KEY_SIZE = 32
 WINDOW = 2048                   # nonces; WireGuard keeps 2048, IPsec at least 32
 
-R_MAC = "mac"                   # the MAC does not verify: wrong key, or altered in transit
-R_REPLAY = "replay"             # a nonce already accepted
-R_OLD = "old"                   # a nonce below the replay window
-R_NONCE = "nonce"               # nonce 0, which no sender uses
 
 
 def derive(psk, label):

@@ -83,6 +83,10 @@ How we name things:
 
 import struct
 
+from udpmux.reasons import (  # noqa: F401 -- the reasons parse_header() gives
+    R_FLAGS, R_KEYED, R_LENGTH, R_SHORT, R_TOO_LARGE, R_TYPE, R_VERSION,
+)
+
 VERSION = 1
 
 HEADER = struct.Struct("!BBHIIQ")       # version, type, flags, session, tag, nonce
@@ -197,16 +201,6 @@ BODY_SIZES = {
 }
 # Types whose body size varies, with the least it can be.
 BODY_MINIMUM = {T_DATA: 0, T_STREAM: STREAM.size, T_ACK: ACK.size, T_RENDEZVOUS: 2}
-
-# Reasons a message is dropped, as counted by every receiver.  auth adds its own.
-R_SHORT = "short"               # shorter than a header (+ MAC)
-R_VERSION = "version"           # a version this build does not speak
-R_TYPE = "type"                 # an unknown message type
-R_FLAGS = "flags"               # unknown flag bits set
-R_LENGTH = "length"             # the body's size does not fit the type
-R_KEYED = "keyed"               # MAC present where none is expected, or missing where one is
-R_TOO_LARGE = "too-large"       # a datagram too large for the carrier
-
 
 class Malformed(Exception):
     """A message that cannot be parsed; .reason is the counted reason."""
