@@ -143,10 +143,8 @@ class Session:
         self.responder = None           # initiator: the responder's name (see WELCOME)
         self.path = PathCheck()         # a new address of the peer, until it is proven
         # Keyed BLAKE2b states to copy(): cheaper than keying one for every message.
-        self.send_mac = self.recv_mac = None
-        if self.keyed:
-            self.send_mac = hashlib.blake2b(key=send_key, digest_size=MAC_SIZE)
-            self.recv_mac = hashlib.blake2b(key=recv_key, digest_size=MAC_SIZE)
+        self.send_mac = _keyed(send_key)
+        self.recv_mac = _keyed(recv_key)
 
     def seal(self, mtype, tag, body=b""):
         """A whole message of this session."""
@@ -251,6 +249,10 @@ class Session:
             self.path = PathCheck()
             return True, None
         return False, path.challenge(self, key, len(msg), now)
+
+
+def _keyed(key):
+    return None if key is None else hashlib.blake2b(key=key, digest_size=MAC_SIZE)
 
 
 class PathCheck:
