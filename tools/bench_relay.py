@@ -10,7 +10,7 @@ tools/crelay.c with gcc into tools/build/ when the binary is missing or older th
 source, starts everything itself on 127.0.0.1, and prints four figures measured in the same
 run, whether the project's targets are met, and the exact command line.  Every load stops
 by itself (bounded in time and in count); every process it starts is stopped by its PID.
-The default run takes about 2.75 minutes; --quick about 40 s (0.6 s per measurement, one
+The default run takes about 3 minutes; --quick about 40 s (0.6 s per measurement, one
 round, flow counts 1, 1,000 and 100,000).  --figures 4 (for example) runs only figure 4.
 
 Paths compared (figures 1-3):
@@ -1072,7 +1072,7 @@ def main():
     parser = argparse.ArgumentParser(
         description="udpmux relay + expose against a C relay, socat and no relay, on "
                     "loopback (see the module docstring)")
-    parser.add_argument("--quick", action="store_true", help="about 40 s instead of 2.75 min")
+    parser.add_argument("--quick", action="store_true", help="about 40 s instead of 3 min")
     parser.add_argument("--seconds", type=float, help="measured seconds per run")
     parser.add_argument("--rounds", type=int, help="rounds of figures 1-2 (the best shown)")
     parser.add_argument("--figures", default="1234", help="which figures [default: 1234]")
