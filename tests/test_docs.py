@@ -27,7 +27,8 @@ from unittest import mock
 import pytest
 
 from udpmux import (
-    addr, auth, carrier, cli, config, errors, link, punch, relay, session, stream, uot, wire,
+    addr, auth, carrier, cli, config, endpoint, errors, link, probes, punch, relay, session,
+    stream, uot, wire,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -529,16 +530,16 @@ def test_protocol_limits_and_types_match_the_code():
         "TCP registration time, relay": f"{relay.TCP_HANDSHAKE:g} s",
         "TCP handshakes waiting, uot-server": uot.HANDSHAKING,
         "TCP handshake time, uot-server": f"{uot.HANDSHAKE_TIMEOUT:g} s",
-        "uot-client keepalive interval": f"{uot.KEEPALIVE_EVERY:g} s",
-        "uot-client silence before reconnecting": f"{uot.DEAD_AFTER * uot.KEEPALIVE_EVERY:g} s",
-        "punch attempt": f"{punch.PUNCH_TIMEOUT:g} s",
+        "uot-client keepalive interval": f"{endpoint.KEEPALIVE_EVERY:g} s",
+        "uot-client silence before reconnecting": f"{uot.DEAD_AFTER:g} s",
+        "punch attempt": f"{probes.PUNCH_TIMEOUT:g} s",
         "PUNCH interval in an attempt": f"{punch.PUNCH_EVERY:g} s",
         "PUNCH interval, no relay, after an attempt": f"{punch.SLOW_PUNCH:g} s",
         "punch retry, default": f"{punch.RETRY_EVERY:g} s",
-        "random-port PUNCH a second, at most": punch.PROBE_RATE,
-        "PUNCH challenges remembered": punch.CHALLENGES_MAX,
-        "PUNCH answer accepted within": f"{punch.CHALLENGE_TTL:g} s",
-        "probes answered a second, at most": f"{punch.ANSWER_RATE:g}",
+        "random-port PUNCH a second, at most": probes.PROBE_RATE,
+        "PUNCH challenges remembered": probes.CHALLENGES_MAX,
+        "PUNCH answer accepted within": f"{probes.CHALLENGE_TTL:g} s",
+        "probes answered a second, at most": f"{probes.ANSWER_RATE:g}",
         "rendezvous name, bytes": wire.RENDEZVOUS_NAME_MAX,
         "rendezvous agents, max_flows at most": config.RENDEZVOUS_MAX_FLOWS,
     }

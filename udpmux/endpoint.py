@@ -50,11 +50,22 @@ NEW = "new"                     # a session began (old: the one it replaced, or 
 MOVED = "moved"                 # the session's peer moved (old: its address before)
 ENDED = "ended"                 # the peer said BYE; the session is over
 LOST = "lost"                   # initiator: the session is gone (STALE, BYE, silence)
+KEEPALIVE_DUE = "keepalive"     # liveness(): time for a keepalive
 
 
 def dead_after(keepalive):
     """Seconds without an authentic message after which a session is gone."""
     return 2 * keepalive + 5
+
+
+def liveness(now, sent, heard, keepalive):
+    """What an idle session needs now: LOST when nothing was heard for dead_after(),
+    KEEPALIVE_DUE when nothing was sent or heard for a keepalive interval, else None."""
+    if now - heard > dead_after(keepalive):
+        return LOST
+    if now - sent >= keepalive or now - heard >= keepalive:
+        return KEEPALIVE_DUE
+    return None
 
 
 def keepalive_body(now, reply=True):
@@ -95,7 +106,9 @@ class Responder:
     (a relay tunnel's) gives WELCOME a responder field that stays the same across
     restarts, so this responder may answer STALE for sessions it does not know
     (`stale`).  `acceptor` lets several responders share one (a uot-server's
-    connections), with its bounds and HELLO memory."""
+    connections), with its bounds and HELLO memory.  A session belongs to the carrier
+    its handshake came on (`where`: a TCP connection, or None for the UDP socket); its
+    messages on another are refused."""
 
     def __init__(self, psk, roles, name=None, single=True, stale=False, epoch=0,
                  acceptor=None):
@@ -106,6 +119,7 @@ class Responder:
         self.stale = stale
         self.epoch = epoch
         self.sessions = {}              # our session id -> Session
+        self.carriers = {}              # our session id -> where it lives, if not UDP
 
     @property
     def session(self):
@@ -114,9 +128,9 @@ class Responder:
             return None
         return next(iter(self.sessions.values()))
 
-    def receive(self, msg, key, now, admit=None):
-        """One message from `key`.  `admit(key)` may refuse a HELLO with a reason (punch:
-        an unproven path; a rendezvous tunnel: full)."""
+    def receive(self, msg, key, now, admit=None, where=None):
+        """One message from `key` (on carrier `where`).  `admit(key)` may refuse a HELLO
+        with a reason (punch: an unproven path; a rendezvous tunnel: full)."""
         out = Received()
         try:
             mtype, sid, tag, nonce = parse_header(msg, self.keyed)
@@ -126,6 +140,8 @@ class Responder:
         session = self.sessions.get(sid)
         try:
             if session is not None:
+                if self.carriers.get(sid) is not where:
+                    raise Drop(R_SESSION)
                 session.open(msg, nonce)
             elif mtype == T_HELLO:
                 reason = admit(key) if admit is not None else None
@@ -140,10 +156,12 @@ class Responder:
                 out.event = NEW
                 if self.single and self.sessions:
                     out.old = self.session
-                    self.sessions.clear()
+                    self.end_all()
                 self.sessions[sid] = session
+                if where is not None:
+                    self.carriers[sid] = where
             else:
-                if self.stale:
+                if self.stale and where is None:
                     stale = self.acceptor.answer_unknown(msg, sid, nonce, key, now)
                     if stale is not None:
                         out.replies.append((stale, key))
@@ -171,9 +189,11 @@ class Responder:
 
     def end(self, session):
         self.sessions.pop(session.local_id, None)
+        self.carriers.pop(session.local_id, None)
 
     def end_all(self):
         self.sessions.clear()
+        self.carriers.clear()
 
     def tick(self, now):
         self.acceptor.expire(now)
@@ -185,8 +205,10 @@ class Initiator:
     believed, a BYE, silence for dead_after()).
 
     `repeat` is False over TCP: one HELLO per connection, and the connection is what
-    ends when the session does.  Messages come from the responder only (a connected
-    socket, or a connection): `peer` names it for the session."""
+    ends when the session does.  `peer` is the responder's address: the session's peer.
+    On a connected socket or a connection nothing else can speak; on a socket that is
+    not (punch), receive() is given where each message came from, and the session
+    follows its peer to a new address once the address answers a challenge."""
 
     def __init__(self, psk, role, keepalive=KEEPALIVE_EVERY, hello_first=HELLO_FIRST,
                  hello_most=HELLO_MOST, repeat=True, peer=None):
@@ -234,18 +256,20 @@ class Initiator:
             self.hello_at = now + self.hello_wait if self.repeat else None
             self.hello_wait = min(self.hello_wait * 2, self.hello_most)
         elif self.state == UP:
-            if now - self.heard > dead_after(self.keepalive):
+            due = liveness(now, self.sent, self.heard, self.keepalive)
+            if due == LOST:
                 out.event, out.old = LOST, self.session
                 self.change_state(HELLO, now)
-            elif now - self.sent >= self.keepalive or now - self.heard >= self.keepalive:
+            elif due == KEEPALIVE_DUE:
                 out.replies.append((self.session.seal(T_KEEPALIVE, 0, keepalive_body(now)),
                                     None))
         if out.replies:
             self.sent = now
         return out
 
-    def receive(self, msg, now):
-        """One message from the responder."""
+    def receive(self, msg, now, key=None):
+        """One message from the responder (from `key`, when the socket is not
+        connected)."""
         out = Received()
         try:
             mtype, sid, tag, nonce = parse_header(msg, self.keyed)
@@ -277,6 +301,14 @@ class Initiator:
             return out.drop(exc.reason)
         self.heard = now
         out.session = session
+        if key is not None and key != session.peer:
+            old = session.peer
+            moved, challenge = session.from_address(key, msg, now)
+            if moved:
+                out.event, out.old = MOVED, old
+                self.peer = key
+            elif challenge is not None:
+                out.replies.append((challenge, key))
         if mtype == T_KEEPALIVE:
             _answer_keepalive(session, msg, out, None)
         elif mtype == T_BYE:

@@ -2,8 +2,11 @@
 for newcomers among connections not yet authenticated, and the process's open-files
 limit."""
 
+import random
 import resource
 from collections import OrderedDict
+
+GRACE = 1.0                     # seconds a new connection has to say HELLO before it may go
 
 
 class TokenBucket:
@@ -66,18 +69,25 @@ def source_of(peer):
     return peer[8:16]
 
 
-def to_make_room(waiting, source, per_source, most):
-    """Which of `waiting` (unauthenticated connections, oldest first, each with .source
-    and .hello: whether it sent a HELLO that verified) to close so that a newcomer from
-    `source` fits, or None when it fits already.  A source with per_source of them, or
-    all sources with `most`, give up their oldest, the oldest without a HELLO first: so
-    connections that idle cannot keep those with the key out, and one source cannot
-    take the places of all."""
+def to_make_room(waiting, source, per_source, most, now):
+    """Which of `waiting` (unauthenticated connections, oldest first, each with .source,
+    .since and .hello: whether it sent a HELLO that verified) to close so that a newcomer
+    from `source` fits, or None when it fits already.
+
+    A source with per_source of them, or all sources with `most`, give one up: the
+    oldest that never sent a HELLO and has had GRACE seconds to, so that connections that
+    idle cannot keep those with the key out; if all of them are younger, one of them at
+    random, so that strangers who reconnect as fast as they are closed cannot push a
+    newcomer out before its HELLO has arrived (it survives each further newcomer with a
+    chance of 1 - 1/most)."""
     mine = [c for c in waiting if c.source == source]
     for among, bound in ((mine, per_source), (waiting, most)):
         if len(among) >= bound:
             idle = [c for c in among if not c.hello]
-            return (idle or among)[0]
+            idle_old = [c for c in idle if now - c.since >= GRACE]
+            if idle_old:
+                return idle_old[0]
+            return random.choice(idle) if idle else among[0]
     return None
 
 

@@ -20,7 +20,7 @@ exposer is told to close it too); flows idle for flow_idle end at both ends; new
 are limited per second on the tunnel and per client IP address; pending handshakes are
 bounded; HELLO and STALE answers are rate limited and never larger than what they
 answer; TCP connections that have not registered are bounded per source and in all,
-and the oldest of them makes room for a newcomer.  Nothing a stranger sends moves or
+and one of them makes room for a newcomer (limits.to_make_room).  Nothing a stranger sends moves or
 replaces the exposer's session: it moves to a new address only once that address
 answered a challenge (session.PathCheck), and only a completed handshake replaces it.
 
@@ -39,49 +39,41 @@ How we name things:
             send (the state block is JSON, written once a second)
 """
 
-import hashlib
-import hmac
 import mmap
 import os
 import time
 
-from udpmux import auth, wire
-from udpmux.auth import R_MAC, WINDOW
+from udpmux import wire
 from udpmux.addr import format_peer, peer_key
-from udpmux.batchio import Batch, Outbox, recv_into
+from udpmux.auth import WINDOW
+from udpmux.batchio import Batch
 from udpmux.carrier import TcpCarrier
 from udpmux.config import from_options, load
+from udpmux.datapath import BATCH, DROP_LOG_EVERY, Drops, Sender, batches
+from udpmux.endpoint import ENDED, MOVED, NEW, Responder
+from udpmux.flows import ClientFlows
 from udpmux.limits import PerSource, TokenBucket, source_of, to_make_room
-from udpmux.log import DropLog, Every, setup as setup_log
+from udpmux.log import Every, setup as setup_log
 from udpmux.master import Master
-from udpmux.session import R_SESSION, Acceptor, Drop, Session, responder_name
+from udpmux.reasons import (
+    R_FLOW_RATE, R_NO_EXPOSER, R_SOURCE_RATE, R_TCP_FULL, R_TCP_SILENT, R_TOO_LARGE,
+    R_UNKNOWN_TAG,
+)
 from udpmux.rendezvous import RendezvousWorker, state_size
+from udpmux.session import Session
 from udpmux.shm import DEFAULT_SIZE, SharedBlock
 from udpmux.tagtable import TagTable
 from udpmux.worker import Worker
 from udpmux.wire import (
-    CLOSE_EVICTED, CLOSE_IDLE, CLOSE_REFUSED, CLOSE_SHUTDOWN, HEADER, HEADER_SIZE, KEEPALIVE,
-    KEEPALIVE_REPLY, MAC_SIZE, MAX_DATAGRAM, REASON, T_BYE, T_CLOSE, T_DATA, T_HELLO,
-    T_KEEPALIVE, VERSION, Malformed, parse_header,
+    CLOSE_NAMES, CLOSE_REFUSED, CLOSE_SHUTDOWN, HEADER_SIZE, MAC_SIZE, MAX_DATAGRAM,
+    REASON, T_BYE, T_CLOSE, T_DATA, Malformed, parse_header,
 )
 
-BATCH = 64
-DRAIN_ROUNDS = 8                # batches per socket per wake-up, so no socket starves the rest
 TCP_WAITING = 16                # TCP connections that have not registered, at most
 TCP_WAITING_PER_SOURCE = 4      # ... from one source (IPv4 address, IPv6 /64)
 TCP_HANDSHAKE = 5.0             # seconds a TCP connection has to register
 NONCE_RESERVE = 1 << 24         # nonces a worker may use before its record says so again
-STATE_EVERY = 1.0               # seconds between writes of the state block
-DROP_LOG_EVERY = 60.0           # seconds between summaries of drops
 
-# Reasons the relay drops datagrams and messages, beyond those of wire, auth and session.
-R_NO_EXPOSER = "no-exposer"     # a client datagram while no exposer is registered
-R_FLOW_RATE = "flow-rate"       # a new flow over the tunnel's new_flows_rate
-R_SOURCE_RATE = "source-rate"   # a new flow over new_flows_per_source for its IP address
-R_UNKNOWN_TAG = "unknown-tag"   # exposer data for a flow that is gone
-R_SEND = "send"                 # the kernel refused to send (buffer full, unreachable)
-R_TCP_FULL = "tcp-full"         # an unregistered TCP connection closed for a newer one
-R_TCP_SILENT = "tcp-silent"     # a TCP connection that did not register in time
 
 class SessionRecord:
     """The exposer's session's nonces, in shared memory, one 8-byte word each, so that
@@ -180,10 +172,11 @@ class RelayWorker(Worker):
         config = self.config
         now = time.monotonic()
         self.table.attach()
-        self.acceptor = Acceptor(config.key, [wire.ROLE_EXPOSE],
-                                 responder_name(config.key, self.name))
-        self.session = None             # the exposer's session
-        self.carrier = None             # its TCP connection, when it came over TCP
+        self.drops = self.drop = Drops(self.log, f"tunnel {self.name}")
+        self.endpoint = Responder(config.key, [wire.ROLE_EXPOSE], name=self.name, stale=True,
+                                  epoch=self.epoch)
+        self.flows = ClientFlows(self.table, self.flow_closed)
+        self.carrier = None             # the exposer's TCP connection, when it came over TCP
         self.tcp_peers = {}             # TcpCarrier -> Waiting, oldest first
         self.recorded = (0, 0, 0)       # what self.record says: (id, received, reserved)
         self.restored = False           # the session came from a dead predecessor
@@ -194,14 +187,12 @@ class RelayWorker(Worker):
         self.counters = dict.fromkeys(
             ("datagrams_in", "bytes_in", "datagrams_out", "bytes_out", "flows", "evicted",
              "expired", "closed", "sessions", "roams"), 0)
-        self.drops = {}
-        self.drop_log = DropLog(self.log, f"tunnel {self.name}", DROP_LOG_EVERY)
         self.limit_log = Every(DROP_LOG_EVERY)
         self.in_batch = Batch(BATCH, HEADER_SIZE + MAX_DATAGRAM + MAC_SIZE)
         self.reg_batch = self.in_batch if self.shared_socket else Batch(BATCH)
         # Room for a whole batch of DATA plus a control message for each of them.
-        self.to_exposer = Outbox(2 * BATCH)
-        self.to_clients = Outbox(2 * BATCH)
+        self.to_exposer = Sender(self.register, self.drops, 2 * BATCH, self.note_nonces)
+        self.to_clients = Sender(self.public, self.drops, 2 * BATCH, self.note_nonces)
         try:
             state = self.state.read_json(patience=0.5)
         except TimeoutError:
@@ -209,19 +200,23 @@ class RelayWorker(Worker):
                              "starting with a new session", self.name)
             state = {}
         self.restore(state, now)
-        self.next_state = now
         self.poller.register(self.public, self.on_public)
         if not self.shared_socket:
             self.poller.register(self.register, self.on_register)
         if self.tcp_listener is not None:
             self.poller.register(self.tcp_listener, self.on_tcp_accept)
 
+    @property
+    def session(self):
+        """The exposer's session, or None."""
+        return self.endpoint.session
+
     def restore(self, state, now):
         """Carry on from a predecessor's state block: counters and the exposer's session."""
         for name, value in state.get("counters", {}).items():
             if name in self.counters:
                 self.counters[name] = value
-        self.drops.update(state.get("drops", {}))
+        self.drops.restore(state.get("drops", {}))
         saved = state.get("session")
         # A session over TCP died with its connection: the exposer connects again.
         if not saved or saved.get("keyed") != self.keyed or saved.get("carrier") == "tcp":
@@ -241,9 +236,9 @@ class RelayWorker(Worker):
             reserved = max(reserved, recorded_reserve)
         session.send_nonce = reserved
         session.window.top = received
-        session.window.bits = (1 << auth.WINDOW) - 1
+        session.window.bits = (1 << WINDOW) - 1
         session.confirmed = True
-        self.session = session
+        self.endpoint.restore(session)
         self.restored = True
         self.note_nonces()
         self.heard = now
@@ -251,95 +246,63 @@ class RelayWorker(Worker):
         self.log.info("tunnel %s: worker %d carries on with the exposer at %s",
                       self.name, os.getpid(), format_peer(session.peer))
 
-    # -- the data path
-
-    def drop(self, reason, n=1):
-        self.drops[reason] = self.drops.get(reason, 0) + n
-        self.drop_log.count(reason, n)
+    # -- from clients
 
     def on_public(self):
-        """Client datagrams: tag them and pass them to the exposer.
-
-        The common case (a known flow, an exposer registered) runs inline: the header
-        goes into the slot's headroom and the MAC after the datagram, in place, and the
-        whole batch is queued with one call.  Anything else takes client_slow()."""
-        batch = self.in_batch
-        table = self.table
-        get, touch, tags = table.get, table.touch, table.tags
-        buf, view = batch.buf, batch.view
-        pack_into, blake2b = HEADER.pack_into, hashlib.blake2b
+        """Client datagrams, a batch at a time (public_batch())."""
         shared = self.shared_socket
-        counters = self.counters
-        for _ in range(DRAIN_ROUNDS):
-            n = recv_into(self.public, batch, HEADER_SIZE)
-            if not n:
-                break
-            now = time.monotonic()
-            lengths, keys, starts = batch.lengths, batch.keys, batch.starts
-            session = self.session
-            if session is not None:
-                exposer, peer_id, flags = session.peer, session.peer_id, session.flags
-                mac_key, nonce = session.send_key, session.send_nonce
-            else:
-                exposer = None
-            queued, sizes, flow_tags = [], [], []
-            count_in = size_in = 0
-            for i in range(n):
-                key = keys[i]
-                length = lengths[i]
-                slot = get(key)
-                if slot is None or length > MAX_DATAGRAM or exposer is None \
-                        or (shared and key == exposer):
-                    if session is not None:
-                        session.send_nonce = nonce
-                    self.send_batch(batch, queued, sizes, flow_tags)
-                    slot = self.client_slow(batch, i, now)
-                    # The slow path may have sealed messages of its own, ended the session
-                    # or (a handshake on a shared socket) started a new one: read it again.
-                    session = self.session
-                    if session is None:
-                        exposer = None
-                        continue
-                    exposer, peer_id, flags = session.peer, session.peer_id, session.flags
-                    mac_key, nonce = session.send_key, session.send_nonce
-                    if slot is None:
-                        continue
-                else:
-                    touch(slot, now, length)
-                start = starts[i] - HEADER_SIZE
-                nonce += 1
-                tag = tags[slot]
-                pack_into(buf, start, VERSION, T_DATA, flags, peer_id, tag, nonce)
-                end = start + HEADER_SIZE + length
-                if mac_key is not None:
-                    buf[end:end + MAC_SIZE] = blake2b(view[start:end], key=mac_key,
-                                                      digest_size=MAC_SIZE).digest()
-                    end += MAC_SIZE
-                queued.append(start)
-                sizes.append(end - start)
-                flow_tags.append(tag)
-                count_in += 1
-                size_in += length
-            if session is not None:
-                session.send_nonce = nonce
-            counters["datagrams_in"] += count_in
-            counters["bytes_in"] += size_in
-            self.send_batch(batch, queued, sizes, flow_tags)
-            self.flush_exposer()
+        for n in batches(self.public, self.in_batch, self.drops, HEADER_SIZE):
+            self.public_batch(n, time.monotonic())
+            self.to_exposer.flush()
             if shared:
-                self.flush_clients()
-            if n < batch.count:
-                break           # the socket is drained: spare the call that says so
+                self.to_clients.flush()
 
-    def send_batch(self, batch, starts, sizes, flow_tags):
-        """Hand sealed DATA messages in a batch's buffer to the exposer: over UDP, queued
-        with one call and no copy; over its TCP connection, a copy each into its flow's
-        queue there.  Empties the lists."""
+    def public_batch(self, n, now):
+        """Tag the datagrams of known flows and seal them in place, a run at a time (the
+        header in each slot's headroom, the MAC after the datagram); anything else (a new
+        flow, no exposer, on a shared socket the exposer's own message) goes through
+        client_slow(), in order."""
+        batch, table = self.in_batch, self.table
+        get, touch, tags = table.get, table.touch, table.tags
+        lengths, keys = batch.lengths, batch.keys
+        session = self.session
+        exposer = None if session is None else session.peer
+        shared = self.shared_socket
+        starts, sizes, flow_tags = [], [], []
+        count_in = size_in = 0
+        for i in range(n):
+            key, length = keys[i], lengths[i]
+            slot = get(key)
+            if slot is None or length > MAX_DATAGRAM or exposer is None \
+                    or (shared and key == exposer):
+                self.forward(starts, sizes, flow_tags)
+                slot = self.client_slow(i, now)
+                session = self.session
+                exposer = None if session is None else session.peer
+                if slot is None or session is None:
+                    continue
+            else:
+                touch(slot, now, length)
+            starts.append(batch.starts[i])
+            sizes.append(length)
+            flow_tags.append(tags[slot])
+            count_in += 1
+            size_in += length
+        self.forward(starts, sizes, flow_tags)
+        self.counters["datagrams_in"] += count_in
+        self.counters["bytes_in"] += size_in
+
+    def forward(self, starts, sizes, flow_tags):
+        """Seal client datagrams of the receive batch under the exposer's session and hand
+        them to it: over UDP, queued without a copy; over its TCP connection, a copy each
+        into its flow's queue there.  Empties the lists."""
         if not starts:
             return
+        batch = self.in_batch
+        self.session.seal_batch(batch.buf, batch.view, starts, sizes, flow_tags)
         carrier = self.carrier
         if carrier is None:
-            self.queue(self.to_exposer, self.register, batch, starts, sizes, self.session.peer)
+            self.to_exposer.add_many_from(batch, starts, sizes, self.session.peer)
         else:
             view = batch.view
             for start, size, tag in zip(starts, sizes, flow_tags):
@@ -348,23 +311,11 @@ class RelayWorker(Worker):
             sizes.clear()
         flow_tags.clear()
 
-    def queue(self, out, sock, batch, starts, sizes, keys):
-        """Queue datagrams of a batch (by start and size) for one or many peer keys,
-        flushing first if they would not fit; empties the lists."""
-        if not starts:
-            return
-        if len(out) + len(starts) > out.count:
-            self.flush(out, sock)
-        out.add_many_from(batch, starts, sizes, keys)
-        starts.clear()
-        sizes.clear()
-        if isinstance(keys, list):
-            keys.clear()
-
-    def client_slow(self, batch, i, now):
+    def client_slow(self, i, now):
         """A client datagram off the common path: a new flow, one too large, one while no
         exposer is registered, or (on a shared socket) the exposer's own message.
         Returns the slot to forward it on (touched), or None when it is done with."""
+        batch = self.in_batch
         key, length = batch.keys[i], batch.lengths[i]
         session = self.session
         get = self.table.get
@@ -372,7 +323,7 @@ class RelayWorker(Worker):
                 and self.maybe_exposer(batch, i, now):
             return None
         if length > MAX_DATAGRAM:
-            self.drop(wire.R_TOO_LARGE)
+            self.drop(R_TOO_LARGE)
             return None
         slot = get(key)
         if slot is None:
@@ -423,171 +374,140 @@ class RelayWorker(Worker):
                                  "(%g/s); refusing the excess", self.name,
                                  self.config.new_flows_rate)
             return None
-        slot, tag, evicted = self.table.insert(key, now)
+        slot = self.flows.insert(key, now)
         self.counters["flows"] += 1
-        if evicted is not None:
-            self.counters["evicted"] += 1
-            if self.limit_log("max_flows", now):
-                self.log.warning("tunnel %s: the flow table is full (max_flows %d); each new "
-                                 "client now ends the flow idle longest", self.name,
-                                 self.config.max_flows)
-            self.tell_exposer(T_CLOSE, evicted[1], REASON.pack(CLOSE_EVICTED))
-            self.log.debug("tunnel %s: flow %d (%s) evicted for a new one", self.name,
-                           evicted[1], format_peer(evicted[0]))
-        self.log.debug("tunnel %s: new flow %d from %s", self.name, tag, format_peer(key))
+        self.log.debug("tunnel %s: new flow %d from %s", self.name, self.table.tags[slot],
+                       format_peer(key))
         return slot
 
+    def flow_closed(self, tag, reason):
+        """A flow ended here: evicted for a new one, or idle.  The exposer ends it too."""
+        self.counters["evicted" if reason != wire.CLOSE_IDLE else "expired"] += 1
+        if reason == wire.CLOSE_EVICTED and self.limit_log("max_flows", time.monotonic()):
+            self.log.warning("tunnel %s: the flow table is full (max_flows %d); each new "
+                             "client now ends the flow idle longest", self.name,
+                             self.config.max_flows)
+        self.tell_exposer(T_CLOSE, tag, REASON.pack(reason))
+        self.log.debug("tunnel %s: flow %d %s; closed", self.name, tag, CLOSE_NAMES[reason])
+
+    # -- from the exposer
+
     def on_register(self):
-        """Messages on the register socket.  DATA from the registered exposer runs inline
-        (header check, replay window, MAC, then the body is queued for its client without
-        a copy); everything else, and anything doubtful, goes through from_exposer()."""
-        batch = self.reg_batch
-        table = self.table
-        slot_of_tag, touch, flow_keys = table.slot_of_tag, table.touch, table.keys
-        unpack_from, blake2b, compare = HEADER.unpack_from, hashlib.blake2b, hmac.compare_digest
-        view, out = batch.view, self.to_clients
-        trailer = MAC_SIZE if self.keyed else 0
-        counters = self.counters
-        for _ in range(DRAIN_ROUNDS):
-            n = recv_into(self.register, batch, 0)
-            if not n:
-                break
-            now = time.monotonic()
-            lengths, keys, starts = batch.lengths, batch.keys, batch.starts
-            shortest, capacity = HEADER_SIZE + trailer, batch.capacity
-            session = self.session
-            fast = session is not None and not self.restored
-            if fast:
-                peer, local_id, flags_ok = session.peer, session.local_id, session.flags
-                mac_key, window = session.recv_key, session.window
-            queued, sizes, clients = [], [], []
-            count_out = size_out = 0
-            for i in range(n):
-                start, length = starts[i], lengths[i]
-                if fast and shortest <= length <= capacity and keys[i] == peer:
-                    version, mtype, flags, sid, tag, nonce = unpack_from(view, start)
-                    top = window.top
-                    if version == VERSION and mtype == T_DATA and flags == flags_ok \
-                            and sid == local_id and nonce > top - WINDOW and nonce \
-                            and (nonce > top or not window.bits >> (top - nonce) & 1):
-                        end = start + length
-                        if mac_key is not None and not compare(
-                                blake2b(view[start:end - MAC_SIZE], key=mac_key,
-                                        digest_size=MAC_SIZE).digest(),
-                                view[end - MAC_SIZE:end]):
-                            self.drop(R_MAC)
-                            continue
-                        window.accept(nonce)
-                        slot = slot_of_tag(tag)
-                        if slot is not None:
-                            body = length - shortest
-                            touch(slot, now, body, True)
-                            queued.append(start + HEADER_SIZE)
-                            sizes.append(body)
-                            clients.append(flow_keys[slot])
-                            count_out += 1
-                            size_out += body
-                            continue
-                        self.drop(R_UNKNOWN_TAG)
-                        self.tell_exposer(T_CLOSE, tag, REASON.pack(CLOSE_REFUSED))
-                        continue
-                # Off the common path: keep the order of what is already queued.
-                self.queue(out, self.public, batch, queued, sizes, clients)
-                if length > capacity:
-                    self.drop(wire.R_TOO_LARGE)
-                else:
-                    self.from_exposer(view[start:start + length], keys[i], now, start)
-                if self.session is not session or self.restored != (not fast):
-                    session = self.session
-                    fast = session is not None and not self.restored
-                    if fast:
-                        peer, local_id, flags_ok = session.peer, session.local_id, session.flags
-                        mac_key, window = session.recv_key, session.window
-            if size_out:
-                self.heard = now
-            counters["datagrams_out"] += count_out
-            counters["bytes_out"] += size_out
+        """Messages on the register socket, a batch at a time (register_batch())."""
+        for n in batches(self.register, self.reg_batch, self.drops):
+            self.register_batch(n, time.monotonic())
             self.note_nonces()      # even when nothing goes out: a successor must know
-            self.queue(out, self.public, batch, queued, sizes, clients)
-            self.flush_clients()
-            self.flush_exposer()
-            if n < batch.count:
-                break
+            self.to_clients.flush()
+            self.to_exposer.flush()
+
+    def register_batch(self, n, now):
+        """DATA of the exposer's session is opened in place a batch at a time and its body
+        queued for its client without a copy; everything else, and anything doubtful,
+        goes through from_exposer(), in order."""
+        batch, table = self.reg_batch, self.table
+        slot_of_tag, touch, flow_keys = table.slot_of_tag, table.touch, table.keys
+        view, starts, lengths = batch.view, batch.starts, batch.lengths
+        session = self.session
+        if session is None or self.restored:
+            results = [None] * n
+        else:
+            results = session.open_batch(view, starts, lengths, batch.keys, n, self.drop)
+        trailer = HEADER_SIZE + (MAC_SIZE if self.keyed else 0)
+        queued, sizes, clients = [], [], []
+        count_out = size_out = 0
+        for i in range(n):
+            tag = results[i]
+            if tag is None:
+                # Off the common path: keep the order of what is already queued.
+                self.to_clients.add_many_from(batch, queued, sizes, clients)
+                if lengths[i] > batch.capacity:
+                    self.drop(R_TOO_LARGE)
+                else:
+                    self.from_exposer(view[starts[i]:starts[i] + lengths[i]], batch.keys[i],
+                                      now, starts[i])
+                if self.session is not session:     # the rest under the new session
+                    session = self.session
+                    results[i + 1:] = [None] * (n - i - 1)
+                continue
+            if tag < 0:
+                continue
+            slot = slot_of_tag(tag)
+            if slot is None:
+                self.drop(R_UNKNOWN_TAG)
+                self.tell_exposer(T_CLOSE, tag, REASON.pack(CLOSE_REFUSED))
+                continue
+            body = lengths[i] - trailer
+            touch(slot, now, body, True)
+            queued.append(starts[i] + HEADER_SIZE)
+            sizes.append(body)
+            clients.append(flow_keys[slot])
+            count_out += 1
+            size_out += body
+        if size_out:
+            self.heard = now
+        self.counters["datagrams_out"] += count_out
+        self.counters["bytes_out"] += size_out
+        self.to_clients.add_many_from(batch, queued, sizes, clients)
 
     def from_exposer(self, msg, key, now, start=None, carrier=None):
         """One message from the exposer's side: from the register socket (msg a view into
         the receive batch at `start`, where DATA bodies are sent from without a copy), or
         from a TCP connection (`carrier`; msg is bytes)."""
-        try:
-            mtype, sid, tag, nonce = parse_header(msg, self.keyed)
-        except Malformed as exc:
-            self.refuse(exc.reason, carrier)
+        got = self.endpoint.receive(msg, key, now, where=carrier)
+        for reply, to in got.replies:
+            if carrier is None:
+                self.send_to(reply, to)
+            elif got.reason is None:
+                carrier.send(reply)
+        if got.reason is not None:
+            self.refuse(got.reason, carrier)
             return
-        session = self.session
-        try:
-            if session is not None and sid == session.local_id:
-                if carrier is not self.carrier:     # the session lives on the other carrier
-                    raise Drop(R_SESSION)
-                session.open(msg, nonce)
-            elif mtype == T_HELLO:
-                self.on_hello(msg, key, now, carrier)
-                return
-            elif sid in self.acceptor.pending:
-                session = self.acceptor.confirm(sid, msg, nonce)
-                if carrier is not None:
-                    session.peer = key          # a session over TCP is its connection's
-                self.new_session(session, now, carrier)
-            else:
-                self.refuse(R_SESSION, carrier)
-                if carrier is None:
-                    stale = self.acceptor.answer_unknown(msg, sid, nonce, key, now)
-                    if stale is not None:
-                        self.send_to(stale, key)
-                return
-        except Drop as exc:
-            self.refuse(exc.reason, carrier)
+        session = got.session
+        if session is None:                 # a HELLO, answered
+            if carrier is not None:
+                self.tcp_peers[carrier].hello = True
             return
         self.heard = now
-        if key != session.peer:
-            self.new_address(session, key, msg, now)
+        if got.event == NEW:
+            self.new_session(session, got.old, now, carrier)
+        elif got.event == MOVED:
+            self.log.info("tunnel %s: exposer moved from %s to %s", self.name,
+                          format_peer(got.old), format_peer(session.peer))
+            self.counters["roams"] += 1
+        elif got.event == ENDED:
+            self.log.info("tunnel %s: the exposer at %s said goodbye", self.name,
+                          format_peer(session.peer))
+            self.end_session()
+            return
         if self.restored:
             # A restored session lives on memory a dead process left: ask the exposer
             # for a new handshake.
             self.restored = False
-            self.send_to(self.acceptor.stale(sid, nonce), session.peer)
-        if mtype == T_DATA:
-            slot = self.table.slot_of_tag(tag)
-            body = len(msg) - HEADER_SIZE - (MAC_SIZE if self.keyed else 0)
-            if slot is None:
-                self.drop(R_UNKNOWN_TAG)
-                self.tell_exposer(T_CLOSE, tag, REASON.pack(CLOSE_REFUSED))
-                return
-            self.table.touch(slot, now, body, outward=True)
-            if not self.to_clients.room(body):
-                self.flush_clients()
-            if carrier is None:
-                self.to_clients.add_from(self.reg_batch, start + HEADER_SIZE, body,
-                                         self.table.key_of(slot))
-            else:
-                self.to_clients.add(memoryview(msg)[HEADER_SIZE:HEADER_SIZE + body],
-                                    self.table.key_of(slot))
-            self.counters["datagrams_out"] += 1
-            self.counters["bytes_out"] += body
-        elif mtype == T_KEEPALIVE:
-            flags, stamp, _echo = KEEPALIVE.unpack_from(msg, HEADER_SIZE)
-            if flags & KEEPALIVE_REPLY:
-                self.tell_exposer(T_KEEPALIVE, 0, KEEPALIVE.pack(0, 0, stamp))
-        elif mtype == T_CLOSE:
-            slot = self.table.slot_of_tag(tag)
-            if slot is not None:
-                self.table.remove(slot)
+            self.send_to(self.endpoint.acceptor.stale(session.local_id, got.nonce),
+                         session.peer)
+        if got.mtype == T_DATA:
+            self.to_client(msg, got.tag, now, start, carrier)
+        elif got.mtype == T_CLOSE:
+            if self.flows.forget(got.tag):
                 self.counters["closed"] += 1
-                self.log.debug("tunnel %s: the exposer closed flow %d", self.name, tag)
-        elif mtype == T_BYE:
-            self.log.info("tunnel %s: the exposer at %s said goodbye", self.name,
-                          format_peer(session.peer))
-            self.end_session()
-        # Handshake types under a session key are not sent by exposers: ignore them.
+                self.log.debug("tunnel %s: the exposer closed flow %d", self.name, got.tag)
+
+    def to_client(self, msg, tag, now, start, carrier):
+        slot = self.table.slot_of_tag(tag)
+        body = len(msg) - HEADER_SIZE - (MAC_SIZE if self.keyed else 0)
+        if slot is None:
+            self.drop(R_UNKNOWN_TAG)
+            self.tell_exposer(T_CLOSE, tag, REASON.pack(CLOSE_REFUSED))
+            return
+        self.table.touch(slot, now, body, outward=True)
+        if carrier is None:
+            self.to_clients.add_from(self.reg_batch, start + HEADER_SIZE, body,
+                                     self.table.key_of(slot))
+        else:
+            self.to_clients.add(memoryview(msg)[HEADER_SIZE:HEADER_SIZE + body],
+                                self.table.key_of(slot))
+        self.counters["datagrams_out"] += 1
+        self.counters["bytes_out"] += body
 
     def refuse(self, reason, carrier):
         """Count a refused message; on a TCP connection it also ends the connection, since
@@ -596,33 +516,9 @@ class RelayWorker(Worker):
         if carrier is not None:
             carrier.close(f"a message refused ({reason})")
 
-    def new_address(self, session, key, msg, now):
-        """An authentic, fresh message of the exposer's session from an address that is
-        not the session's: the session moves there once the address answers a challenge."""
-        old = session.peer
-        moved, challenge = session.from_address(key, msg, now)
-        if moved:
-            self.log.info("tunnel %s: exposer moved from %s to %s", self.name,
-                          format_peer(old), format_peer(key))
-            self.counters["roams"] += 1
-        elif challenge is not None:
-            self.log.debug("tunnel %s: the exposer's session heard from %s; challenging it",
-                           self.name, format_peer(key))
-            self.send_to(challenge, key)
-
-    def on_hello(self, msg, key, now, carrier=None):
-        taken = (self.session.local_id,) if self.session is not None else ()
-        welcome, _pending = self.acceptor.hello(msg, key, now, taken, self.epoch)
-        if carrier is None:
-            self.send_to(welcome, key)
-        else:
-            self.tcp_peers[carrier].hello = True
-            carrier.send(welcome)
-
-    def new_session(self, session, now, carrier=None):
-        old, old_carrier = self.session, self.carrier
+    def new_session(self, session, old, now, carrier=None):
+        old_carrier = self.carrier
         key = session.peer
-        self.session = session
         self.carrier = carrier
         self.restored = False
         self.registered = self.heard = now     # before write_state() below reports them
@@ -643,7 +539,7 @@ class RelayWorker(Worker):
         self.note_nonces()
 
     def end_session(self):
-        self.session = None
+        self.endpoint.end_all()
         if self.carrier is not None:
             carrier, self.carrier = self.carrier, None
             carrier.flush()
@@ -666,11 +562,13 @@ class RelayWorker(Worker):
             self.make_room(source_of(peer))
             carrier = TcpCarrier(sock, self.poller, self.on_tcp_message, self.on_tcp_closed)
             self.tcp_peers[carrier] = Waiting(carrier, peer, time.monotonic())
+            carrier.on_readable()       # its HELLO, if here already, before the next one
 
     def make_room(self, source):
         """Before a new TCP connection from `source` joins those not yet registered."""
         waiting = [w for c, w in self.tcp_peers.items() if c is not self.carrier]
-        oldest = to_make_room(waiting, source, TCP_WAITING_PER_SOURCE, TCP_WAITING)
+        oldest = to_make_room(waiting, source, TCP_WAITING_PER_SOURCE, TCP_WAITING,
+                              time.monotonic())
         if oldest is not None:
             self.drop(R_TCP_FULL)
             oldest.carrier.close("closed for a newer connection")
@@ -682,13 +580,11 @@ class RelayWorker(Worker):
 
     def on_tcp_closed(self, carrier, why):
         waiting = self.tcp_peers.pop(carrier, None)
-        for reason, n in carrier.drops.items():
-            self.drop(reason, n)
-        carrier.drops.clear()
+        self.drops.take(carrier.drops)
         if carrier is self.carrier:
             self.carrier = None
             if self.session is not None:
-                self.session = None
+                self.endpoint.end_all()
                 self.log.info("tunnel %s: the exposer's TCP connection from %s ended (%s)",
                               self.name, format_peer(waiting.peer) if waiting else "?", why)
 
@@ -705,26 +601,11 @@ class RelayWorker(Worker):
             self.send_to(msg, session.peer)
 
     def send_to(self, msg, key):
-        if not self.to_exposer.room(len(msg)):
-            self.flush_exposer()
         self.to_exposer.add(msg, key)
 
-    def flush_exposer(self):
-        if len(self.to_exposer):
-            self.flush(self.to_exposer, self.register)
-
-    def flush_clients(self):
-        if len(self.to_clients):
-            self.flush(self.to_clients, self.public)
-
-    def flush(self, outbox, sock):
-        """Send what an outbox holds; first the record learns of every nonce received
-        and sent so far, so that nothing leaves that a successor could repeat."""
-        self.note_nonces()
-        outbox.flush(sock)
-        self.count_send_drops(outbox)
-
     def note_nonces(self):
+        """Before anything leaves: the record learns of every nonce received and sent so
+        far, so that nothing leaves that a successor could repeat."""
         session = self.session
         if session is None or self.carrier is not None:
             return
@@ -743,14 +624,9 @@ class RelayWorker(Worker):
             words[2] = reserved
         self.recorded = (session.local_id, session.window.top, reserved)
 
-    def count_send_drops(self, outbox):
-        if outbox.drops:
-            self.drop(R_SEND, sum(outbox.drops.values()))
-            outbox.drops.clear()
-
     def after_events(self):
-        self.flush_exposer()
-        self.flush_clients()
+        self.to_exposer.flush()
+        self.to_clients.flush()
         for carrier in list(self.tcp_peers):
             carrier.flush()
 
@@ -760,12 +636,8 @@ class RelayWorker(Worker):
         return now - self.heard > self.config.exposer_timeout
 
     def tick(self, now):
-        for key, tag in self.table.expire(now, self.config.flow_idle):
-            self.counters["expired"] += 1
-            self.tell_exposer(T_CLOSE, tag, REASON.pack(CLOSE_IDLE))
-            self.log.debug("tunnel %s: flow %d (%s) idle; closed", self.name, tag,
-                           format_peer(key))
-        self.acceptor.expire(now)
+        self.flows.expire(now, self.config.flow_idle)
+        self.endpoint.tick(now)
         if self.session is not None and self.down(now):
             self.log.warning("tunnel %s: no word from the exposer at %s for %d s; the tunnel "
                              "is down until it registers again", self.name,
@@ -775,13 +647,11 @@ class RelayWorker(Worker):
             if carrier is not self.carrier and now - waiting.since > TCP_HANDSHAKE:
                 self.drop(R_TCP_SILENT)
                 carrier.close(f"no registration within {TCP_HANDSHAKE:.0f} s")
-            for reason, n in carrier.drops.items():
-                self.drop(reason, n)
-            carrier.drops.clear()
+            self.drops.take(carrier.drops)
         self.after_events()
         self.table.sync()
         self.write_state(now)
-        self.drop_log.maybe_log(now)
+        self.drops.tick(now)
 
     def write_state(self, now):
         session = self.session
@@ -802,7 +672,7 @@ class RelayWorker(Worker):
         self.state.write_json({
             "pid": os.getpid(),
             "counters": self.counters,
-            "drops": self.drops,
+            "drops": self.drops.counts,
             "flows_now": len(self.table),
             "exposer": None if session is None else {
                 "address": format_peer(session.peer),
@@ -819,7 +689,7 @@ class RelayWorker(Worker):
         # registers again as soon as a relay answers.
         if final and self.session is not None:
             self.tell_exposer(T_BYE, 0, REASON.pack(CLOSE_SHUTDOWN))
-            self.flush_exposer()
+            self.to_exposer.flush()
             self.end_session()
         self.alive = False
 

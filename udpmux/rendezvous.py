@@ -33,22 +33,17 @@ import time
 
 from udpmux import wire
 from udpmux.addr import format_peer
-from udpmux.batchio import Batch, Outbox, recv_into
-from udpmux.log import DropLog, Every
-from udpmux.session import R_SESSION, Acceptor, Drop, observed_fields, responder_name
+from udpmux.batchio import Batch
+from udpmux.datapath import BATCH, Drops, Sender, batches
+from udpmux.endpoint import ENDED, MOVED, NEW, Responder
+from udpmux.reasons import R_FULL, R_NAME, R_NO_PARTNER, R_TOO_LARGE
+from udpmux.session import observed_fields
 from udpmux.shm import DEFAULT_SIZE
 from udpmux.worker import Worker
 from udpmux.wire import (
-    KEEPALIVE, KEEPALIVE_REPLY, PATH, PATH_DIRECT, PATH_RELAYED, PEER, RENDEZVOUS_NAME_MAX,
-    SIDE_FORWARD, SIDE_LISTEN, T_BYE, T_CLOSE, T_DATA, T_HELLO, T_KEEPALIVE, T_PATH,
-    T_RENDEZVOUS, Malformed, parse_header,
+    PATH, PATH_DIRECT, PATH_RELAYED, PEER, RENDEZVOUS_NAME_MAX, SIDE_FORWARD, SIDE_LISTEN,
+    T_CLOSE, T_DATA, T_PATH, T_RENDEZVOUS,
 )
-
-BATCH = 64
-
-R_FULL = "full"                 # a peer beyond max_flows: its handshake is not answered
-R_NO_PARTNER = "no-partner"     # data from a peer whose partner has not registered
-R_NAME = "name"                 # a RENDEZVOUS whose side or name cannot be right
 
 PATH_NAMES = {PATH_DIRECT: "direct", PATH_RELAYED: "relayed"}
 
@@ -101,103 +96,75 @@ class RendezvousWorker(Worker):
         self.keyed = self.config.key is not None
 
     def setup(self):
-        self.acceptor = Acceptor(self.config.key, [wire.ROLE_PUNCH],
-                                 responder_name(self.config.key, self.name))
+        self.endpoint = Responder(self.config.key, [wire.ROLE_PUNCH], name=self.name,
+                                  single=False, stale=True)
         self.peers = {}                 # our session id -> Peer
         self.names = {}                 # (name, side) -> Peer
         self.pairs = 0
         self.counters = dict.fromkeys(("sessions", "pairs", "relayed", "relayed_bytes"), 0)
-        self.drops = {}
-        self.drop_log = DropLog(self.log, f"tunnel {self.name}", 60.0)
-        self.every = Every(60.0)
+        self.drops = self.drop = Drops(self.log, f"tunnel {self.name}")
         self.batch = Batch(BATCH)
-        self.outbox = Outbox(2 * BATCH)
+        self.sender = Sender(self.sock, self.drops)
         self.poller.register(self.sock, self.on_udp)
 
-    def drop(self, reason, n=1):
-        self.drops[reason] = self.drops.get(reason, 0) + n
-        self.drop_log.count(reason, n)
-
     def send(self, msg, key):
-        if not self.outbox.room(len(msg)):
-            self.flush()
-        self.outbox.add(msg, key)
-
-    def flush(self):
-        if len(self.outbox):
-            self.outbox.flush(self.sock)
-            if self.outbox.drops:
-                self.drop("send", sum(self.outbox.drops.values()))
-                self.outbox.drops.clear()
+        self.sender.add(msg, key)
 
     def after_events(self):
-        self.flush()
+        self.sender.flush()
 
     # -- messages
 
     def on_udp(self):
         batch = self.batch
-        for _ in range(8):
-            n = recv_into(self.sock, batch, 0)
-            if not n:
-                break
+        for n in batches(self.sock, batch, self.drops):
             now = time.monotonic()
             view, lengths, keys, starts = batch.view, batch.lengths, batch.keys, batch.starts
             for i in range(n):
                 if lengths[i] > batch.capacity:
-                    self.drop(wire.R_TOO_LARGE)
+                    self.drop(R_TOO_LARGE)
                     continue
                 start = starts[i]
                 self.on_message(bytes(view[start:start + lengths[i]]), keys[i], now)
-            self.flush()
-            if n < batch.count:
-                break
+            self.sender.flush()
+
+    def full(self, _key):
+        """A HELLO when max_flows agents are registered already is not answered."""
+        return R_FULL if len(self.peers) >= self.config.max_flows else None
 
     def on_message(self, msg, key, now):
-        try:
-            mtype, sid, tag, nonce = parse_header(msg, self.keyed)
-            peer = self.peers.get(sid)
-            if peer is not None:
-                peer.session.open(msg, nonce)
-            elif mtype == T_HELLO:
-                if len(self.peers) >= self.config.max_flows:
-                    raise Drop(R_FULL)
-                welcome, _pending = self.acceptor.hello(msg, key, now, self.peers.keys())
-                self.send(welcome, key)
-                return
-            elif sid in self.acceptor.pending:
-                session = self.acceptor.confirm(sid, msg, nonce)
-                peer = self.peers[session.local_id] = Peer(session, now)
-                self.counters["sessions"] += 1
-                self.log.debug("tunnel %s: a punch peer registered from %s", self.name,
-                               format_peer(session.peer))
-            else:
-                self.drop(R_SESSION)
-                stale = self.acceptor.answer_unknown(msg, sid, nonce, key, now)
-                if stale is not None:
-                    self.send(stale, key)
-                return
-        except (Malformed, Drop) as exc:
-            self.drop(exc.reason)
+        got = self.endpoint.receive(msg, key, now, admit=self.full)
+        for reply, to in got.replies:
+            self.send(reply, to)
+        if got.reason is not None:
+            self.drop(got.reason)
             return
+        session = got.session
+        if session is None:                 # a HELLO, answered
+            return
+        if got.event == NEW:
+            self.peers[session.local_id] = Peer(session, now)
+            self.counters["sessions"] += 1
+            self.log.debug("tunnel %s: a punch peer registered from %s", self.name,
+                           format_peer(session.peer))
+        peer = self.peers[session.local_id]
         peer.heard = now
-        if key != peer.key:
-            old = peer.key
-            moved, challenge = peer.session.from_address(key, msg, now)
-            if moved:
-                self.log.info("tunnel %s: peer %s moved from %s to %s", self.name,
-                              peer.name or "?", format_peer(old), format_peer(key))
-                if peer.partner is not None:
-                    self.tell_peer(peer.partner, peer)
-            elif challenge is not None:
-                self.send(challenge, key)
+        if got.event == MOVED:
+            self.log.info("tunnel %s: peer %s moved from %s to %s", self.name,
+                          peer.name or "?", format_peer(got.old), format_peer(peer.key))
+            if peer.partner is not None:
+                self.tell_peer(peer.partner, peer)
+        elif got.event == ENDED:
+            self.forget(peer, "said goodbye")
+            return
+        mtype = got.mtype
         body = msg[wire.HEADER_SIZE:len(msg) - (wire.MAC_SIZE if self.keyed else 0)]
         if mtype in (T_DATA, T_CLOSE):
             partner = peer.partner
             if partner is None:
                 self.drop(R_NO_PARTNER)
                 return
-            self.send(partner.session.seal(mtype, tag, body), partner.key)
+            self.send(partner.session.seal(mtype, got.tag, body), partner.key)
             if mtype == T_DATA:
                 peer.relayed += 1
                 peer.relayed_bytes += len(body)
@@ -211,13 +178,6 @@ class RendezvousWorker(Worker):
                 peer.path = path
                 self.log.debug("tunnel %s: pair %s goes %s", self.name, peer.name,
                                PATH_NAMES[path])
-        elif mtype == T_KEEPALIVE:
-            flags, stamp, _echo = KEEPALIVE.unpack(body)
-            if flags & KEEPALIVE_REPLY:
-                self.send(peer.session.seal(T_KEEPALIVE, 0, KEEPALIVE.pack(0, 0, stamp)),
-                          peer.key)
-        elif mtype == T_BYE:
-            self.forget(peer, "said goodbye")
 
     def register(self, peer, body, now):
         side = body[0]
@@ -273,6 +233,7 @@ class RendezvousWorker(Worker):
         if peer.name is not None and self.names.get((peer.name, peer.side)) is peer:
             del self.names[(peer.name, peer.side)]
         self.peers.pop(peer.session.local_id, None)
+        self.endpoint.end(peer.session)
         self.log.debug("tunnel %s: peer %s at %s %s", self.name, peer.name or "?",
                        format_peer(peer.key), why)
 
@@ -282,10 +243,10 @@ class RendezvousWorker(Worker):
         for peer in list(self.peers.values()):
             if now - peer.heard > self.config.flow_idle:
                 self.forget(peer, f"silent for {now - peer.heard:.0f} s")
-        self.acceptor.expire(now)
-        self.flush()
+        self.endpoint.tick(now)
+        self.sender.flush()
         self.write_state(now)
-        self.drop_log.maybe_log(now)
+        self.drops.tick(now)
 
     def write_state(self, now):
         pairs = []
@@ -312,7 +273,7 @@ class RendezvousWorker(Worker):
                          "datagrams_out": self.counters["relayed"],
                          "bytes_in": self.counters["relayed_bytes"],
                          "bytes_out": self.counters["relayed_bytes"]},
-            "drops": self.drops,
+            "drops": self.drops.counts,
             "peers": len(self.peers),
             "pairs": sorted(pairs, key=lambda p: p["name"]),
             "exposer": None,
@@ -321,9 +282,9 @@ class RendezvousWorker(Worker):
     def on_stop(self, final):
         if final:
             for peer in self.peers.values():
-                self.send(peer.session.seal(T_BYE, 0, wire.REASON.pack(wire.CLOSE_SHUTDOWN)),
-                          peer.key)
-            self.flush()
+                self.send(peer.session.seal(wire.T_BYE, 0,
+                                            wire.REASON.pack(wire.CLOSE_SHUTDOWN)), peer.key)
+            self.sender.flush()
         self.alive = False
 
     def on_exit(self):

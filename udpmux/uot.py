@@ -37,45 +37,40 @@ How we name things:
 import errno
 import socket
 import time
-from collections import OrderedDict, deque
 
 from udpmux import addr, wire
 from udpmux.auth import read_key
-from udpmux.batchio import Batch, Outbox, recv_into
+from udpmux.batchio import Batch
 from udpmux.carrier import Dialer, TcpCarrier
 from udpmux.config import UOT_SETTINGS, option_values
+from udpmux.datapath import BATCH, Drops, Sender, batches
+from udpmux.endpoint import (
+    ENDED, KEEPALIVE_EVERY, LOST, NEW, UP, Initiator, Responder, dead_after,
+)
 from udpmux.errors import EXIT_NOPERM, EXIT_OSERR, Fatal, UsageError
+from udpmux.flows import ClientFlows, ServiceFlows
 from udpmux.limits import raise_open_files, source_of, to_make_room
-from udpmux.log import DropLog, Every, setup as setup_log
-from udpmux.session import Acceptor, Drop, Initiator
+from udpmux.log import Every, setup as setup_log
+from udpmux.reasons import (
+    R_NO_CONNECTION, R_SESSION, R_TARGET, R_TCP_FULL, R_TOO_LARGE, R_UNEXPECTED,
+    R_UNKNOWN_TAG,
+)
+from udpmux.session import Acceptor
 from udpmux.tagtable import TagTable
 from udpmux.worker import Worker
 from udpmux.wire import (
-    CLOSE_EVICTED, CLOSE_IDLE, CLOSE_SHUTDOWN, HEADER_SIZE, KEEPALIVE, KEEPALIVE_REPLY,
-    MAC_SIZE, MAX_UDP_PAYLOAD, REASON, T_BYE, T_CLOSE, T_DATA, T_HELLO, T_KEEPALIVE,
-    T_WELCOME, Malformed, parse_header,
+    CLOSE_SHUTDOWN, HEADER_SIZE, MAC_SIZE, MAX_UDP_PAYLOAD, REASON, T_BYE, T_CLOSE, T_DATA,
+    T_HELLO, Malformed, parse_header,
 )
 
 HANDSHAKE_TIMEOUT = 5.0         # seconds a new connection has to finish its handshake
 HANDSHAKING = 16                # connections at once that have not finished their handshake
 HANDSHAKING_PER_SOURCE = 4      # ... from one source (IPv4 address, IPv6 /64)
-KEEPALIVE_EVERY = 15.0          # seconds between the client's keepalives when idle
-DEAD_AFTER = 3                  # keepalive intervals without a word: the connection is dead
+DEAD_AFTER = dead_after(KEEPALIVE_EVERY)     # seconds without a word: the connection is dead
 CONNECT_TIMEOUT = 10.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
-TARGET_QUEUE = 256              # datagrams a flow may have waiting for its target socket
-SERVICE_DRAIN = 64              # datagrams read from one target socket per wake-up
-BATCH = 64
 SOCKET_BUFFER = 4 * 1024 * 1024
-
-R_TOO_LARGE = wire.R_TOO_LARGE
-R_QUEUE = "queue"               # the oldest datagram of a full per-flow queue
-R_TARGET = "target"             # the target refused a datagram (not running: ICMP)
-R_NO_CONNECTION = "no-connection"   # a local datagram while the client is not connected
-R_UNKNOWN_TAG = "unknown-tag"   # data from the server for a flow the client no longer has
-R_TCP_FULL = "tcp-full"         # a connection closed for a newer one, or beyond max_clients
-R_RECEIVE = "receive"           # receiving on the client's UDP socket failed (ICMP, mostly)
 
 
 def _tcp_listen(endpoint, what):
@@ -112,34 +107,25 @@ def _udp_bind(endpoint, what):
 
 # -- the server
 
-class TargetFlow:
-    """One flow at the server: a UDP socket connected to the target."""
-
-    __slots__ = ("client", "tag", "sock", "seen", "queue")
-
-    def __init__(self, client, tag, sock, seen):
-        self.client = client
-        self.tag = tag
-        self.sock = sock
-        self.seen = seen
-        self.queue = deque()            # datagrams the socket could not take yet
-
-
 class Client:
-    """One connection at the server."""
+    """One connection at the server, with its session (a responder of its own, sharing
+    the server's Acceptor and its bounds)."""
 
-    def __init__(self, carrier, peer, now):
+    def __init__(self, carrier, peer, now, acceptor):
         self.carrier = carrier
         self.peer = peer                # its address, as a peer key
         self.source = source_of(peer)
         self.hello = False              # it sent a HELLO that verified and was new
         self.name = addr.format_peer(peer)
         self.since = now
-        self.session = None
-        self.pending = None             # the session id welcomed, not yet confirmed
+        self.endpoint = Responder(acceptor.psk, (), acceptor=acceptor)
         self.heard = now
-        self.flows = {}                 # tag -> TargetFlow
+        self.tags = set()               # its flows
         self.ended = None               # why the server ended it, for the log
+
+    @property
+    def session(self):
+        return self.endpoint.session
 
 
 class UotServer(Worker):
@@ -157,19 +143,14 @@ class UotServer(Worker):
     def setup(self):
         self.acceptor = Acceptor(self.key, [wire.ROLE_UOT])
         self.clients = {}               # carrier -> Client
-        self.lru = OrderedDict()        # (client, tag) -> TargetFlow, idlest first
-        self.drops = {}
-        self.drop_log = DropLog(self.log, "uot-server", 60.0)
+        self.drops = self.drop = Drops(self.log, "uot-server")
         self.every = Every(60.0)
-        self.buf = bytearray(HEADER_SIZE + MAX_UDP_PAYLOAD + MAC_SIZE + 1)
-        self.view = memoryview(self.buf)
+        self.flows = ServiceFlows(self.poller, self.target, self.max_flows, self.drops,
+                                  self.log, self.from_target, self.flow_closed, R_TARGET,
+                                  MAX_UDP_PAYLOAD)
         self.poller.register(self.listener, self.on_accept)
         self.log.info("carrying UDP for %s over TCP at %s", addr.format_endpoint(*self.target),
                       addr.format_endpoint(self.listener.family, self.listener.getsockname()))
-
-    def drop(self, reason, n=1):
-        self.drops[reason] = self.drops.get(reason, 0) + n
-        self.drop_log.count(reason, n)
 
     # -- connections
 
@@ -187,13 +168,15 @@ class UotServer(Worker):
             # cannot take the places of clients that hold the key.
             peer = addr.peer_key(sock.family, sockaddr)
             waiting = [c for c in self.clients.values() if c.session is None]
-            oldest = to_make_room(waiting, source_of(peer), HANDSHAKING_PER_SOURCE, HANDSHAKING)
+            oldest = to_make_room(waiting, source_of(peer), HANDSHAKING_PER_SOURCE, HANDSHAKING,
+                                  time.monotonic())
             if oldest is not None:
                 self.end(oldest, "closed for a newer connection", R_TCP_FULL)
             carrier = TcpCarrier(sock, self.poller, self.on_message, self.on_closed)
-            client = Client(carrier, peer, time.monotonic())
+            client = Client(carrier, peer, time.monotonic(), self.acceptor)
             self.clients[carrier] = client
             self.log.debug("connection from %s", client.name)
+            carrier.on_readable()       # its HELLO, if here already, before the next one
 
     def end(self, client, why, reason=None):
         """End a connection because of what it sent: counted, and logged (at most a line
@@ -207,11 +190,9 @@ class UotServer(Worker):
         client = self.clients.pop(carrier, None)
         if client is None:
             return
-        for reason, n in carrier.drops.items():
-            self.drop(reason, n)
-        carrier.drops.clear()
-        for flow in list(client.flows.values()):
-            self.close_flow(flow)
+        self.drops.take(carrier.drops)
+        for tag in client.tags:
+            self.flows.close((client, tag))
         if client.ended is not None:
             if self.every(client.ended, time.monotonic()):
                 self.log.warning("client %s: %s; its connection is closed", client.name, why)
@@ -228,156 +209,77 @@ class UotServer(Worker):
         if client is None:
             return
         now = time.monotonic()
-        try:
-            mtype, sid, tag, nonce = parse_header(msg, self.keyed)
-            session = client.session
-            if session is None:
-                session = self.handshake(client, msg, mtype, sid, nonce, now)
-                if session is None:
-                    return
-            elif sid != session.local_id:
-                raise Drop("session")
-            else:
-                session.open(msg, nonce)
-        except (Malformed, Drop) as exc:
-            self.end(client, f"a message refused ({exc.reason})", exc.reason)
+        if client.session is None:
+            # A connection is one handshake: first its HELLO, then the first message of
+            # that session; anything else, a second HELLO too, ends it.
+            try:
+                is_hello = parse_header(msg, self.keyed)[0] == T_HELLO
+            except Malformed as exc:
+                self.end(client, f"a message refused ({exc.reason})", exc.reason)
+                return
+            if is_hello == client.hello:
+                self.end(client, f"a message refused ({R_UNEXPECTED})", R_UNEXPECTED)
+                return
+        got = client.endpoint.receive(msg, client.peer, now)
+        if got.reason is not None:
+            reason = R_UNEXPECTED if got.reason == R_SESSION and not client.session \
+                else got.reason
+            self.end(client, f"a message refused ({reason})", reason)
+            return
+        for reply, _to in got.replies:
+            carrier.send(reply)
+        if got.session is None:             # its HELLO, answered
+            client.hello = True
             return
         client.heard = now
-        if mtype == T_DATA:
-            self.to_target(client, tag, memoryview(msg)[HEADER_SIZE:len(msg) - self.trailer()],
-                           now)
-        elif mtype == T_CLOSE:
-            flow = client.flows.get(tag)
-            if flow is not None:
-                self.close_flow(flow)
-        elif mtype == T_KEEPALIVE:
-            flags, stamp, _echo = KEEPALIVE.unpack_from(msg, HEADER_SIZE)
-            if flags & KEEPALIVE_REPLY:
-                carrier.send(session.seal(T_KEEPALIVE, 0, KEEPALIVE.pack(0, 0, stamp)))
-        elif mtype == T_BYE:
+        if got.event == NEW:
+            established = sum(1 for c in self.clients.values() if c.session is not None)
+            if established > self.max_clients:
+                self.end(client, f"max_clients ({self.max_clients}) already connected",
+                         R_TCP_FULL)
+                return
+            self.log.info("client %s: connected", client.name)
+        elif got.event == ENDED:
             carrier.close("the client said goodbye")
+        elif got.mtype == T_DATA:
+            self.to_target(client, got.tag,
+                           memoryview(msg)[HEADER_SIZE:len(msg) - self.trailer()], now)
+        elif got.mtype == T_CLOSE:
+            if self.flows.close((client, got.tag)) is not None:
+                client.tags.discard(got.tag)
+                client.carrier.forget(got.tag)
 
     def trailer(self):
         return MAC_SIZE if self.keyed else 0
 
-    def handshake(self, client, msg, mtype, sid, nonce, now):
-        """HELLO, then the first message of the session; returns the session once
-        confirmed.  Anything else ends the connection (Drop)."""
-        if client.pending is None:
-            if mtype != T_HELLO:
-                raise Drop("unexpected")
-            welcome, pending = self.acceptor.hello(msg, client.peer, now,
-                                                   taken=(), epoch=0)
-            client.pending = pending.local_id
-            client.hello = True
-            client.carrier.send(welcome)
-            return None
-        if sid != client.pending:
-            raise Drop("unexpected")
-        session = self.acceptor.confirm(sid, msg, nonce)
-        if len(self.clients) - sum(1 for c in self.clients.values() if c.session is None) \
-                >= self.max_clients:
-            self.end(client, f"max_clients ({self.max_clients}) already connected", R_TCP_FULL)
-            return None
-        client.session = session
-        self.log.info("client %s: connected", client.name)
-        return session
-
     # -- flows
 
     def to_target(self, client, tag, body, now):
-        flow = client.flows.get(tag)
+        key = (client, tag)
+        flow = self.flows.get(key)
         if flow is None:
-            flow = self.open_flow(client, tag, now)
+            flow = self.flows.open(key, tag, now, owner=client)
             if flow is None:
                 return
-        else:
-            self.lru.move_to_end((client, tag))
-        flow.seen = now
-        if flow.queue:
-            self.queue(flow, bytes(body))
-            return
-        try:
-            flow.sock.send(body)
-        except BlockingIOError:
-            self.queue(flow, bytes(body))
-            self.poller.want_write(flow.sock, True)
-        except ConnectionRefusedError:
-            self.drop(R_TARGET)
-        except OSError:
-            self.drop(R_TARGET)
+            client.tags.add(tag)
+            self.log.debug("client %s: flow %d opened", client.name, tag)
+        self.flows.send(flow, body, now)
 
-    def queue(self, flow, data):
-        if len(flow.queue) >= TARGET_QUEUE:
-            flow.queue.popleft()
-            self.drop(R_QUEUE)
-        flow.queue.append(data)
-
-    def on_target_writable(self, flow):
-        while flow.queue:
-            try:
-                flow.sock.send(flow.queue[0])
-            except BlockingIOError:
-                return
-            except OSError:
-                self.drop(R_TARGET)
-            flow.queue.popleft()
-        self.poller.want_write(flow.sock, False)
-
-    def open_flow(self, client, tag, now):
-        if len(self.lru) >= self.max_flows:
-            _key, old = self.lru.popitem(last=False)
-            self.close_flow(old, tell=CLOSE_EVICTED)
-        family, sockaddr = self.target
-        try:
-            sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            sock.connect(sockaddr)
-        except OSError as exc:
-            if self.every("socket", now):
-                self.log.error("cannot open a socket to the target: %s", exc.strerror)
-            self.drop(R_TARGET)
-            return None
-        sock.setblocking(False)
-        flow = TargetFlow(client, tag, sock, now)
-        client.flows[tag] = flow
-        self.lru[(client, tag)] = flow
-        self.poller.register(sock, lambda: self.from_target(flow),
-                             lambda: self.on_target_writable(flow))
-        self.log.debug("client %s: flow %d opened", client.name, tag)
-        return flow
-
-    def close_flow(self, flow, tell=None):
-        client = flow.client
-        client.flows.pop(flow.tag, None)
-        self.lru.pop((client, flow.tag), None)
-        client.carrier.forget(flow.tag)
-        self.poller.unregister(flow.sock)
-        flow.sock.close()
-        if tell is not None and client.session is not None:
-            client.carrier.send(client.session.seal(T_CLOSE, flow.tag, REASON.pack(tell)))
-
-    def from_target(self, flow):
-        client = flow.client
+    def from_target(self, flow, buf, size):
+        client = flow.owner
         session = client.session
-        body = self.view[HEADER_SIZE:HEADER_SIZE + MAX_UDP_PAYLOAD + 1]
-        for _ in range(SERVICE_DRAIN):
-            try:
-                size = flow.sock.recv_into(body, len(body), socket.MSG_TRUNC)
-            except BlockingIOError:
-                break
-            except ConnectionRefusedError:
-                self.drop(R_TARGET)
-                continue
-            except OSError:
-                break
-            if size > MAX_UDP_PAYLOAD:
-                self.drop(R_TOO_LARGE)
-                continue
-            flow.seen = time.monotonic()
-            length = session.seal_into(self.buf, 0, size, T_DATA, flow.tag)
-            client.carrier.send(bytes(self.view[:length]), flow.tag)
-        if (client, flow.tag) in self.lru:
-            self.lru.move_to_end((client, flow.tag))
+        if session is None:
+            return
+        length = session.seal_into(buf, 0, size, T_DATA, flow.tag)
+        client.carrier.send(bytes(self.flows.view[:length]), flow.tag)
+
+    def flow_closed(self, flow, reason):
+        """A flow ended here (idle, or evicted): the client is told."""
+        client = flow.owner
+        client.tags.discard(flow.tag)
+        client.carrier.forget(flow.tag)
+        if client.session is not None:
+            client.carrier.send(client.session.seal(T_CLOSE, flow.tag, REASON.pack(reason)))
 
     # -- housekeeping
 
@@ -389,20 +291,14 @@ class UotServer(Worker):
         for client in list(self.clients.values()):
             if client.session is None and now - client.since > HANDSHAKE_TIMEOUT:
                 self.end(client, "no handshake within %d s" % HANDSHAKE_TIMEOUT)
-            elif client.session is not None and now - client.heard > DEAD_AFTER * KEEPALIVE_EVERY:
+            elif client.session is not None and now - client.heard > DEAD_AFTER:
                 self.end(client, f"no word for {now - client.heard:.0f} s")
-        while self.lru:
-            (_client, _tag), flow = next(iter(self.lru.items()))
-            if now - flow.seen <= self.flow_idle:
-                break
-            self.close_flow(flow, tell=CLOSE_IDLE)
+        self.flows.expire(now, self.flow_idle)
         self.acceptor.expire(now)
         for carrier in self.clients:
-            for reason, n in carrier.drops.items():
-                self.drop(reason, n)
-            carrier.drops.clear()
+            self.drops.take(carrier.drops)
         self.after_events()
-        self.drop_log.maybe_log(now)
+        self.drops.tick(now)
 
     def on_stop(self, final):
         for client in list(self.clients.values()):
@@ -430,107 +326,84 @@ class UotClient(Worker):
         self.max_flows = max_flows
 
     def setup(self):
-        now = time.monotonic()
         self.table = TagTable(self.max_flows)
         self.table.attach()
-        self.initiator = Initiator(self.key, wire.ROLE_UOT)
-        self.session = None
+        self.flows = ClientFlows(self.table, self.flow_closed)
+        self.endpoint = Initiator(self.key, wire.ROLE_UOT, repeat=False)
         self.carrier = None
         self.dialer = Dialer(self.server, self.poller, self.on_connected, self.log,
                              "the uot-server", BACKOFF_FIRST, BACKOFF_MAX, CONNECT_TIMEOUT)
-        self.heard = now
-        self.sent = now
-        self.drops = {}
-        self.drop_log = DropLog(self.log, "uot-client", 60.0)
+        self.drops = self.drop = Drops(self.log, "uot-client")
         self.batch = Batch(BATCH)
-        self.outbox = Outbox(2 * BATCH)
+        self.sender = Sender(self.udp, self.drops)
         self.poller.register(self.udp, self.on_udp)
         self.log.info("carrying UDP from %s over TCP to %s",
                       addr.format_endpoint(self.udp.family, self.udp.getsockname()),
                       addr.format_endpoint(*self.server))
 
-    def drop(self, reason, n=1):
-        self.drops[reason] = self.drops.get(reason, 0) + n
-        self.drop_log.count(reason, n)
-
     # -- the connection
 
     def on_connected(self, sock):
         self.carrier = TcpCarrier(sock, self.poller, self.on_message, self.on_closed)
-        self.carrier.send(self.initiator.hello())
-        self.heard = self.sent = time.monotonic()
+        self.welcomed_here = False      # whether this connection ever carried a session
+        now = time.monotonic()
+        self.endpoint.start(now)
+        self.send_due(now)
 
     def on_closed(self, carrier, why):
         if carrier is not self.carrier:
             return
+        self.drops.take(carrier.drops)
         self.carrier = None
+        now = time.monotonic()
+        self.endpoint.stop(now)
         if not self.alive:
             return
-        now = time.monotonic()
-        if self.session is not None:
+        if self.welcomed_here:
             self.log.warning("connection to %s lost (%s); reconnecting, the flows stay",
                              addr.format_endpoint(*self.server), why)
-            self.session = None
             self.dialer.lost(now)
         else:
             self.dialer.failed(now, why)
 
     def on_message(self, carrier, msg):
         now = time.monotonic()
-        try:
-            mtype, sid, tag, nonce = parse_header(msg, self.keyed)
-            session = self.session
-            if session is None:
-                if mtype != T_WELCOME:
-                    raise Drop("unexpected")
-                self.session = session = self.initiator.welcome(msg)
-                self.dialer.succeeded()
-                self.log.info("connected to %s", addr.format_endpoint(*self.server))
-                self.keepalive(now)         # confirms the session at the server
-                self.heard = now
-                return
-            if sid != session.local_id:
-                raise Drop("session")
-            session.open(msg, nonce)
-        except (Malformed, Drop) as exc:
-            carrier.close(f"a message refused ({exc.reason})")
+        got = self.endpoint.receive(msg, now)
+        if got.reason is not None:
+            carrier.close(f"a message refused ({got.reason})")
             return
-        self.heard = now
-        if mtype == T_DATA:
-            slot = self.table.slot_of_tag(tag)
+        for reply, _to in got.replies:
+            carrier.send(reply)
+        if got.event == NEW:
+            self.dialer.succeeded()
+            self.welcomed_here = True
+            self.log.info("connected to %s", addr.format_endpoint(*self.server))
+        elif got.event == LOST:
+            carrier.close("the server said goodbye")
+        elif got.mtype == T_DATA:
+            slot = self.table.slot_of_tag(got.tag)
             if slot is None:
                 self.drop(R_UNKNOWN_TAG)
                 return
             body = memoryview(msg)[HEADER_SIZE:len(msg) - (MAC_SIZE if self.keyed else 0)]
             self.table.touch(slot, now, len(body), outward=True)
-            if not self.outbox.room(len(body)):
-                self.flush_udp()
-            self.outbox.add(body, self.table.keys[slot])
-        elif mtype == T_CLOSE:
-            slot = self.table.slot_of_tag(tag)
-            if slot is not None:
-                self.table.remove(slot)
-        elif mtype == T_BYE:
-            carrier.close("the server said goodbye")
+            self.sender.add(body, self.table.keys[slot])
+        elif got.mtype == T_CLOSE:
+            self.flows.forget(got.tag)
 
-    def keepalive(self, now):
-        if self.session is not None and self.carrier is not None:
-            stamp = int(now * 1000) & 0xFFFFFFFF
-            self.carrier.send(self.session.seal(T_KEEPALIVE, 0,
-                                                KEEPALIVE.pack(KEEPALIVE_REPLY, stamp, 0)))
-            self.sent = now
+    def flow_closed(self, tag, reason):
+        """A flow ended here (idle, or evicted for a new one): the server ends it too."""
+        session = self.endpoint.session
+        if session is not None and self.carrier is not None:
+            self.carrier.send(session.seal(T_CLOSE, tag, REASON.pack(reason)))
 
     # -- local datagrams
 
     def on_udp(self):
-        batch = self.batch
-        table = self.table
-        for _ in range(8):
-            n = recv_into(self.udp, batch, 0)
-            if not n:
-                break
+        batch, table = self.batch, self.table
+        for n in batches(self.udp, batch, self.drops):
             now = time.monotonic()
-            session, carrier = self.session, self.carrier
+            session, carrier = self.endpoint.session, self.carrier
             view, lengths, keys, starts = batch.view, batch.lengths, batch.keys, batch.starts
             for i in range(n):
                 length = lengths[i]
@@ -540,65 +413,54 @@ class UotClient(Worker):
                 key = keys[i]
                 slot = table.get(key)
                 if slot is None:
-                    slot, tag, evicted = table.insert(key, now)
-                    if evicted is not None and session is not None:
-                        carrier.send(session.seal(T_CLOSE, evicted[1],
-                                                  REASON.pack(CLOSE_EVICTED)))
+                    slot = self.flows.insert(key, now)
                 table.touch(slot, now, length)
                 if session is None:
                     self.drop(R_NO_CONNECTION)
                     continue
                 start = starts[i]
-                carrier.send(session.seal(T_DATA, table.tags[slot],
-                                          view[start:start + length]), table.tags[slot])
-            if n < batch.count:
-                break
-        if batch.errors:
-            self.drop(R_RECEIVE, sum(batch.errors.values()))
-            batch.errors.clear()
-
-    def flush_udp(self):
-        if len(self.outbox):
-            self.outbox.flush(self.udp)
-            if self.outbox.drops:
-                self.drop("send", sum(self.outbox.drops.values()))
-                self.outbox.drops.clear()
+                tag = table.tags[slot]
+                carrier.send(session.seal(T_DATA, tag, view[start:start + length]), tag)
 
     def after_events(self):
         if self.carrier is not None:
             self.carrier.flush()
             if self.carrier is not None and self.carrier.frames_out:
-                self.sent = time.monotonic()
+                self.endpoint.sent = time.monotonic()
                 self.carrier.frames_out = 0
-        self.flush_udp()
+        self.sender.flush()
 
     # -- housekeeping
+
+    def send_due(self, now):
+        got = self.endpoint.due(now)
+        if got.event == LOST and self.carrier is not None:
+            self.carrier.close(f"no word for {now - self.endpoint.heard:.0f} s")
+            return
+        for msg, _to in got.replies:
+            if self.carrier is not None:
+                self.carrier.send(msg)
 
     def tick(self, now):
         self.dialer.tick(now)
         if self.carrier is not None:
-            if self.session is None and now - self.heard > CONNECT_TIMEOUT:
+            if self.endpoint.state != UP and now - self.endpoint.heard > CONNECT_TIMEOUT:
                 self.carrier.close("no answer to the handshake")
-            elif now - self.heard > DEAD_AFTER * KEEPALIVE_EVERY:
-                self.carrier.close(f"no word for {now - self.heard:.0f} s")
-            elif now - self.sent >= KEEPALIVE_EVERY or now - self.heard >= KEEPALIVE_EVERY:
-                self.keepalive(now)
-        for _key, tag in self.table.expire(now, self.flow_idle):
-            if self.session is not None:
-                self.carrier.send(self.session.seal(T_CLOSE, tag, REASON.pack(CLOSE_IDLE)))
+            else:
+                self.send_due(now)
+        self.flows.expire(now, self.flow_idle)
         if self.carrier is not None:
-            for reason, n in self.carrier.drops.items():
-                self.drop(reason, n)
-            self.carrier.drops.clear()
+            self.drops.take(self.carrier.drops)
         self.after_events()
-        self.drop_log.maybe_log(now)
+        self.drops.tick(now)
 
     def on_stop(self, final):
         self.alive = False
         self.dialer.stop()
         if self.carrier is not None:
-            if self.session is not None:
-                self.carrier.send(self.session.seal(T_BYE, 0, REASON.pack(CLOSE_SHUTDOWN)))
+            if self.endpoint.session is not None:
+                self.carrier.send(self.endpoint.session.seal(T_BYE, 0,
+                                                             REASON.pack(CLOSE_SHUTDOWN)))
             self.carrier.flush()
             self.carrier.close("stopping")
 
