@@ -58,10 +58,11 @@ def dead_after(keepalive):
     return 2 * keepalive + 5
 
 
-def liveness(now, sent, heard, keepalive):
-    """What an idle session needs now: LOST when nothing was heard for dead_after(),
-    KEEPALIVE_DUE when nothing was sent or heard for a keepalive interval, else None."""
-    if now - heard > dead_after(keepalive):
+def liveness(now, sent, heard, keepalive, dead=None):
+    """What an idle session needs now: LOST when nothing was heard for `dead` seconds
+    (dead_after() by default), KEEPALIVE_DUE when nothing was sent or heard for a
+    keepalive interval, else None."""
+    if now - heard > (dead_after(keepalive) if dead is None else dead):
         return LOST
     if now - sent >= keepalive or now - heard >= keepalive:
         return KEEPALIVE_DUE
@@ -211,7 +212,7 @@ class Initiator:
     follows its peer to a new address once the address answers a challenge."""
 
     def __init__(self, psk, role, keepalive=KEEPALIVE_EVERY, hello_first=HELLO_FIRST,
-                 hello_most=HELLO_MOST, repeat=True, peer=None):
+                 hello_most=HELLO_MOST, repeat=True, peer=None, dead=None):
         self.handshake = Handshake(psk, role)
         self.keyed = psk is not None
         self.keepalive = keepalive
@@ -219,6 +220,7 @@ class Initiator:
         self.hello_most = min(hello_most, keepalive)
         self.repeat = repeat
         self.peer = peer
+        self.dead = dead                # seconds of silence that lose the session
         self.state = IDLE
         self.session = None
         self.hello_at = None
@@ -256,7 +258,7 @@ class Initiator:
             self.hello_at = now + self.hello_wait if self.repeat else None
             self.hello_wait = min(self.hello_wait * 2, self.hello_most)
         elif self.state == UP:
-            due = liveness(now, self.sent, self.heard, self.keepalive)
+            due = liveness(now, self.sent, self.heard, self.keepalive, self.dead)
             if due == LOST:
                 out.event, out.old = LOST, self.session
                 self.change_state(HELLO, now)

@@ -50,20 +50,21 @@ import sys
 import time
 
 from udpmux import addr, auth, wire
-from udpmux.batchio import Batch, Outbox, recv_into
+from udpmux.batchio import Batch
 from udpmux.config import LINK_SETTINGS, option_values
+from udpmux.datapath import BATCH, Drops, Sender, batches
+from udpmux.endpoint import (
+    ENDED, LOST, MOVED, NEW, UP, Initiator, Responder, keepalive_body,
+)
 from udpmux.errors import EXIT_FAILURE, EXIT_OK, EXIT_OSERR, Fatal, UsageError
-from udpmux.log import DropLog, Every, setup as setup_log
-from udpmux.session import Acceptor, Drop, Initiator
+from udpmux.log import Every, setup as setup_log
+from udpmux.reasons import R_PROTOCOL, R_SESSION, R_TOO_LARGE
 from udpmux.stream import (
     EV_ACKED, EV_NEW, EV_READABLE, EV_RESET, EV_WRITABLE, RESET_REFUSED, Connection,
     ProtocolError, StreamClosed,
 )
 from udpmux.worker import Worker
-from udpmux.wire import (
-    CLOSE_SHUTDOWN, KEEPALIVE, KEEPALIVE_REPLY, REASON, T_BYE, T_HELLO, T_KEEPALIVE, T_WELCOME,
-    Malformed, parse_header,
-)
+from udpmux.wire import CLOSE_SHUTDOWN, HEADER, REASON, T_BYE, T_KEEPALIVE
 
 BANNER = "UDPMUX-LINK 1"            # what link-server prints: BANNER address port
 BOOT_TIMEOUT = 60.0                 # seconds ssh may take to start the server (a password)
@@ -72,13 +73,10 @@ HELLO_FIRST = 0.25                  # seconds before the first HELLO is repeated
 HELLO_MOST = 2.0
 KEEPALIVE_EVERY = 15.0              # seconds between keepalives when nothing else is sent
 REBIND_AFTER = 3.0                  # seconds without an answer before the client rebinds
-BATCH = 64
 READ_CHUNK = 65536
 SOCKET_BUFFER = 4 * 1024 * 1024
 RESET_CONNECT = 2                   # the server could not connect to the target
 WAITING_CONNECTIONS = 64            # local connections held until the session is up
-
-R_PROTOCOL = "protocol"             # the peer broke the stream protocol
 
 
 # -- local endpoints
@@ -172,7 +170,6 @@ class LinkEnd(Worker):
         now = time.monotonic()
         self.conn = Connection(client=isinstance(self, LinkClient),
                                max_message=self.packet_size)
-        self.session = None
         self.endpoints = {}             # sid -> Endpoint
         self.heard = now                # the peer's last authentic message
         self.sent = now
@@ -180,88 +177,69 @@ class LinkEnd(Worker):
         self.failure = None             # why the session failed, for the exit message
         self.bye_said = False
         self.limit_log = Every(60.0)
-        self.drops = {}
-        self.drop_log = DropLog(self.log, self.name, 60.0)
+        self.drops = self.drop = Drops(self.log, self.name)
         self.batch = Batch(BATCH, wire.MAX_UDP_PAYLOAD + 64)
-        self.outbox = Outbox(2 * BATCH)
+        self.sender = Sender(None, self.drops)
 
-    def drop(self, reason, n=1):
-        self.drops[reason] = self.drops.get(reason, 0) + n
-        self.drop_log.count(reason, n)
+    @property
+    def session(self):
+        return self.endpoint.session
 
     # -- the network
 
     def on_udp(self):
         batch = self.batch
-        for _ in range(8):
-            n = recv_into(self.sock, batch, 0)
-            if not n:
-                break
+        for n in batches(self.sock, batch, self.drops):
             now = time.monotonic()
             view, lengths, keys, starts = batch.view, batch.lengths, batch.keys, batch.starts
             for i in range(n):
                 if lengths[i] > batch.capacity:
-                    self.drop(wire.R_TOO_LARGE)
+                    self.drop(R_TOO_LARGE)
                     continue
                 start = starts[i]
                 self.on_message(view[start:start + lengths[i]], keys[i], now)
-            if n < batch.count:
-                break
-        if batch.errors:
-            self.drop("receive", sum(batch.errors.values()))
-            batch.errors.clear()
         self.pump(time.monotonic())
 
     def on_message(self, msg, key, now):
-        try:
-            mtype, sid, tag, nonce = parse_header(msg, self.key is not None)
-            session = self.session
-            if session is not None and sid == session.local_id:
-                session.open(msg, nonce)
-            elif not self.handshake(msg, mtype, sid, nonce, key, now):
-                return
-        except (Malformed, Drop) as exc:
-            self.drop(exc.reason)
+        got = self.receive(msg, key, now)
+        for reply, to in got.replies:
+            self.reply(reply, to, now)
+        if got.reason is not None:
+            self.drop(got.reason)
+            return
+        if got.session is None or not self.handle(got, now):
             return
         self.heard = now
-        if key != self.peer:
-            self.moved(key, msg, now)
         body = msg[wire.HEADER_SIZE:len(msg) - (wire.MAC_SIZE if self.key else 0)]
         try:
-            self.conn.on_message(nonce, mtype, tag, bytes(body), now)
+            self.conn.on_message(got.nonce, got.mtype, got.tag, bytes(body), now)
         except ProtocolError as exc:
             self.drop(R_PROTOCOL)
             self.fail(f"the other end broke the stream protocol ({exc.reason})")
-            return
-        if mtype == T_KEEPALIVE:
-            flags, stamp, _echo = KEEPALIVE.unpack_from(msg, wire.HEADER_SIZE)
-            if flags & KEEPALIVE_REPLY:
-                self.send_plain(T_KEEPALIVE, KEEPALIVE.pack(0, 0, stamp), now)
-        elif mtype == T_BYE:
-            self.on_bye(now)
 
-    def moved(self, key, msg, now):
-        """An authentic message came from `key`, which is not the peer's address."""
+    def reply(self, msg, to, now):
+        """A message the endpoint made (WELCOME, a keepalive, a challenge): sent, and its
+        nonce, if it has one, told to the engine so that the peer's ACK of it is not
+        taken for nonsense."""
+        nonce = HEADER.unpack_from(msg)[5]
+        if nonce:
+            self.conn.on_sent(nonce, None, now)
+        self.sender.add(msg, to or self.peer)
 
     def send_plain(self, mtype, body, now):
-        """A message the engine did not make (keepalive, bye): sealed, sent, and its nonce
-        told to the engine so that the peer's ACK of it is not taken for nonsense."""
-        msg = self.session.seal(mtype, 0, body)
-        self.conn.on_sent(self.session.send_nonce, None, now)
-        self.queue(msg)
+        """A message the engine did not make (keepalive, bye), sealed and sent."""
+        self.reply(self.session.seal(mtype, 0, body), None, now)
 
     def queue(self, msg):
-        if not self.outbox.room(len(msg)):
-            self.flush()
-        self.outbox.add(msg, self.peer)
+        self.sender.add(msg, self.peer)
 
     def flush(self):
-        if len(self.outbox):
-            self.outbox.flush(self.sock)
+        if len(self.sender):
+            self.sender.flush()
             self.sent = time.monotonic()
-            if self.outbox.drops:
-                self.drop("send", sum(self.outbox.drops.values()))
-                self.outbox.drops.clear()
+
+    def after_events(self):
+        self.flush()
 
     # -- moving bytes
 
@@ -423,7 +401,7 @@ class LinkEnd(Worker):
             self.log.debug("rtt %.1f ms, cwnd %d, in flight %d, sent %s, lost %s, pto %d, "
                            "drops %s", st["srtt"] * 1000, st["cwnd"], st["bytes_in_flight"],
                            st["messages_sent"], st["messages_lost"], st["pto_count"],
-                           self.drops or "none")
+                           self.drops.counts or "none")
 
     def summary(self):
         """The session's figures, for the line that ends it."""
@@ -436,8 +414,7 @@ class LinkEnd(Worker):
 
     def keepalive(self, now):
         if self.session is not None and now - self.sent >= KEEPALIVE_EVERY:
-            stamp = int(now * 1000) & 0xFFFFFFFF
-            self.send_plain(T_KEEPALIVE, KEEPALIVE.pack(KEEPALIVE_REPLY, stamp, 0), now)
+            self.send_plain(T_KEEPALIVE, keepalive_body(now), now)
             self.flush()
 
     def say_bye(self, now):
@@ -460,33 +437,34 @@ class LinkServer(LinkEnd):
 
     def setup(self):
         super().setup()
-        self.acceptor = Acceptor(self.key, [wire.ROLE_LINK])
+        self.endpoint = Responder(self.key, [wire.ROLE_LINK])
+        self.sender.sock = self.sock
         self.started = time.monotonic()
         self.connecting = {}            # sid -> socket whose connect() is under way
         self.poller.register(self.sock, self.on_udp)
 
-    def handshake(self, msg, mtype, sid, nonce, key, now):
-        if mtype == T_HELLO:
-            welcome, _pending = self.acceptor.hello(msg, key, now)
-            self.outbox.add(welcome, key)
-            self.flush()
-            return False
-        if sid in self.acceptor.pending and self.session is None:
-            self.session = self.acceptor.confirm(sid, msg, nonce)
-            self.peer = self.session.peer
-            self.log.info("client %s: session up", addr.format_peer(self.peer))
-            return True
-        raise Drop("session")
+    def receive(self, msg, key, now):
+        return self.endpoint.receive(msg, key, now, admit=self.first_only)
 
-    def moved(self, key, msg, now):
-        moved, challenge = self.session.from_address(key, msg, now)
-        if moved:
-            self.log.info("client moved from %s to %s", addr.format_peer(self.peer),
-                          addr.format_peer(key))
-            self.peer = key
-        elif challenge is not None:
-            self.conn.on_sent(self.session.send_nonce, None, now)
-            self.outbox.add(challenge, key)
+    def first_only(self, _key):
+        """A link-server serves the first session confirmed and no other."""
+        return R_SESSION if self.session is not None else None
+
+    def handle(self, got, now):
+        """After the endpoint: what the session's events mean here.  True when the
+        message goes on to the engine."""
+        session = got.session
+        if got.event == NEW:
+            self.peer = session.peer
+            self.log.info("client %s: session up", addr.format_peer(self.peer))
+        elif got.event == MOVED:
+            self.log.info("client moved from %s to %s", addr.format_peer(got.old),
+                          addr.format_peer(session.peer))
+            self.peer = session.peer
+        elif got.event == ENDED:
+            self.on_bye(now)
+            return False
+        return True
 
     def new_stream(self, sid, now):
         """The client opened a stream: connect to the target for it."""
@@ -549,10 +527,10 @@ class LinkServer(LinkEnd):
             self.log.warning("no word from the client for %d s; exiting", now - self.heard)
             self.alive = False
             return
-        self.acceptor.expire(now)
+        self.endpoint.tick(now)
         self.pump(now)
         self.log_stats(now)
-        self.drop_log.maybe_log(now)
+        self.drops.tick(now)
 
     def on_stop(self, final):
         self.say_bye(time.monotonic())
@@ -581,9 +559,12 @@ class LinkClient(LinkEnd):
     def setup(self):
         super().setup()
         now = time.monotonic()
-        self.initiator = Initiator(self.key, wire.ROLE_LINK)
-        self.hello_at = now
-        self.hello_wait = HELLO_FIRST
+        # Link keeps its own keepalive (KEEPALIVE_EVERY, when nothing was sent) and gives
+        # up after --idle-limit: the endpoint only makes the handshake and answers.
+        self.endpoint = Initiator(self.key, wire.ROLE_LINK, keepalive=self.idle_limit,
+                                  hello_first=HELLO_FIRST, hello_most=HELLO_MOST,
+                                  dead=self.idle_limit)
+        self.endpoint.start(now)
         self.sock = None
         self.rebind(now)
         self.last_rebind = now
@@ -607,26 +588,36 @@ class LinkClient(LinkEnd):
             sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
         sock.connect(sockaddr)
         sock.setblocking(False)
-        self.sock = sock
-        self.peer = addr.peer_key(family, sock.getpeername())
+        self.sock = self.sender.sock = sock
+        self.peer = self.endpoint.peer = addr.peer_key(family, sock.getpeername())
         self.poller.register(sock, self.on_udp)
         self.last_rebind = now
-        if getattr(self, "session", None) is not None:
+        if self.session is not None:
             # Say something at once from the new port, so that the server follows now,
             # even when we have no data to send.
-            stamp = int(now * 1000) & 0xFFFFFFFF
-            self.send_plain(T_KEEPALIVE, KEEPALIVE.pack(KEEPALIVE_REPLY, stamp, 0), now)
+            self.send_plain(T_KEEPALIVE, keepalive_body(now), now)
             self.flush()
 
-    def handshake(self, msg, mtype, sid, nonce, key, now):
-        if mtype != T_WELCOME or self.session is not None:
-            raise Drop("session")
-        self.session = self.initiator.welcome(msg)
+    def receive(self, msg, key, now):
+        return self.endpoint.receive(msg, now)
+
+    def handle(self, got, now):
+        """After the endpoint: what the session's events mean here.  True when the
+        message goes on to the engine."""
+        if got.event == NEW:
+            if got.old is not None:
+                return False            # a second session: the first one's streams stay
+            self.up(got.session, now)
+            return False                # a WELCOME: not the engine's
+        if got.event == LOST:
+            self.on_bye(now)
+            return False
+        return True
+
+    def up(self, session, now):
+        """The session is up (the endpoint sent the message that confirms it)."""
         self.heard = now
-        self.hello_at = None
-        self.log.debug("session up; the server sees us as %s", self.session.observed)
-        stamp = int(now * 1000) & 0xFFFFFFFF   # confirms the session at the server
-        self.send_plain(T_KEEPALIVE, KEEPALIVE.pack(KEEPALIVE_REPLY, stamp, 0), now)
+        self.log.debug("session up; the server sees us as %s", session.observed)
         if self.listener is None:
             sid = self.conn.open_stream()
             self.endpoints[sid] = Endpoint(sys.stdin.fileno(), sys.stdout.fileno())
@@ -635,7 +626,6 @@ class LinkClient(LinkEnd):
             self.new_local_stream(sock)
         self.waiting.clear()
         self.pump(now)
-        return False
 
     def on_accept(self):
         for _ in range(16):
@@ -700,25 +690,25 @@ class LinkClient(LinkEnd):
 
     def wake_at(self, now):
         wake = super().wake_at(now)
-        if self.hello_at is not None and (wake is None or self.hello_at < wake):
-            wake = self.hello_at
+        hello_at = self.endpoint.wake_at()
+        if hello_at is not None and (wake is None or hello_at < wake):
+            wake = hello_at
         return wake
 
     def on_wake(self, now):
-        if self.hello_at is not None and now >= self.hello_at:
+        if self.endpoint.state != UP:
             self.send_hello(now)
         if self.session is not None:
             super().on_wake(now)
 
     def send_hello(self, now):
-        try:
-            self.sock.send(self.initiator.hello())
-        except OSError as exc:
-            self.log.debug("sending HELLO: %s", exc.strerror)
-            if exc.errno != errno.ECONNREFUSED:
-                self.rebind(now)
-        self.hello_at = now + self.hello_wait
-        self.hello_wait = min(self.hello_wait * 2, HELLO_MOST)
+        for msg, _to in self.endpoint.due(now).replies:
+            try:
+                self.sock.send(msg)
+            except OSError as exc:
+                self.log.debug("sending HELLO: %s", exc.strerror)
+                if exc.errno != errno.ECONNREFUSED:
+                    self.rebind(now)
 
     def tick(self, now):
         if self.session is None:
@@ -746,7 +736,7 @@ class LinkClient(LinkEnd):
         self.keepalive(now)
         self.pump(now)
         self.log_stats(now)
-        self.drop_log.maybe_log(now)
+        self.drops.tick(now)
 
     def stop(self, deadline, final=True):
         """A signal (SIGTERM, SIGINT, or SIGHUP from ssh): accept and read no more, and
