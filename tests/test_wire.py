@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from udpmux import auth, wire
+from udpmux import auth, reasons, wire
 from udpmux.session import (
     CHALLENGE_EVERY, PENDING_PER_SOURCE, Acceptor, Drop, Initiator, Session, challenge_size,
     responder_name,
@@ -12,8 +12,8 @@ from udpmux.session import (
 PEER = bytes.fromhex("020015be" "c0000201" + "00" * 8)     # 192.0.2.1:5566
 ELSEWHERE = bytes.fromhex("02001f90" "cb007105" + "00" * 8)  # 203.0.113.5:8080
 
-REASONS = {wire.R_SHORT, wire.R_VERSION, wire.R_TYPE, wire.R_FLAGS, wire.R_LENGTH, wire.R_KEYED,
-           wire.R_TOO_LARGE, auth.R_MAC, auth.R_REPLAY, auth.R_OLD, auth.R_NONCE,
+REASONS = {reasons.R_SHORT, reasons.R_VERSION, reasons.R_TYPE, reasons.R_FLAGS, reasons.R_LENGTH, reasons.R_KEYED,
+           reasons.R_TOO_LARGE, reasons.R_MAC, reasons.R_REPLAY, reasons.R_OLD, reasons.R_NONCE,
            "role", "unexpected", "session"}
 
 
@@ -84,7 +84,7 @@ def test_a_wrong_key_is_refused(message):
     _, stranger = pair(auth.generate_key())
     msg = mine.seal(*message)
     stranger.local_id = mine.peer_id            # even naming the right session
-    assert receive(stranger, msg) == auth.R_MAC
+    assert receive(stranger, msg) == reasons.R_MAC
 
 
 @given(messages, st.integers(0, 255).filter(lambda v: v != wire.VERSION))
@@ -92,33 +92,33 @@ def test_a_wrong_version_is_refused(message, version):
     mine, theirs = pair(KEY)
     msg = bytearray(mine.seal(*message))
     msg[0] = version
-    assert receive(theirs, bytes(msg)) == wire.R_VERSION
+    assert receive(theirs, bytes(msg)) == reasons.R_VERSION
 
 
 def test_unknown_type_and_flags_are_refused():
     mine, theirs = pair(None)
     msg = bytearray(mine.seal(wire.T_DATA, 1, b"x"))
     msg[1] = 0x7f
-    assert receive(theirs, bytes(msg)) == wire.R_TYPE
+    assert receive(theirs, bytes(msg)) == reasons.R_TYPE
     msg = bytearray(mine.seal(wire.T_DATA, 1, b"x"))
     msg[3] |= 0x80
-    assert receive(theirs, bytes(msg)) == wire.R_FLAGS
+    assert receive(theirs, bytes(msg)) == reasons.R_FLAGS
 
 
 def test_a_missing_or_unexpected_mac_is_refused():
     keyed, keyed_peer = pair(KEY)
     plain, plain_peer = pair(None)
     keyed_peer.keyed = False                    # a receiver that expects no MAC
-    assert receive(keyed_peer, keyed.seal(wire.T_DATA, 1, b"x")) == wire.R_KEYED
+    assert receive(keyed_peer, keyed.seal(wire.T_DATA, 1, b"x")) == reasons.R_KEYED
     plain_peer.keyed = True                     # a receiver that expects a MAC
-    assert receive(plain_peer, plain.seal(wire.T_DATA, 1, b"x" * 40)) == wire.R_KEYED
+    assert receive(plain_peer, plain.seal(wire.T_DATA, 1, b"x" * 40)) == reasons.R_KEYED
 
 
 def test_replays_are_refused_and_counted():
     mine, theirs = pair(KEY)
     msg = mine.seal(wire.T_DATA, 5, b"once")
     assert receive(theirs, msg) == (wire.T_DATA, 5, b"once")
-    assert receive(theirs, msg) == auth.R_REPLAY
+    assert receive(theirs, msg) == reasons.R_REPLAY
 
 
 @given(st.permutations(range(1, 300)))
@@ -130,7 +130,7 @@ def test_reordering_within_the_window_is_accepted_once(order):
     for n in order:
         assert receive(theirs, sealed[n - 1])[2] == n.to_bytes(2, "big")
     for n in order[:20]:
-        assert receive(theirs, sealed[n - 1]) == auth.R_REPLAY
+        assert receive(theirs, sealed[n - 1]) == reasons.R_REPLAY
 
 
 def test_a_nonce_behind_the_window_is_refused():
@@ -138,7 +138,7 @@ def test_a_nonce_behind_the_window_is_refused():
     old = mine.seal(wire.T_DATA, 1, b"late")
     mine.send_nonce += auth.WINDOW
     assert receive(theirs, mine.seal(wire.T_DATA, 1, b"new")) == (wire.T_DATA, 1, b"new")
-    assert receive(theirs, old) == auth.R_OLD
+    assert receive(theirs, old) == reasons.R_OLD
 
 
 @settings(max_examples=300)
@@ -167,7 +167,7 @@ def test_sealing_in_place_equals_sealing_a_copy():
 def test_a_datagram_too_large_for_any_carrier_is_refused():
     mine, theirs = pair(None)
     msg = mine.seal(wire.T_DATA, 1, bytes(wire.MAX_UDP_PAYLOAD + 1))
-    assert receive(theirs, msg) == wire.R_TOO_LARGE
+    assert receive(theirs, msg) == reasons.R_TOO_LARGE
     msg = mine.seal(wire.T_DATA, 1, bytes(wire.MAX_UDP_PAYLOAD))
     assert receive(theirs, msg)[0] == wire.T_DATA
 
@@ -313,7 +313,7 @@ def test_deframer_cuts_any_split_of_the_stream_into_the_messages(msgs, data):
     assert deframer.pending() == 0
 
 
-@pytest.mark.parametrize("size, reason", [(3, wire.R_SHORT), (wire.MAX_FRAME + 1, wire.R_TOO_LARGE)])
+@pytest.mark.parametrize("size, reason", [(3, reasons.R_SHORT), (wire.MAX_FRAME + 1, reasons.R_TOO_LARGE)])
 def test_deframer_refuses_impossible_lengths(size, reason):
     deframer = wire.Deframer()
     deframer.feed(wire.FRAME.pack(size) + b"GET / HTTP/1.0\r\n")

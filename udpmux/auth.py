@@ -37,7 +37,7 @@ import os
 import stat
 import sys
 
-from udpmux.reasons import R_MAC, R_NONCE, R_OLD, R_REPLAY  # noqa: F401
+from udpmux.reasons import R_NONCE, R_OLD, R_REPLAY
 from udpmux.errors import (
     EXIT_NOINPUT, EXIT_NOPERM, EXIT_OSERR, Fatal, KeyFileError,
 )

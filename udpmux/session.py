@@ -52,7 +52,7 @@ from collections import OrderedDict
 from udpmux import auth
 from udpmux.auth import ReplayWindow
 from udpmux.limits import PerSource, TokenBucket, source_of
-from udpmux.reasons import (  # noqa: F401 -- the reasons Drop carries
+from udpmux.reasons import (
     R_HELLO_RATE, R_MAC, R_OLD, R_REPLAY, R_ROLE, R_SESSION, R_UNEXPECTED,
 )
 from udpmux.auth import WINDOW

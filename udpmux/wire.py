@@ -83,7 +83,7 @@ How we name things:
 
 import struct
 
-from udpmux.reasons import (  # noqa: F401 -- the reasons parse_header() gives
+from udpmux.reasons import (
     R_FLAGS, R_KEYED, R_LENGTH, R_SHORT, R_TOO_LARGE, R_TYPE, R_VERSION,
 )
 
