@@ -1,6 +1,6 @@
 """Shared pytest fixtures for udpmux.
 
-`lab` builds the network-namespace lab of tools/lab.py for one test and always tears it down
+`lab` builds the network-namespace lab of tests/lab.py for one test and always tears it down
 (build ~0.05 s, teardown ~0.01 s here, so every test gets a fresh one). Without root, iproute2,
 nftables, conntrack or the right to create network namespaces, tests using it are skipped with
 the reason; with UDPMUX_REQUIRE_LAB=1 (set by CI) they fail instead, so CI never skips the lab
@@ -17,9 +17,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))      # makes `tools` (and the in-tree udpmux) importable
+    sys.path.insert(0, str(REPO))      # makes the in-tree udpmux importable
 
-from tools import lab as lablib      # noqa: E402
+import lab as lablib      # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,7 +53,7 @@ def _require_lab():
 
 @pytest.fixture
 def lab():
-    """A freshly built network lab (see tools/lab.py), removed after the test."""
+    """A freshly built network lab (see tests/lab.py), removed after the test."""
     _require_lab()
     the_lab = lablib.Lab()
     try:

@@ -1,4 +1,4 @@
-"""The network lab (tools/lab.py) is what it claims to be, shown with real sockets.
+"""The network lab (tests/lab.py) is what it claims to be, shown with real sockets.
 
 Every socket lives in one of the lab's namespaces (lab.socket); no traffic leaves them. Waits
 are select() with a deadline; where a test shows that something did NOT arrive, it first proves
@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tools import lab as lablib
+import lab as lablib
 
 TIMEOUT = 5.0
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)    # Linux; not in Python 3.11

@@ -1,4 +1,4 @@
-"""udpmux punch across real NATs: the network lab of tools/lab.py.
+"""udpmux punch across real NATs: the network lab of tests/lab.py.
 
     outside: client -> punch --listen --> nat_out ===== wan ===== nat_in --> punch --forward -> echo
                                               \\                 /
@@ -26,9 +26,9 @@ import time
 
 import pytest
 
+from lab import kill_pids
 from procs import WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, tunnel, udpmux_argv
 from test_lab_relay import IP
-from tools.lab import kill_pids
 
 MEET = 5577             # the rendezvous tunnel's port on public
 NAME = "mosh"           # the rendezvous name both sides give

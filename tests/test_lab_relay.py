@@ -1,4 +1,4 @@
-"""udpmux relay and udpmux expose across real NATs: the network lab of tools/lab.py.
+"""udpmux relay and udpmux expose across real NATs: the network lab of tests/lab.py.
 
     outside clients --> nat_out --> wan --> public: udpmux relay (master + a worker per tunnel)
                                              ^

@@ -1,6 +1,6 @@
 """The reliable-stream engine (udpmux/stream.py), in virtual time.
 
-Two Connections talk through the simulator of tools/bench_stream.py: a priority queue of
+Two Connections talk through the simulator of tests/netsim.py: a priority queue of
 (arrival time, message), per-direction delay, bottleneck, random loss, reordering,
 duplication and blackouts, and a virtual clock.  Sealing and opening are left out: each
 side numbers its messages from 1 as a Session would, and the receiver gets (nonce, type,
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tools.bench_stream import RATE, RTT, App, Link, Sim, bulk
+from netsim import RATE, RTT, App, Link, Sim, bulk
 from udpmux import stream as S
 from udpmux.stream import Connection, ProtocolError, StreamClosed
 from udpmux.wire import (

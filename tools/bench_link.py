@@ -5,7 +5,7 @@
                                      [--timeout 30] [--no-tcp]
 
 A benchmark, not a test: run it by hand, as root, on an otherwise idle machine.  It builds
-the network lab of tools/lab.py, moves --megabytes MB (MB = 2**20 bytes, the stricter
+the network lab of tests/lab.py, moves --megabytes MB (MB = 2**20 bytes, the stricter
 reading of the targets) through `udpmux link` and through one plain TCP connection at each
 --loss percent, prints one row per transfer and then whether the project's targets are met:
 
@@ -15,7 +15,7 @@ reading of the targets) through `udpmux link` and through one plain TCP connecti
 The exact command line, the udpmux version (and the repository's commit), the kernel and
 the Python version are printed first.  A default run takes about a minute.
 
-The path (tools/lab.py; read its docstring)::
+The path (tests/lab.py; read its docstring)::
 
     outside 10.22.0.2 -- nat_out (masquerade) -- wan (random loss) -- public 203.0.113.10
 
@@ -72,7 +72,7 @@ machine's cores are shared by the two link processes, the bench and the target).
 The link always runs with --debug: its log is how the bench knows that the session is up
 (both ends' "session up" lines) and reads the engine's figures.
 
-Every process started here is stopped by PID (Popen.send_signal, or tools/lab.py's
+Every process started here is stopped by PID (Popen.send_signal, or tests/lab.py's
 pidfd-based kill_pids); the lab is always torn down (try/finally; it also removes anything
 left in its namespaces).  Only the standard library and psutil are used.
 """
@@ -103,8 +103,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THIS = os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+# tests/ goes first even if it is already on the path: this script's own directory (tools/)
+# is sys.path[0], and `import lab` there would find tools/lab.py (the lab's command line).
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from tools import lab as lablib     # noqa: E402
+import lab as lablib     # noqa: E402
 
 MB = 1 << 20
 SEED = 20240601
@@ -433,7 +436,7 @@ class Link:
         return max(client[0], server[0]) - self.started
 
     def public_pids(self):
-        """Every process in public's namespace (as tools/lab.py's down() finds them)."""
+        """Every process in public's namespace (as tests/lab.py's down() finds them)."""
         with contextlib.suppress(OSError):
             return set(lablib._pids_in({lablib._ns_inode(self.lab.ns("public"))}))
         return set()
