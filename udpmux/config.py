@@ -161,14 +161,14 @@ class TunnelConfig:
     public: tuple               # (family, sockaddr)
     register: tuple | None      # None: the public socket
     key: bytes | None           # None: --insecure
-    mode: str = "expose"
-    tcp: bool = True
-    max_flows: int = 1024
-    flow_idle: float = 180.0
-    exposer_timeout: float = 90.0
-    new_flows_rate: float = 1000.0
-    new_flows_per_source: float = 200.0
-    max_sources: int = 4096
+    mode: str                   # the rest as TUNNEL_SETTINGS says (and defaults)
+    tcp: bool
+    max_flows: int
+    flow_idle: float
+    exposer_timeout: float
+    new_flows_rate: float
+    new_flows_per_source: float
+    max_sources: int
     source: str = field(default="", compare=False)     # where it was defined, for messages
 
     def endpoints(self):
@@ -187,8 +187,8 @@ class TunnelConfig:
 class RelayConfig:
     tunnels: dict
     control_socket: str
-    stop_timeout: float = 10.0
-    path: str | None = None
+    stop_timeout: float         # GLOBAL_SETTINGS
+    path: str | None = None     # the file it came from; None: the command line
     metrics_listen: tuple | None = None     # (family, sockaddr) of the metrics endpoint
 
 
@@ -221,10 +221,17 @@ def _tunnel(name, values, where, log):
         raise ValueError(f"max_flows: a rendezvous tunnel holds at most {RENDEZVOUS_MAX_FLOWS} "
                          f"agents, not {values['max_flows']}")
     key = _key(values, where, log)
-    numbers = {s.name: values.get(s.name, s.default) for s in TUNNEL_SETTINGS
-               if s.name not in ("public", "register", "key_file", "insecure")}
+    numbers = _settled(TUNNEL_SETTINGS, values, exclude=("public", "register", "key_file",
+                                                         "insecure"))
     return TunnelConfig(name=name, public=public, register=register, key=key, source=where,
                         **numbers)
+
+
+def _settled(settings, values, only=None, exclude=()):
+    """Every setting's value: the one given, else the table's default (the only place a
+    default is written).  only: these names alone; exclude: all but these."""
+    return {s.name: values.get(s.name, s.default) for s in settings
+            if s.name not in exclude and (only is None or s.name in only)}
 
 
 def _key(values, where, log):
@@ -339,7 +346,7 @@ def load(path, log=None):
     else:
         control = _default_socket("control_socket", ConfigError, f"{path}: ")
     return RelayConfig(tunnels=tunnels, control_socket=control,
-                       stop_timeout=globals_.get("stop_timeout", 10.0), path=path,
+                       stop_timeout=_settled(GLOBAL_SETTINGS, globals_)["stop_timeout"], path=path,
                        metrics_listen=metrics)
 
 
@@ -441,7 +448,8 @@ def from_options(args, log=None):
             raise UsageError(f"--control-socket: {exc}") from None
     else:
         control = _default_socket("--control-socket", UsageError)
-    return RelayConfig(tunnels=tunnels, control_socket=control, metrics_listen=metrics)
+    return RelayConfig(tunnels=tunnels, control_socket=control, metrics_listen=metrics,
+                       stop_timeout=GLOBAL["stop_timeout"].default)
 
 
 # -- single-host agents
@@ -452,6 +460,34 @@ UOT_SETTINGS = [
     Setting("max_clients", _positive_int, 64, "uot-client connections served at once"),
 ]
 UOT = {s.name: s for s in UOT_SETTINGS}
+
+
+@dataclass(frozen=True)
+class UotConfig:
+    """uot-server: listen is its TCP listener, peer the UDP target; uot-client: listen is
+    its UDP socket, peer the server's TCP address."""
+    listen: tuple               # (family, sockaddr)
+    peer: tuple
+    key: bytes | None
+    flow_idle: float            # the rest as UOT_SETTINGS says (and defaults)
+    max_flows: int
+    max_clients: int
+
+
+def uot_from_options(args, server, log=None):
+    """uot-server's (server true) or uot-client's command line as a UotConfig."""
+    values = option_values(args, UOT_SETTINGS)
+    kinds = (socket.SOCK_STREAM, socket.SOCK_DGRAM) if server else \
+        (socket.SOCK_DGRAM, socket.SOCK_STREAM)
+    endpoints = []
+    for name, kind, passive in (("--listen", kinds[0], True),
+                                ("--target" if server else "--server", kinds[1], False)):
+        try:
+            endpoints.append(addr.parse_endpoint(args[name], kind, passive=passive))
+        except ValueError as exc:
+            raise UsageError(f"{name}: {exc}") from None
+    key = None if args.get("--insecure") else auth.read_key(args["--key-file"], log)
+    return UotConfig(*endpoints, key, **_settled(UOT_SETTINGS, values))
 
 
 def _port_range(value):
@@ -487,6 +523,21 @@ LINK_SETTINGS = [
 LINK = {s.name: s for s in LINK_SETTINGS}
 
 
+@dataclass(frozen=True)
+class LinkConfig:
+    """What link and link-server share (as LINK_SETTINGS says, and defaults)."""
+    target: str                 # HOST:PORT, resolved by the server
+    bind: str                   # PORT or MIN-MAX
+    packet_size: int
+    idle_limit: float
+    linger: float
+
+
+def link_from_options(args):
+    """link's or link-server's options as a LinkConfig; UsageError names the option."""
+    return LinkConfig(**_settled(LINK_SETTINGS, option_values(args, LINK_SETTINGS)))
+
+
 # `udpmux expose` (one exposer per file or command line)
 
 def _carrier(value):
@@ -514,10 +565,10 @@ class ExposeConfig:
     relay: tuple                # (family, sockaddr)
     service: tuple
     key: bytes | None
-    carrier: str = "udp"
-    keepalive: float = 25.0
-    flow_idle: float = 180.0
-    max_flows: int = 1024
+    carrier: str                # the rest as EXPOSE_SETTINGS says (and defaults)
+    keepalive: float
+    flow_idle: float
+    max_flows: int
 
 
 def _expose(values, where, log):
@@ -532,8 +583,8 @@ def _expose(values, where, log):
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
     key = _key(values, where, log)
-    rest = {s.name: values.get(s.name, s.default) for s in EXPOSE_SETTINGS
-            if s.name in ("carrier", "keepalive", "flow_idle", "max_flows")}
+    rest = _settled(EXPOSE_SETTINGS, values, only=("carrier", "keepalive", "flow_idle",
+                                                   "max_flows"))
     return ExposeConfig(relay=endpoints["relay"], service=endpoints["service"], key=key, **rest)
 
 
@@ -610,17 +661,17 @@ PUNCH = {s.name: s for s in PUNCH_SETTINGS}
 @dataclass(frozen=True)
 class PunchConfig:
     key: bytes | None
-    port: int = 0
-    peer: tuple | None = None           # (family, sockaddr)
+    port: int                           # as PUNCH_SETTINGS says (and defaults)
+    rendezvous: str | None
+    keepalive: float
+    probe_ports: int
+    retry: float
+    flow_idle: float
+    max_flows: int
+    peer: tuple | None = None           # (family, sockaddr); None: not this side's way
     relay: tuple | None = None
-    rendezvous: str | None = None
     forward: tuple | None = None
     listen: tuple | None = None
-    keepalive: float = 25.0
-    probe_ports: int = 256
-    retry: float = 30.0
-    flow_idle: float = 180.0
-    max_flows: int = 1024
 
 
 def _punch(values, where, log):
@@ -652,9 +703,9 @@ def _punch(values, where, log):
     except ValueError as exc:
         raise ValueError(str(exc).replace("key_file", n("key_file"))
                          .replace("insecure", n("insecure"))) from None
-    rest = {s.name: values.get(s.name, s.default) for s in PUNCH_SETTINGS
-            if s.name in ("port", "rendezvous", "keepalive", "probe_ports", "retry",
-                          "flow_idle", "max_flows")}
+    rest = _settled(PUNCH_SETTINGS, values, only=("port", "rendezvous", "keepalive",
+                                                  "probe_ports", "retry", "flow_idle",
+                                                  "max_flows"))
     return PunchConfig(key=key, **endpoints, **rest)
 
 

@@ -23,10 +23,9 @@ How we name things:
 """
 
 import errno
-import socket
 import time
 
-from udpmux import addr, wire
+from udpmux import addr, sockets, wire
 from udpmux.batchio import Batch
 from udpmux.carrier import Dialer, TcpCarrier
 from udpmux.config import expose_from_options, load_expose
@@ -42,7 +41,6 @@ from udpmux.wire import (
 )
 
 CONNECT_TIMEOUT = 10.0          # seconds for a TCP connection to be welcomed
-SOCKET_BUFFER = 4 * 1024 * 1024
 
 
 class ExposeWorker(Worker):
@@ -86,11 +84,7 @@ class ExposeWorker(Worker):
             self.poller.unregister(self.sock)
             self.sock.close()
         family, sockaddr = self.relay
-        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-        sock.connect(sockaddr)
-        sock.setblocking(False)
+        sock = sockets.udp_connected(family, sockaddr)
         self.sock = self.sender.sock = sock
         self.endpoint.peer = addr.peer_key(family, sock.getpeername())
         if self.endpoint.session is not None:

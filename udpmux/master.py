@@ -28,7 +28,6 @@ A worker that fails before it is ready (any exception, see worker.py) exits with
 EXIT_WORKER_BOOT and its tunnel is FAILED: respawning it would fail the same way.
 """
 
-import errno
 import logging
 import os
 import selectors
@@ -36,8 +35,7 @@ import signal
 import socket
 import time
 
-from udpmux import control
-from udpmux.addr import format_endpoint
+from udpmux import control, sockets
 from udpmux.errors import EXIT_FAILURE, EXIT_OK, EXIT_OSERR, EXIT_WORKER_BOOT, Fatal
 from udpmux.sdnotify import Notifier
 
@@ -61,7 +59,6 @@ BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0         # a worker that ran this long restarts without delay
 NOTIFY_RETRY = 0.1         # seconds between tries of a notification systemd could not take
 STATUS_EVERY = 5.0          # seconds between sd_notify STATUS= lines with the traffic
-SOCKET_BUFFER = 4 * 1024 * 1024
 
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
 
@@ -69,29 +66,9 @@ HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
 def bind(endpoint, what):
     """A nonblocking socket bound to endpoint: UDP with large buffers, or a TCP listener."""
     family, sockaddr, kind = endpoint
-    where = format_endpoint(family, sockaddr)
     if kind == socket.SOCK_STREAM:
-        where = "TCP " + where
-    try:
-        sock = socket.socket(family, kind | socket.SOCK_CLOEXEC)
-    except OSError as exc:          # EMFILE, ENFILE, ENOBUFS, an address family not built in
-        raise Fatal(f"{what}: cannot open a socket for {where}: {exc.strerror or exc}",
-                    status=EXIT_OSERR) from None
-    try:
-        if kind == socket.SOCK_DGRAM:
-            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-        else:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-        if kind == socket.SOCK_STREAM:
-            sock.listen(16)
-    except OSError as exc:
-        sock.close()
-        status = EXIT_OSERR if exc.errno != errno.EACCES else 77
-        raise Fatal(f"{what}: cannot bind {where}: {exc.strerror}", status=status) from None
-    sock.setblocking(False)
-    return sock
+        return sockets.tcp_listener(family, sockaddr, what, backlog=16)
+    return sockets.udp(family, sockaddr, what)
 
 
 class Tunnel:

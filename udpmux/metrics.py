@@ -13,11 +13,8 @@ disturbs a worker.
     udpmux_datagrams_total{tunnel="wg",direction="in"} 1520
 """
 
-import errno
-import socket
-
+from udpmux import sockets
 from udpmux.addr import format_endpoint
-from udpmux.errors import Fatal
 from udpmux.status import Connections
 
 MAX_CLIENTS = 16                # connections held at once; a newcomer closes the oldest
@@ -111,16 +108,7 @@ class MetricsServer(Connections):
 
     def open(self):
         family, sockaddr = self.endpoint
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(sockaddr)
-            sock.listen(16)
-        except OSError as exc:
-            sock.close()
-            where = format_endpoint(family, sockaddr)
-            raise Fatal(f"metrics_listen: cannot listen on {where}: {exc.strerror}",
-                        status=77 if exc.errno == errno.EACCES else 71) from None
+        sock = sockets.tcp_listener(family, sockaddr, "metrics_listen", backlog=16)
         self.listen(sock)
         self.log.info("metrics at http://%s/metrics",
                       format_endpoint(family, sock.getsockname()))

@@ -57,14 +57,14 @@ import random
 import socket
 import time
 
-from udpmux import addr, config, wire
+from udpmux import addr, config, sockets, wire
 from udpmux.batchio import Batch
 from udpmux.datapath import BATCH, Drops, Sender, batches
 from udpmux.endpoint import (
     ENDED, IDLE, KEEPALIVE_DUE, LOST, MOVED, NEW, UP, Initiator, Responder,
     keepalive_body, liveness,
 )
-from udpmux.errors import EXIT_NOPERM, EXIT_OSERR, Fatal, UsageError
+from udpmux.errors import Fatal, UsageError
 from udpmux.flows import ClientFlows, ServiceFlows
 from udpmux.limits import raise_open_files
 from udpmux.log import setup as setup_log
@@ -150,7 +150,7 @@ class PunchWorker(Worker):
             self.begin_attempt(now)
         # Local flows.
         if self.side == SIDE_LISTEN:
-            self.local = _bind_udp(self.listen, "--listen")
+            self.local = sockets.udp(*self.listen, "--listen", buffer=None)
             self.poller.register(self.local, self.on_local)
             self.table = TagTable(self.max_flows)
             self.table.attach()
@@ -170,15 +170,7 @@ class PunchWorker(Worker):
 
     def bind_main(self):
         family = (self.peer_endpoint or self.relay)[0]
-        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", self.port))
-        except OSError as exc:
-            sock.close()
-            raise Fatal(f"--port: cannot bind UDP port {self.port}: {exc.strerror}",
-                        status=EXIT_OSERR) from None
-        sock.setblocking(False)
-        return sock
+        return sockets.udp_any(family, self.port, "--port")
 
     def direct_handshake(self):
         """What seals and opens PUNCH: the handshake key of the direct endpoint."""
@@ -260,11 +252,9 @@ class PunchWorker(Worker):
         raise_open_files(self.probe_ports + 64, self.log, "--probe-ports")
         for _ in range(self.probe_ports):
             try:
-                sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
-            except OSError:
-                break
-            sock.setblocking(False)
+                sock = sockets.udp_any(family, 0, "--probe-ports")
+            except Fatal:
+                break               # out of ports or descriptors: probe with what there is
             self.probes.append(sock)
             self.poller.register(sock, lambda s=sock: self.on_socket(s))
         self.birthday_left = self.probe_ports
@@ -642,19 +632,6 @@ class PunchWorker(Worker):
         self.log.info("stopped")
 
 
-def _bind_udp(endpoint, what):
-    family, sockaddr = endpoint
-    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(sockaddr)
-    except OSError as exc:
-        sock.close()
-        raise Fatal(f"{what}: cannot bind {addr.format_endpoint(family, sockaddr)}: "
-                    f"{exc.strerror}", status=EXIT_OSERR) from None
-    sock.setblocking(False)
-    return sock
-
-
 def _port(args, name):
     try:
         value = config.whole_number(args[name])
@@ -676,14 +653,13 @@ def once(peer, port, log):
     """mosh-nat's workflow: a few probes from port to peer, then the port is free for
     another program, and the hole it punched stays open for a while."""
     family, sockaddr = peer
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock = sockets.udp_any(family, port, "--port")
     try:
-        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
         for n in range(ONCE_PROBES):
             sock.sendto(b"udpmux punch %d" % n, sockaddr)
     except OSError as exc:
         raise Fatal(f"cannot punch from port {port}: {exc.strerror}",
-                    status=EXIT_NOPERM if exc.errno == 13 else EXIT_OSERR) from None
+                    status=sockets.status_of(exc)) from None
     finally:
         sock.close()
     log.info("punched from port %d towards %s; the port is free for the program now",

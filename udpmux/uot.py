@@ -34,20 +34,15 @@ How we name things:
             (uot-server), known at both ends by its tag
 """
 
-import errno
-import socket
 import time
 
-from udpmux import addr, wire
-from udpmux.auth import read_key
+from udpmux import addr, config, sockets, wire
 from udpmux.batchio import Batch
 from udpmux.carrier import Dialer, TcpCarrier
-from udpmux.config import UOT_SETTINGS, option_values
 from udpmux.datapath import BATCH, Drops, Sender, batches
 from udpmux.endpoint import (
     ENDED, KEEPALIVE_EVERY, LOST, NEW, UP, Initiator, Responder, dead_after,
 )
-from udpmux.errors import EXIT_NOPERM, EXIT_OSERR, Fatal, UsageError
 from udpmux.flows import ClientFlows, ServiceFlows
 from udpmux.limits import raise_open_files, source_of, to_make_room
 from udpmux.log import Every, setup as setup_log
@@ -70,40 +65,6 @@ DEAD_AFTER = dead_after(KEEPALIVE_EVERY)     # seconds without a word: the conne
 CONNECT_TIMEOUT = 10.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
-SOCKET_BUFFER = 4 * 1024 * 1024
-
-
-def _tcp_listen(endpoint, what):
-    family, sockaddr = endpoint
-    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise Fatal(f"{what}: cannot listen on {addr.format_endpoint(family, sockaddr)}: "
-                    f"{exc.strerror}",
-                    status=EXIT_NOPERM if exc.errno == errno.EACCES else EXIT_OSERR) from None
-    sock.setblocking(False)
-    return sock
-
-
-def _udp_bind(endpoint, what):
-    family, sockaddr = endpoint
-    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    try:
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-        sock.bind(sockaddr)
-    except OSError as exc:
-        sock.close()
-        raise Fatal(f"{what}: cannot bind {addr.format_endpoint(family, sockaddr)}: "
-                    f"{exc.strerror}",
-                    status=EXIT_NOPERM if exc.errno == errno.EACCES else EXIT_OSERR) from None
-    sock.setblocking(False)
-    return sock
-
 
 # -- the server
 
@@ -471,42 +432,20 @@ class UotClient(Worker):
 
 # -- command lines
 
-def _endpoint(args, name, kind=socket.SOCK_DGRAM, passive=False):
-    try:
-        return addr.parse_endpoint(args[name], kind, passive=passive)
-    except ValueError as exc:
-        raise UsageError(f"{name}: {exc}") from None
-
-
-def _settings(args):
-    values = option_values(args, UOT_SETTINGS)
-    return {s.name: values.get(s.name, s.default) for s in UOT_SETTINGS}
-
-
-def _key(args, log):
-    return None if args["--insecure"] else read_key(args["--key-file"], log)
-
-
 def server_main(args):
     log = setup_log(args.get("--debug"))
-    values = _settings(args)
-    listen = _endpoint(args, "--listen", socket.SOCK_STREAM, passive=True)
-    target = _endpoint(args, "--target")
-    key = _key(args, log)
-    raise_open_files(values["max_flows"] + values["max_clients"] + 64, log,
+    settings = config.uot_from_options(args, server=True, log=log)
+    raise_open_files(settings.max_flows + settings.max_clients + 64, log,
                      "--max-flows and --max-clients")
-    listener = _tcp_listen(listen, "uot-server")
-    return UotServer(listener, target, key, flow_idle=values["flow_idle"],
-                     max_flows=values["max_flows"], max_clients=values["max_clients"],
+    listener = sockets.tcp_listener(*settings.listen, "uot-server")
+    return UotServer(listener, settings.peer, settings.key, flow_idle=settings.flow_idle,
+                     max_flows=settings.max_flows, max_clients=settings.max_clients,
                      log=log).serve()
 
 
 def client_main(args):
     log = setup_log(args.get("--debug"))
-    values = _settings(args)
-    listen = _endpoint(args, "--listen", passive=True)
-    server = _endpoint(args, "--server", socket.SOCK_STREAM)
-    key = _key(args, log)
-    udp = _udp_bind(listen, "uot-client")
-    return UotClient(udp, server, key, flow_idle=values["flow_idle"],
-                     max_flows=values["max_flows"], log=log).serve()
+    settings = config.uot_from_options(args, server=False, log=log)
+    udp = sockets.udp(*settings.listen, "uot-client")
+    return UotClient(udp, settings.peer, settings.key, flow_idle=settings.flow_idle,
+                     max_flows=settings.max_flows, log=log).serve()

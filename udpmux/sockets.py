@@ -1,0 +1,100 @@
+"""Opening sockets, for every mode: UDP sockets bound or connected with large buffers,
+TCP listeners, and the errors each can meet said in one line with the exit status the
+man page documents (permission denied 77, anything else the system refused 71).
+
+  udp(family, sockaddr, what)          a UDP socket bound to sockaddr
+  udp_any(family, port, what)          a UDP socket on every address of family, at port
+  udp_connected(family, sockaddr)      a UDP socket connected to sockaddr (an agent's
+                                       socket towards its relay)
+  tcp_listener(family, sockaddr, what) a TCP listening socket
+
+Every socket returned is nonblocking and close-on-exec.  `what` names the setting or
+option the address came from, so that the error points at what to change.
+"""
+
+import errno
+import socket
+
+from udpmux.addr import format_endpoint
+from udpmux.errors import EXIT_NOPERM, EXIT_OSERR, Fatal
+
+BUFFER = 4 * 1024 * 1024        # SO_RCVBUF and SO_SNDBUF of a datagram socket (the kernel
+                                # caps it at net.core.rmem_max / wmem_max)
+BACKLOG = 128                   # connections a listener holds before accept()
+
+
+def status_of(exc):
+    """The exit status for an OSError met while opening a socket."""
+    return EXIT_NOPERM if exc.errno in (errno.EACCES, errno.EPERM) else EXIT_OSERR
+
+
+def _open(family, kind, what, where):
+    try:
+        return socket.socket(family, kind | socket.SOCK_CLOEXEC)
+    except OSError as exc:          # EMFILE, ENFILE, ENOBUFS, a family not built in
+        raise Fatal(f"{what}: cannot open a socket for {where}: {exc.strerror or exc}",
+                    status=status_of(exc)) from None
+
+
+def _buffers(sock, size):
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        sock.setsockopt(socket.SOL_SOCKET, option, size)
+
+
+def udp(family, sockaddr, what, buffer=BUFFER):
+    """A nonblocking UDP socket bound to sockaddr, with buffer bytes each way (None:
+    the system's default)."""
+    where = format_endpoint(family, sockaddr)
+    sock = _open(family, socket.SOCK_DGRAM, what, where)
+    try:
+        if buffer:
+            _buffers(sock, buffer)
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise Fatal(f"{what}: cannot bind {where}: {exc.strerror}",
+                    status=status_of(exc)) from None
+    sock.setblocking(False)
+    return sock
+
+
+def wildcard(family):
+    """The address meaning every address of family."""
+    return "::" if family == socket.AF_INET6 else "0.0.0.0"
+
+
+def udp_any(family, port, what, buffer=None):
+    """A nonblocking UDP socket on every address of family, at port (0: any free one)."""
+    return udp(family, (wildcard(family), port), what, buffer)
+
+
+def udp_connected(family, sockaddr, buffer=BUFFER):
+    """A nonblocking UDP socket connected to sockaddr: it hears only from there, and
+    the kernel reports an ICMP error from there on the next call."""
+    sock = _open(family, socket.SOCK_DGRAM, "relay", format_endpoint(family, sockaddr))
+    try:
+        _buffers(sock, buffer)
+        sock.connect(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise Fatal(f"cannot reach {format_endpoint(family, sockaddr)}: {exc.strerror}",
+                    status=status_of(exc)) from None
+    sock.setblocking(False)
+    return sock
+
+
+def tcp_listener(family, sockaddr, what, backlog=BACKLOG):
+    """A nonblocking TCP socket listening at sockaddr (SO_REUSEADDR: a restart does not
+    wait for the previous run's connections to time out)."""
+    where = format_endpoint(family, sockaddr)
+    sock = _open(family, socket.SOCK_STREAM, what, "TCP " + where)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise Fatal(f"{what}: cannot listen on {where}: {exc.strerror}",
+                    status=status_of(exc)) from None
+    sock.setblocking(False)
+    return sock
