@@ -27,8 +27,8 @@ from unittest import mock
 import pytest
 
 from udpmux import (
-    addr, auth, carrier, cli, config, endpoint, errors, link, probes, punch, relay, session,
-    stream, uot, wire,
+    addr, auth, carrier, cli, config, endpoint, errors, link, linkstart, probes, punch, relay,
+    session, stream, uot, wire,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -613,7 +613,7 @@ def test_protocol_errors_and_reset_reasons_match_the_code():
 
 def test_link_banner_is_in_the_page():
     text = normal(render("udpmux.8"))
-    assert f"{link.BANNER} ADDRESS PORT" in text
+    assert f"{linkstart.BANNER} ADDRESS PORT" in text
 
 
 # -- (h) mandoc -T lint

@@ -5,6 +5,7 @@ and a blackout are in tests/test_lab_link.py."""
 import hashlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -276,6 +277,35 @@ def test_the_server_gives_up_on_a_client_that_vanished(service, bind_range):
         proc.wait()
         proc.stdin.close()
         proc.stdout.close()
+
+
+def test_listen_tcp_on_a_port_taken_names_the_option():
+    with socket.create_server((LOCAL, 0)) as taken:
+        port = taken.getsockname()[1]
+        out = subprocess.run(udpmux_argv("link", "--ssh-command", "false", "--listen-tcp",
+                                         f"{LOCAL}:{port}", "testhost"),
+                             env=env(), capture_output=True, text=True, timeout=WAIT)
+    assert out.returncode == 71, out.stderr
+    assert f"--listen-tcp: cannot listen on {LOCAL}:{port}: Address already in use" \
+        in out.stderr
+
+
+def test_listen_tcp_on_a_port_not_allowed_is_status_77():
+    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+        if int(f.read()) <= 1:
+            pytest.skip("port 1 is not privileged here")
+    prefix = []
+    if os.geteuid() == 0:
+        # root without CAP_NET_BIND_SERVICE, as a user is
+        prefix = ["setpriv", "--bounding-set=-net_bind_service",
+                  "--inh-caps=-net_bind_service"]
+        if not shutil.which("setpriv") or subprocess.run(prefix + ["true"]).returncode:
+            pytest.skip("cannot drop CAP_NET_BIND_SERVICE here (setpriv)")
+    out = subprocess.run(prefix + udpmux_argv("link", "--ssh-command", "false",
+                                              "--listen-tcp", f"{LOCAL}:1", "testhost"),
+                         env=env(), capture_output=True, text=True, timeout=WAIT)
+    assert out.returncode == 77, out.stderr
+    assert f"--listen-tcp: cannot listen on {LOCAL}:1: Permission denied" in out.stderr
 
 
 @pytest.mark.parametrize("stdin, message, status", [

@@ -3,28 +3,21 @@ roaming and sleep; made for ssh's ProxyCommand.
 
     ssh -o ProxyCommand="udpmux link %r@%h" host
 
-How a session starts (nothing to configure on the server but udpmux itself)::
+link-server is started over ssh, which carries the key one way and the server's port
+the other, and then ends (linkstart.py); from then on, UDP alone::
 
-    udpmux link                          ssh host ...                 server host
-      | key = 32 random bytes                                   udpmux link-server
-      |-- ssh DEST "udpmux link-server ..." -------------------> reads the key (stdin),
-      |      key on ssh's standard input                          binds a UDP port of --bind,
-      |<---- "UDPMUX-LINK 1 <address> <port>" (stdout) ---------  prints it, leaves the ssh
-      |      ssh ends: nothing but udpmux stays on the server     session and serves
-      |
+    udpmux link                                                   udpmux link-server
       |== HELLO / WELCOME under the key; then STREAM, ACK, WINDOW, RESET (stream.py) ==>
       |                                                           each stream: a TCP
     stdin/stdout, or one stream per connection accepted           connection to --target
     on --listen-tcp
 
-The key never appears on a command line, in a log or on a terminal: whatever else the
-server's end prints before its banner (a terminal that echoes standard input, a login
-message) is skipped unread.  Every message is sealed with the session; the server's
-side of the session moves to a new address once that address answers a challenge
-(session.PathCheck), so the client may roam.  The client rebinds its socket
-(a new source port, so a new NAT mapping) when the server stops answering, and either
-end keeps probing with a capped backoff, so the session comes back within about a
-second of the path coming back, after a blackout or a laptop's sleep.
+Every message is sealed with the session; the server's side of the session moves to a
+new address once that address answers a challenge (session.PathCheck), so the client
+may roam.  The client rebinds its socket (a new source port, so a new NAT mapping) when
+the server stops answering, and either end keeps probing with a capped backoff, so the
+session comes back within about a second of the path coming back, after a blackout or
+a laptop's sleep.
 
 Exit statuses of `udpmux link`: 0 when every byte went both ways and was acknowledged;
 1 (with a message saying why) when the other end could not be reached for --idle-limit
@@ -37,26 +30,21 @@ How we name things:
   rebind     the client's new UDP socket, for a new NAT mapping
 """
 
-import base64
 import errno
 import os
-import random
-import select
-import shlex
-import signal
 import socket
-import subprocess
 import sys
 import time
 
-from udpmux import addr, auth, wire
+from udpmux import addr, auth, sockets, wire
 from udpmux.batchio import Batch
-from udpmux.config import LINK_SETTINGS, option_values
+from udpmux.config import link_from_options
 from udpmux.datapath import BATCH, Drops, Sender, batches
 from udpmux.endpoint import (
     ENDED, LOST, MOVED, NEW, UP, Initiator, Responder, keepalive_body,
 )
-from udpmux.errors import EXIT_FAILURE, EXIT_OK, EXIT_OSERR, Fatal, UsageError
+from udpmux.errors import EXIT_FAILURE, EXIT_OK, UsageError
+from udpmux.linkstart import BOOT_TIMEOUT, bind_in_range, detach, listen_tcp, start_server
 from udpmux.log import Every, setup as setup_log
 from udpmux.reasons import R_PROTOCOL, R_SESSION, R_TOO_LARGE
 from udpmux.stream import (
@@ -66,15 +54,12 @@ from udpmux.stream import (
 from udpmux.worker import Worker
 from udpmux.wire import CLOSE_SHUTDOWN, HEADER, REASON, T_BYE, T_KEEPALIVE
 
-BANNER = "UDPMUX-LINK 1"            # what link-server prints: BANNER address port
-BOOT_TIMEOUT = 60.0                 # seconds ssh may take to start the server (a password)
 FIRST_CONTACT = 60.0                # seconds the server waits for the client's first word
 HELLO_FIRST = 0.25                  # seconds before the first HELLO is repeated
 HELLO_MOST = 2.0
 KEEPALIVE_EVERY = 15.0              # seconds between keepalives when nothing else is sent
 REBIND_AFTER = 3.0                  # seconds without an answer before the client rebinds
 READ_CHUNK = 65536
-SOCKET_BUFFER = 4 * 1024 * 1024
 RESET_CONNECT = 2                   # the server could not connect to the target
 WAITING_CONNECTIONS = 64            # local connections held until the session is up
 
@@ -585,7 +570,7 @@ class LinkClient(LinkEnd):
         family, sockaddr = self.server
         sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, option, sockets.BUFFER)
         sock.connect(sockaddr)
         sock.setblocking(False)
         self.sock = self.sender.sock = sock
@@ -776,142 +761,18 @@ class LinkClient(LinkEnd):
         self.log.debug("session over: %s", self.summary())
 
 
-# -- starting the server over ssh
-
-def _values(args):
-    values = option_values(args, LINK_SETTINGS)
-    return {s.name: values.get(s.name, s.default) for s in LINK_SETTINGS}
-
-
-def _server_command(args, values):
-    parts = [args["--server-command"], "link-server",
-             "--bind", shlex.quote(values["bind"]), "--target", shlex.quote(values["target"]),
-             "--packet-size", str(values["packet_size"]),
-             "--idle-limit", f"{values['idle_limit']:g}"]
-    if args["--debug"]:
-        parts.append("--debug")
-    return " ".join(parts)
-
-
-def start_server(args, values, key, log):
-    """Run link-server on DEST over ssh; returns ((family, sockaddr) of the server, the
-    ssh process if it stays (--debug carries the server's log), else None)."""
-    dest = args["DEST"]
-    try:
-        ssh = shlex.split(args["--ssh-command"])
-    except ValueError as exc:
-        raise UsageError(f"--ssh-command: {exc}") from None
-    argv = ssh + [dest, _server_command(args, values)]
-    log.debug("starting the server: %s", " ".join(shlex.quote(a) for a in argv))
-    try:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    except OSError as exc:
-        raise Fatal(f"cannot run {ssh[0]}: {exc.strerror}", status=EXIT_OSERR) from None
-    try:
-        proc.stdin.write(base64.b64encode(key) + b"\n")
-        proc.stdin.close()
-    except OSError:
-        pass
-    words = _read_banner(proc, dest, log)
-    host, port = words[2], int(words[3])
-    if args.get("--server-address"):
-        host = args["--server-address"]
-    elif host == "-":
-        host = _ssh_hostname(ssh, dest)
-    try:
-        server = addr.resolve(host, port)
-    except ValueError as exc:
-        proc.kill()
-        raise Fatal(f"{dest}: {exc}") from None
-    if args["--debug"]:
-        return server, proc            # it carries the server's log to our stderr
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    return server, None
-
-
-def _read_banner(proc, dest, log):
-    """The words of link-server's banner line on ssh's output.  Lines before it (the
-    echo of a terminal ssh allocated, which holds the key; a login message) are skipped
-    and never shown: only their count reaches the debug log."""
-    pending = b""
-    skipped = 0
-    end = time.monotonic() + BOOT_TIMEOUT
-    prefix = BANNER.encode() + b" "
-    while True:
-        while b"\n" in pending:
-            line, pending = pending.split(b"\n", 1)
-            line = line.rstrip(b"\r")
-            if line.startswith(prefix):
-                words = line.decode("ascii", errors="replace").split()
-                if len(words) == 4 and words[3].isascii() and words[3].isdigit() \
-                        and 0 < int(words[3]) < 65536:
-                    if skipped:
-                        log.debug("skipped %d lines before the server's banner", skipped)
-                    return words
-                proc.kill()
-                raise Fatal(f"{dest}: the server end's banner is not one this udpmux reads "
-                            "(another version there? --server-command)")
-            skipped += 1
-        if len(pending) > 4096:
-            skipped += 1
-            pending = b""
-        left = end - time.monotonic()
-        if left <= 0:
-            proc.kill()
-            raise Fatal(f"{dest}: link-server did not answer within {BOOT_TIMEOUT:.0f} s"
-                        + (f" ({skipped} other lines came)" if skipped else ""))
-        ready, _, _ = select.select([proc.stdout], [], [], left)
-        if not ready:
-            continue
-        chunk = os.read(proc.stdout.fileno(), 4096)
-        if not chunk:
-            status = proc.wait()
-            raise Fatal(f"{dest}: could not start the server end (ssh exited with status "
-                        f"{status}); is udpmux installed there? (--server-command)")
-        pending += chunk
-
-
-def _ssh_hostname(ssh, dest):
-    """The host name ssh connects to for dest (its configuration may rename it)."""
-    try:
-        out = subprocess.run(ssh + ["-G", dest], capture_output=True, text=True, timeout=10)
-        for line in out.stdout.splitlines():
-            if line.startswith("hostname "):
-                return line.split(None, 1)[1]
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return dest.rpartition("@")[2]
-
+# -- the commands
 
 def main(args):
     """`udpmux link`."""
     log = setup_log(args["--debug"])
-    values = _values(args)
-    listener = None
-    if args["--listen-tcp"]:
-        try:
-            family, sockaddr = addr.parse_endpoint(args["--listen-tcp"], socket.SOCK_STREAM,
-                                                   passive=True)
-        except ValueError as exc:
-            raise UsageError(f"--listen-tcp: {exc}") from None
-        listener = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(sockaddr)
-            listener.listen(64)
-        except OSError as exc:
-            raise Fatal(f"--listen-tcp: cannot listen on {args['--listen-tcp']}: "
-                        f"{exc.strerror}", status=EXIT_OSERR) from None
-        listener.setblocking(False)
+    cfg = link_from_options(args)
+    listener = listen_tcp(args["--listen-tcp"]) if args["--listen-tcp"] else None
     key = auth.generate_key()
-    server, ssh = start_server(args, values, key, log)
+    server, ssh = start_server(args, cfg, key, log)
     log.debug("the server listens at %s", addr.format_endpoint(*server))
-    client = LinkClient(server, key, values["packet_size"], values["idle_limit"],
-                        values["linger"], listener, log)
+    client = LinkClient(server, key, cfg.packet_size, cfg.idle_limit, cfg.linger, listener,
+                        log)
     try:
         client.serve()
     finally:
@@ -924,61 +785,14 @@ def server_main(args):
     """`udpmux link-server`: read the key, bind, tell, detach, serve."""
     debug = args["--debug"]
     log = setup_log(debug)
-    values = _values(args)
+    cfg = link_from_options(args)
     try:
-        host, port = addr.split_hostport(values["target"])
+        host, port = addr.split_hostport(cfg.target)
     except ValueError as exc:
         raise UsageError(f"--target: {exc}") from None
     key = auth.read_key("-")
-    low, high = addr.parse_port_range(values["bind"])
-    sock = _bind_in_range(low, high)
-    where = os.environ.get("SSH_CONNECTION", "").split()
-    address = where[2] if len(where) == 4 else "-"
-    sys.stdout.write(f"{BANNER} {address} {sock.getsockname()[1]}\n")
-    sys.stdout.flush()
-    _detach(debug)
-    server = LinkServer(sock, (host, port), key, values["packet_size"], values["idle_limit"],
-                        log)
+    sock = bind_in_range(*addr.parse_port_range(cfg.bind))
+    detach(sock.getsockname()[1], debug)
+    server = LinkServer(sock, (host, port), key, cfg.packet_size, cfg.idle_limit, log)
     server.serve()
     return server.status
-
-
-def _bind_in_range(low, high):
-    ports = list(range(low, high + 1))
-    random.shuffle(ports)
-    last = None
-    for port in ports[:256]:
-        for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
-            sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            try:
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                    sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-                sock.bind((host, port))
-            except OSError as exc:
-                sock.close()
-                last = exc
-                if exc.errno == errno.EADDRINUSE:
-                    break               # this port is taken in any family: the next one
-                continue                # no IPv6 here: IPv4 alone
-            sock.setblocking(False)
-            return sock
-    raise Fatal(f"no free UDP port in {low}-{high}"
-                + (f": {last.strerror}" if last is not None else ""), status=EXIT_OSERR)
-
-
-def _detach(debug):
-    """Leave the ssh session: a child goes on, the parent exits so that ssh can end.
-    With debug, standard error stays: ssh carries the log back to the client."""
-    if os.fork():
-        os._exit(0)
-    os.setsid()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1) if debug else (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    if debug:
-        import logging
-        logging.raiseExceptions = False     # a log line to a closed ssh is lost, no more

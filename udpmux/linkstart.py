@@ -1,0 +1,217 @@
+"""Starting a link session: all that comes before the first HELLO.  This module owns
+  - the client's side: its --listen-tcp listener (listen_tcp); link-server run over ssh,
+    the key on ssh's standard input, the banner read back (start_server);
+  - the server's side: a UDP port of --bind (bind_in_range); the banner told, then
+    leaving the ssh session, a child staying to serve (detach);
+  - the banner, written and read here alone (banner_line, parse_banner).
+
+    udpmux link                          ssh host ...                 server host
+      | key = 32 random bytes                                   udpmux link-server
+      |-- ssh DEST "udpmux link-server ..." -------------------> reads the key (stdin),
+      |      key on ssh's standard input                          binds a UDP port of --bind,
+      |<---- "UDPMUX-LINK 1 <address> <port>" (stdout) ---------  prints it, leaves the ssh
+      |      ssh ends: nothing but udpmux stays on the server     session and serves
+
+address is where the ssh connection reached the server (the third word of
+SSH_CONNECTION), "-" when not known.  The key never appears on a command line, in a log
+or on a terminal: whatever the server's end prints before its banner (a terminal's echo
+of standard input, a login message) is skipped unread.
+"""
+
+import base64
+import errno
+import os
+import random
+import select
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from udpmux import addr, sockets
+from udpmux.errors import EXIT_OK, EXIT_OSERR, Fatal, UsageError
+
+BANNER = "UDPMUX-LINK 1"            # then: address port
+BOOT_TIMEOUT = 60.0                 # seconds ssh may take to start the server (a password)
+
+
+# -- the banner
+
+def banner_line(address, port):
+    return f"{BANNER} {address} {port}\n"
+
+
+def parse_banner(line):
+    """(address, port) from a banner line (str, without its newline), or None when it is
+    not a banner this udpmux reads."""
+    words = line.split()
+    if words[:2] != BANNER.split() or len(words) != 4:
+        return None
+    if not (words[3].isascii() and words[3].isdigit() and 0 < int(words[3]) < 65536):
+        return None
+    return words[2], int(words[3])
+
+
+# -- the client's side: link-server over ssh
+
+def server_command(args, cfg):
+    parts = [args["--server-command"], "link-server",
+             "--bind", shlex.quote(cfg.bind), "--target", shlex.quote(cfg.target),
+             "--packet-size", str(cfg.packet_size), "--idle-limit", f"{cfg.idle_limit:g}"]
+    if args["--debug"]:
+        parts.append("--debug")
+    return " ".join(parts)
+
+
+def start_server(args, cfg, key, log):
+    """Run link-server on DEST over ssh; returns ((family, sockaddr) of the server, the
+    ssh process if it stays (--debug carries the server's log), else None)."""
+    dest = args["DEST"]
+    try:
+        ssh = shlex.split(args["--ssh-command"])
+    except ValueError as exc:
+        raise UsageError(f"--ssh-command: {exc}") from None
+    argv = ssh + [dest, server_command(args, cfg)]
+    log.debug("starting the server: %s", " ".join(shlex.quote(a) for a in argv))
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    except OSError as exc:
+        raise Fatal(f"cannot run {ssh[0]}: {exc.strerror}", status=EXIT_OSERR) from None
+    try:
+        proc.stdin.write(base64.b64encode(key) + b"\n")
+        proc.stdin.close()
+    except OSError:
+        pass
+    host, port = _read_banner(proc, dest, log)
+    if args.get("--server-address"):
+        host = args["--server-address"]
+    elif host == "-":
+        host = _ssh_hostname(ssh, dest)
+    try:
+        server = addr.resolve(host, port)
+    except ValueError as exc:
+        proc.kill()
+        raise Fatal(f"{dest}: {exc}") from None
+    if args["--debug"]:
+        return server, proc            # it carries the server's log to our stderr
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return server, None
+
+
+def _read_banner(proc, dest, log):
+    """(address, port) from link-server's banner on ssh's output.  Lines
+    before it (the echo of a terminal ssh allocated, which holds the key; a login
+    message) are skipped and never shown: only their count reaches the debug log."""
+    pending = b""
+    skipped = 0
+    end = time.monotonic() + BOOT_TIMEOUT
+    prefix = BANNER.encode() + b" "
+    while True:
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            line = line.rstrip(b"\r")
+            if line.startswith(prefix):
+                banner = parse_banner(line.decode("ascii", errors="replace"))
+                if banner is not None:
+                    if skipped:
+                        log.debug("skipped %d lines before the server's banner", skipped)
+                    return banner
+                proc.kill()
+                raise Fatal(f"{dest}: the server end's banner is not one this udpmux reads "
+                            "(another version there? --server-command)")
+            skipped += 1
+        if len(pending) > 4096:
+            skipped += 1
+            pending = b""
+        left = end - time.monotonic()
+        if left <= 0:
+            proc.kill()
+            raise Fatal(f"{dest}: link-server did not answer within {BOOT_TIMEOUT:.0f} s"
+                        + (f" ({skipped} other lines came)" if skipped else ""))
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        if not ready:
+            continue
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            status = proc.wait()
+            raise Fatal(f"{dest}: could not start the server end (ssh exited with status "
+                        f"{status}); is udpmux installed there? (--server-command)")
+        pending += chunk
+
+
+def _ssh_hostname(ssh, dest):
+    """The host name ssh connects to for dest (its configuration may rename it)."""
+    try:
+        out = subprocess.run(ssh + ["-G", dest], capture_output=True, text=True, timeout=10)
+        for line in out.stdout.splitlines():
+            if line.startswith("hostname "):
+                return line.split(None, 1)[1]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return dest.rpartition("@")[2]
+
+
+def listen_tcp(text):
+    """The client's --listen-tcp listener, opened before ssh runs so that a bad address
+    or a port taken fails at once."""
+    try:
+        family, sockaddr = addr.parse_endpoint(text, socket.SOCK_STREAM, passive=True)
+    except ValueError as exc:
+        raise UsageError(f"--listen-tcp: {exc}") from None
+    return sockets.tcp_listener(family, sockaddr, "--listen-tcp")
+
+
+# -- the server's side: a port, then out of the ssh session
+
+def bind_in_range(low, high):
+    """A nonblocking UDP socket on a port picked at random in low-high, for IPv6 and
+    IPv4 where the host has both; at most 256 ports are tried."""
+    ports = list(range(low, high + 1))
+    random.shuffle(ports)
+    last = None
+    for port in ports[:256]:
+        for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+            sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            try:
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                    sock.setsockopt(socket.SOL_SOCKET, option, sockets.BUFFER)
+                sock.bind((host, port))
+            except OSError as exc:
+                sock.close()
+                last = exc
+                if exc.errno == errno.EADDRINUSE:
+                    break               # this port is taken in any family: the next one
+                continue                # no IPv6 here: IPv4 alone
+            sock.setblocking(False)
+            return sock
+    raise Fatal(f"no free UDP port in {low}-{high}"
+                + (f": {last.strerror}" if last is not None else ""), status=EXIT_OSERR)
+
+
+def detach(port, debug):
+    """Tell the banner, then leave the ssh session: a child goes on, the parent exits so
+    that ssh can end.  With debug, standard error stays: ssh carries the log back to
+    the client.  Returns in the child only."""
+    where = os.environ.get("SSH_CONNECTION", "").split()
+    address = where[2] if len(where) == 4 else "-"
+    sys.stdout.write(banner_line(address, port))
+    sys.stdout.flush()
+    if os.fork():
+        os._exit(EXIT_OK)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1) if debug else (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if debug:
+        import logging
+        logging.raiseExceptions = False     # a log line to a closed ssh is lost, no more
