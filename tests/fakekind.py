@@ -83,9 +83,6 @@ class Kind:
             self.builds -= 1
         return self.worker_class(tunnel.name, pipe, inherited, log)
 
-    def event(self, tunnel, body, log):
-        pass
-
     def traffic(self, tunnels):
         return 0, 0
 

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from udpmux import batchio
 from udpmux.addr import peer_key
-from udpmux.batchio import MAX_DATAGRAM, Batch, Outbox, recv_into
+from udpmux.batchio import Batch, Outbox, recv_into
+from udpmux.wire import MAX_UDP_PAYLOAD
 
 WAIT = 5.0              # seconds to wait for a datagram that loopback should deliver at once
 TEST_ALARM = 30         # seconds before a test that blocks is failed instead of hanging
@@ -225,7 +226,7 @@ def test_any_sizes_arrive_exact_or_flagged(sizes, headroom, slot_size, portable)
 def test_largest_datagrams_arrive_whole(portable, family, sockets):
     receiver = sockets.udp(family)
     sender = sockets.udp(family)
-    sent = [payload(i, MAX_DATAGRAM) for i in range(3)]
+    sent = [payload(i, MAX_UDP_PAYLOAD) for i in range(3)]
     for data in sent:
         sender.sendto(data, receiver.getsockname())
     batch = Batch(portable=portable)
@@ -251,7 +252,7 @@ def test_oversized_datagram_is_flagged_truncated(portable, family, sockets):
     receiver = sockets.udp(family)
     sender = sockets.udp(family)
     slot_size = 1000
-    sizes = [1500, 1000, 1001, 10, MAX_DATAGRAM]
+    sizes = [1500, 1000, 1001, 10, MAX_UDP_PAYLOAD]
     for i, size in enumerate(sizes):
         sender.sendto(payload(i, size), receiver.getsockname())
     batch = Batch(8, slot_size, portable=portable)
@@ -583,7 +584,7 @@ def test_a_refused_datagram_is_dropped_and_the_rest_sent(portable, sockets, coun
     receiver = sockets.udp(socket.AF_INET)
     sender = sockets.udp(socket.AF_INET)
     out = Outbox(arena_size=1 << 18, portable=portable)
-    too_big = MAX_DATAGRAM + 1          # EMSGSIZE over IPv4
+    too_big = MAX_UDP_PAYLOAD + 1          # EMSGSIZE over IPv4
     out.add(bytes(too_big), key_of(receiver))
     for i in range(count - 1):
         out.add(b"fine %d" % i, key_of(receiver))
@@ -615,12 +616,12 @@ def test_flush_into_a_full_udp_path_never_blocks(portable, family, sockets):
     sink = sockets.udp(family, rcvbuf=1)
     sender = sockets.udp(family, blocking=True)
     sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
-    batch = Batch(4, MAX_DATAGRAM, portable=portable)
+    batch = Batch(4, MAX_UDP_PAYLOAD, portable=portable)
     out = Outbox(portable=portable)
     queued = 0
     for _ in range(10):
         for _ in range(batchio.MAX_PER_CALL):
-            out.add_from(batch, 0, MAX_DATAGRAM, key_of(sink))
+            out.add_from(batch, 0, MAX_UDP_PAYLOAD, key_of(sink))
             queued += 1
         out.flush(sender)
         assert len(out) == 0
@@ -628,7 +629,7 @@ def test_flush_into_a_full_udp_path_never_blocks(portable, family, sockets):
     arrived = 0
     for _ in range(queued):         # loopback delivered at once: drain what is there
         try:
-            sink.recv(MAX_DATAGRAM)
+            sink.recv(MAX_UDP_PAYLOAD)
         except BlockingIOError:
             break
         arrived += 1

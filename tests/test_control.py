@@ -22,10 +22,10 @@ def test_control_messages_keep_their_boundaries_and_bodies():
     master, worker = control.pair()
     with master, worker:
         assert control.send(worker, control.MSG_READY, {"pid": 42})
-        assert control.send(worker, control.MSG_EVENT, {"event": "x" * 3000})
+        assert control.send(worker, control.MSG_FAILED, {"error": "x" * 3000})
         assert control.send(master, control.MSG_STOP)
         assert control.recv(master) == (control.MSG_READY, {"pid": 42})
-        assert control.recv(master) == (control.MSG_EVENT, {"event": "x" * 3000})
+        assert control.recv(master) == (control.MSG_FAILED, {"error": "x" * 3000})
         assert control.recv(worker) == (control.MSG_STOP, None)
 
 

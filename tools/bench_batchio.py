@@ -36,7 +36,7 @@ import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-from udpmux import batchio                      # noqa: E402
+from udpmux import batchio, wire                # noqa: E402
 from udpmux.addr import from_peer_key, peer_key  # noqa: E402
 
 DEFAULT_SECONDS = 1.0       # measured seconds per run
@@ -291,8 +291,8 @@ def main(argv=None):
         parser.error("--seconds must be more than 0 and at most 60")
     if not 1 <= args.rounds <= 20:
         parser.error("--rounds must be from 1 to 20")
-    if any(not 0 <= size <= batchio.MAX_DATAGRAM for size in sizes):
-        parser.error(f"--size must be from 0 to {batchio.MAX_DATAGRAM}")
+    if any(not 0 <= size <= wire.MAX_UDP_PAYLOAD for size in sizes):
+        parser.error(f"--size must be from 0 to {wire.MAX_UDP_PAYLOAD}")
     if not batchio.HAVE_MMSG:
         print("recvmmsg/sendmmsg are not available here: path (1) runs the portable code",
               file=sys.stderr)

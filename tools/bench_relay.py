@@ -1055,7 +1055,7 @@ def report_targets(results):
         print(f"    whole tunnel (fig. 4b), {max(b):,} flows vs 1: {b[max(b)] / b[min(b)]:.2f} x;"
               f" {last:,} flows do not fit in one exposer on this machine")
         rb = results["ratio_b"]
-        print(f"    for comparison, the C-ratio with interleaved flows (fig. 4b, one-way): "
+        print("    for comparison, the C-ratio with interleaved flows (fig. 4b, one-way): "
               + ", ".join(f"{n:,} flow{'s' if n != 1 else ''} {rb[n]:.2f} x"
                           for n in sorted(rb)))
     if "latency" in results:

@@ -57,11 +57,6 @@ def mac(key, data):
     return hashlib.blake2b(data, key=key, digest_size=MAC_SIZE).digest()
 
 
-def seal(key, msg):
-    """msg followed by its MAC (msg must already carry the KEYED flag)."""
-    return msg + mac(key, msg)
-
-
 def verify(key, msg):
     """True when the last MAC_SIZE bytes of msg are the MAC of the rest."""
     return hmac.compare_digest(mac(key, msg[:-MAC_SIZE]), msg[-MAC_SIZE:])

@@ -71,7 +71,6 @@ except ImportError:     # a Python built without ctypes: the portable path only
 
 MAX_PER_CALL = 64               # datagrams per recvmmsg()/sendmmsg() call
 MAX_COUNT = 1024                # UIO_MAXIOV: the kernel's bound on one call's vector
-MAX_DATAGRAM = 65535 - 20 - 8   # 65,507: the largest UDP payload (IPv4 header, UDP header)
 DEFAULT_SLOT_SIZE = 65536 + 64  # any UDP datagram whole, with 64 bytes of headroom to spare
 DEFAULT_ARENA_SIZE = 1 << 17    # an Outbox's copy buffer: one datagram of any size, or many small
 SLOT_ALIGN = 64                 # slots start on a cache line

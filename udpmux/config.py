@@ -31,7 +31,7 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")      # whole names: NAME.f
 CONFIG_FILE_MAX = 1 << 20       # bytes; a configuration of a thousand tunnels takes 200 KiB
 # sizeof(sun_path) is 108 bytes on Linux; one stays for the NUL that C code expects.
 CONTROL_SOCKET_MAX = 107
-RENDEZVOUS_MAX_FLOWS = 65536    # agents a rendezvous tunnel holds at most (its state block)
+RENDEZVOUS_MAX_FLOWS = 65536    # agents a rendezvous tunnel holds at most (its report block)
 PROBE_PORTS_MAX = 4096          # punch's birthday sockets and guesses at most
 
 

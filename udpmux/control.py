@@ -19,10 +19,9 @@ MAX_MESSAGE = 65536
 
 MSG_READY = 1           # worker -> master: booted and serving
 MSG_STOP = 2            # master -> worker: stop gracefully (body: {"deadline": seconds})
-MSG_EVENT = 3           # worker -> master: something an operator acts on (body: {"event", ...})
 MSG_FAILED = 4          # worker -> master: cannot serve (body: {"error": text}); exit follows
 
-MSG_NAMES = {MSG_READY: "READY", MSG_STOP: "STOP", MSG_EVENT: "EVENT", MSG_FAILED: "FAILED"}
+MSG_NAMES = {MSG_READY: "READY", MSG_STOP: "STOP", MSG_FAILED: "FAILED"}     # for logs
 
 
 def pair():

@@ -2,7 +2,7 @@
 and sending through an outbox whose flush always counts what the kernel refused.
 
     socket --batches()--> handler(n) ...          Drops: reason -> count, all time
-                                                  (status, the state block), and a
+                                                  (status, the report block), and a
     Sender.add(msg, key) ... Sender.flush() -->   summary in the log at most once a
         (refused datagrams: Drops, R_SEND)        minute (log.DropLog)
 

@@ -10,7 +10,7 @@ the loop reads which signal came and calls its handler:
     SIGCHLD  reap workers; respawn a crashed one with backoff, but not one that
              could not boot
 
-Each tunnel's flow table and state block are mapped here, before the fork, so a
+Each tunnel's flow table and report block are mapped here, before the fork, so a
 respawned worker finds its predecessor's flows.  Readiness goes to systemd through
 sd_notify: READY=1 once every worker reported ready, RELOADING=1 and STOPPING=1.
 
@@ -103,6 +103,10 @@ class Master:
         kind.shared(tunnel_config, old)   -> what to map before fork (old: the
                                              previous Tunnel's, for a changed tunnel)
         kind.worker(tunnel, pipe, inherited, log) -> a Worker, built before fork
+        kind.traffic(tunnels)             -> (flows, datagrams) for sd_notify's STATUS=
+        kind.describe(tunnel)             -> what `udpmux status` shows of a tunnel
+                                             beyond its lifecycle (a dict for JSON)
+        kind.flows(tunnel)                -> its flows, for `udpmux status --flows`
     """
 
     def __init__(self, kind, log=None, notifier=None):
@@ -462,8 +466,9 @@ class Master:
             self.worker_ready(tunnel)
         elif mtype == control.MSG_FAILED:
             self.log.error("tunnel %s: %s", tunnel.name, body.get("error", "failed to start"))
-        elif mtype == control.MSG_EVENT:
-            self.kind.event(tunnel, body, self.log)
+        else:
+            self.log.warning("tunnel %s: worker %s sent %s, which a master does not take",
+                             tunnel.name, tunnel.pid, control.MSG_NAMES.get(mtype, mtype))
 
     def worker_ready(self, tunnel):
         if tunnel.state != STARTING:

@@ -46,14 +46,15 @@ TUNNEL_METRICS = [
      lambda t: t["counters"].get("expired", 0)),
     ("udpmux_flows_closed_total", "counter", "Flows the exposer closed.",
      lambda t: t["counters"].get("closed", 0)),
+    # An expose tunnel's exposer; a rendezvous tunnel has none and no samples.
     ("udpmux_exposer_up", "gauge", "1 while an exposer is registered.",
-     lambda t: int(bool(t["exposer"]))),
+     lambda t: int(bool(t["exposer"])) if "exposer" in t else None),
     ("udpmux_exposer_heard_seconds", "gauge", "Seconds since the exposer was last heard.",
-     lambda t: t["exposer"]["heard_ago"] if t["exposer"] else None),
+     lambda t: t["exposer"]["heard_ago"] if t.get("exposer") else None),
     ("udpmux_exposer_sessions_total", "counter", "Sessions the exposer started.",
-     lambda t: t["counters"].get("sessions", 0)),
+     lambda t: t["counters"].get("sessions", 0) if "exposer" in t else None),
     ("udpmux_exposer_roams_total", "counter", "Times the exposer's address changed.",
-     lambda t: t["counters"].get("roams", 0)),
+     lambda t: t["counters"].get("roams", 0) if "exposer" in t else None),
 ]
 
 

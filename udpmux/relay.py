@@ -24,7 +24,7 @@ and one of them makes room for a newcomer (limits.to_make_room).  Nothing a stra
 replaces the exposer's session: it moves to a new address only once that address
 answered a challenge (session.PathCheck), and only a completed handshake replaces it.
 
-A respawned worker carries on with its predecessor's session (from the state block)
+A respawned worker carries on with its predecessor's session (from the report block)
 and never accepts a message its predecessor could have accepted: before anything
 leaves the worker, the highest nonce received is written to a record in shared memory
 (SessionRecord), with the send nonces reserved ahead.
@@ -33,10 +33,11 @@ How we name things:
   client    an outside host sending to the public socket (not authenticated)
   exposer   the `udpmux expose` agent serving the tunnel (authenticated)
   flow      one client address, known by its tag at both ends
-  state     the tunnel's shared block: counters, and the exposer's session, so that a
-            respawned worker carries on with the same session and the same flows
+  report    the tunnel's shared block: counters, drops, and the exposer's session, for
+            `udpmux status` and so that a respawned worker carries on with the same
+            session and the same flows (not the tunnel's state, which is the master's)
   record    the session's nonces, in a few words of shared memory written before every
-            send (the state block is JSON, written once a second)
+            send (the report block is JSON, written once a second)
 """
 
 import mmap
@@ -44,7 +45,7 @@ import os
 import time
 
 from udpmux import wire
-from udpmux.addr import format_peer, peer_key
+from udpmux.addr import format_endpoint, format_peer, peer_key
 from udpmux.auth import WINDOW
 from udpmux.batchio import Batch
 from udpmux.carrier import TcpCarrier
@@ -59,7 +60,7 @@ from udpmux.reasons import (
     R_FLOW_RATE, R_NO_EXPOSER, R_SOURCE_RATE, R_TCP_FULL, R_TCP_SILENT, R_TOO_LARGE,
     R_UNKNOWN_TAG,
 )
-from udpmux.rendezvous import RendezvousWorker, state_size
+from udpmux.rendezvous import RendezvousWorker, report_size
 from udpmux.session import Session
 from udpmux.shm import DEFAULT_SIZE, SharedBlock
 from udpmux.tagtable import TagTable
@@ -103,11 +104,11 @@ class RelayShared:
         else:
             self.table = TagTable(config.max_flows)
             self.epoch = int.from_bytes(os.urandom(8), "big") or 1
-        size = state_size(config.max_flows) if config.mode == "rendezvous" else DEFAULT_SIZE
-        if old is not None and old.config.key == config.key and old.shared.state.size == size:
-            self.state, self.record = old.shared.state, old.shared.record
+        size = report_size(config.max_flows) if config.mode == "rendezvous" else DEFAULT_SIZE
+        if old is not None and old.config.key == config.key and old.shared.report.size == size:
+            self.report, self.record = old.shared.report, old.shared.record
         else:
-            self.state, self.record = SharedBlock(size), SessionRecord()
+            self.report, self.record = SharedBlock(size), SessionRecord()
 
 
 class RelayKind:
@@ -136,8 +137,43 @@ class RelayKind:
             return RendezvousWorker(tunnel, pipe, inherited, log)
         return RelayWorker(tunnel, pipe, inherited, log)
 
-    def event(self, tunnel, body, log):
-        log.info("tunnel %s: %s", tunnel.name, body.get("event"))
+    def describe(self, tunnel):
+        """A tunnel's sockets, flows, counters and drops, and its exposer (expose mode)
+        or its punch pairs (rendezvous mode), from the master's sockets and the shared
+        memory the worker writes (its report at most a second old)."""
+        config = tunnel.config
+        try:
+            report = tunnel.shared.report.read_json(patience=0.2)
+        except TimeoutError:
+            report = {}     # its worker died while writing; the next one writes it again
+        info = {
+            "mode": config.mode,
+            "public": _bound(tunnel, "public"),
+            "register": _bound(tunnel, "register" if "register" in tunnel.sockets
+                               else "public"),
+            "tcp": _bound(tunnel, "tcp") if "tcp" in tunnel.sockets else None,
+            "keyed": config.key is not None,
+            "flows": len(tunnel.shared.table),
+            "max_flows": config.max_flows,
+            "probe_max": tunnel.shared.table.probe_max(),
+            "counters": report.get("counters", {}),
+            "drops": report.get("drops", {}),
+        }
+        if config.mode == "rendezvous":
+            info["peers"] = report.get("peers", 0)
+            info["pairs"] = report.get("pairs", [])
+        else:
+            info["exposer"] = report.get("exposer")
+        return info
+
+    def flows(self, tunnel):
+        """A tunnel's flows, by tag, from its table in shared memory."""
+        now = time.monotonic()
+        return [{"tag": f.tag, "client": format_peer(f.key), "age": round(now - f.created, 3),
+                 "idle": round(now - f.last_seen, 3),
+                 "datagrams_in": f.pkts_in, "bytes_in": f.bytes_in,
+                 "datagrams_out": f.pkts_out, "bytes_out": f.bytes_out}
+                for f in sorted(tunnel.shared.table.snapshot(), key=lambda f: f.tag)]
 
     def traffic(self, tunnels):
         """(flows now, datagrams carried so far) over all tunnels, from shared memory."""
@@ -145,11 +181,20 @@ class RelayKind:
         for tunnel in tunnels:
             flows += len(tunnel.shared.table)       # the header's count: no scan
             try:
-                counters = tunnel.shared.state.read_json(patience=0.05).get("counters", {})
+                counters = tunnel.shared.report.read_json(patience=0.05).get("counters", {})
             except TimeoutError:
                 continue
             datagrams += counters.get("datagrams_in", 0) + counters.get("datagrams_out", 0)
         return flows, datagrams
+
+
+def _bound(tunnel, label):
+    """The address a tunnel's socket is bound to (the port the kernel chose for port 0)."""
+    sock = tunnel.sockets[label]
+    try:
+        return format_endpoint(sock.family, sock.getsockname())
+    except OSError:
+        return format_endpoint(*tunnel.config.endpoints()[label][:2])
 
 
 class RelayWorker(Worker):
@@ -161,7 +206,7 @@ class RelayWorker(Worker):
         self.shared_socket = self.register is self.public
         self.tcp_listener = tunnel.sockets.get("tcp")
         self.table = tunnel.shared.table
-        self.state = tunnel.shared.state
+        self.report = tunnel.shared.report
         self.record = tunnel.shared.record
         self.epoch = tunnel.shared.epoch
         self.keyed = self.config.key is not None
@@ -194,12 +239,12 @@ class RelayWorker(Worker):
         self.to_exposer = Sender(self.register, self.drops, 2 * BATCH, self.note_nonces)
         self.to_clients = Sender(self.public, self.drops, 2 * BATCH, self.note_nonces)
         try:
-            state = self.state.read_json(patience=0.5)
+            report = self.report.read_json(patience=0.5)
         except TimeoutError:
             self.log.warning("tunnel %s: the last worker died while saving its state; "
                              "starting with a new session", self.name)
-            state = {}
-        self.restore(state, now)
+            report = {}
+        self.restore(report, now)
         self.poller.register(self.public, self.on_public)
         if not self.shared_socket:
             self.poller.register(self.register, self.on_register)
@@ -211,13 +256,13 @@ class RelayWorker(Worker):
         """The exposer's session, or None."""
         return self.endpoint.session
 
-    def restore(self, state, now):
-        """Carry on from a predecessor's state block: counters and the exposer's session."""
-        for name, value in state.get("counters", {}).items():
+    def restore(self, report, now):
+        """Carry on from a predecessor's report block: counters and the exposer's session."""
+        for name, value in report.get("counters", {}).items():
             if name in self.counters:
                 self.counters[name] = value
-        self.drops.restore(state.get("drops", {}))
-        saved = state.get("session")
+        self.drops.restore(report.get("drops", {}))
+        saved = report.get("session")
         # A session over TCP died with its connection: the exposer connects again.
         if not saved or saved.get("keyed") != self.keyed or saved.get("carrier") == "tcp":
             return
@@ -228,7 +273,7 @@ class RelayWorker(Worker):
         # Never reuse a nonce: skip past every one the predecessor may have used, and
         # accept nothing at or below the highest it had accepted.  The record has the
         # exact figures when it is of this session (it is written before every send;
-        # the state block once a second).
+        # the report block once a second).
         received, reserved = saved["recv_top"], saved["send_reserved"]
         local_id, recorded_top, recorded_reserve = self.record.read()
         if local_id == session.local_id:
@@ -521,7 +566,7 @@ class RelayWorker(Worker):
         key = session.peer
         self.carrier = carrier
         self.restored = False
-        self.registered = self.heard = now     # before write_state() below reports them
+        self.registered = self.heard = now     # before write_report() below reports them
         self.counters["sessions"] += 1
         how = "over TCP " if carrier is not None else ""
         if old is None:
@@ -535,7 +580,7 @@ class RelayWorker(Worker):
                            format_peer(key))
         if old_carrier is not None and old_carrier is not carrier:
             old_carrier.close("replaced by a new session")
-        self.write_state(now)           # first the keys, then the nonces: see restore()
+        self.write_report(now)           # first the keys, then the nonces: see restore()
         self.note_nonces()
 
     def end_session(self):
@@ -650,10 +695,10 @@ class RelayWorker(Worker):
             self.drops.take(carrier.drops)
         self.after_events()
         self.table.sync()
-        self.write_state(now)
+        self.write_report(now)
         self.drops.tick(now)
 
-    def write_state(self, now):
+    def write_report(self, now):
         session = self.session
         saved = None
         if session is not None:
@@ -669,7 +714,7 @@ class RelayWorker(Worker):
                 "age": now - self.registered,
                 "carrier": "tcp" if self.carrier is not None else "udp",
             }
-        self.state.write_json({
+        self.report.write_json({
             "pid": os.getpid(),
             "counters": self.counters,
             "drops": self.drops.counts,
@@ -695,7 +740,7 @@ class RelayWorker(Worker):
 
     def on_exit(self):
         self.table.sync()
-        self.write_state(time.monotonic())
+        self.write_report(time.monotonic())
 
 
 class Waiting:

@@ -16,9 +16,9 @@ side takes the place of the older.  PATH tells the relay whether the pair's data
 go directly or through it, for `udpmux status`.
 
 Bounds: at most max_flows peers (a HELLO beyond is not answered), each forgotten after
-flow_idle seconds without a word; handshakes as for every responder.  The state block
+flow_idle seconds without a word; handshakes as for every responder.  The report block
 that `udpmux status` reads lists every pair: it is sized for max_flows records of the
-largest size a record can have (state_size()), and max_flows itself is bounded
+largest size a record can have (report_size()), and max_flows itself is bounded
 (config.RENDEZVOUS_MAX_FLOWS) when the configuration is read.
 
 How we name things:
@@ -49,7 +49,7 @@ PATH_NAMES = {PATH_DIRECT: "direct", PATH_RELAYED: "relayed"}
 
 
 def _record(name, listen, forward, path, datagrams, size):
-    """One pair as the state block lists it."""
+    """One pair as the report block lists it."""
     return {"name": name, "listen": listen, "forward": forward, "path": path,
             "relayed_datagrams": datagrams, "relayed_bytes": size}
 
@@ -62,8 +62,8 @@ RECORD_MAX = len(json.dumps(_record("\x01" * RENDEZVOUS_NAME_MAX,
                                     "punching", 2 ** 64, 2 ** 64), separators=(",", ":"))) + 1
 
 
-def state_size(max_flows):
-    """The bytes of the state block of a rendezvous tunnel with max_flows peers."""
+def report_size(max_flows):
+    """The bytes of the report block of a rendezvous tunnel with max_flows peers."""
     return DEFAULT_SIZE + max_flows * RECORD_MAX
 
 
@@ -92,7 +92,7 @@ class RendezvousWorker(Worker):
         super().__init__(tunnel.name, pipe, inherited, log)
         self.config = tunnel.config
         self.sock = tunnel.sockets["public"]
-        self.state = tunnel.shared.state
+        self.report = tunnel.shared.report
         self.keyed = self.config.key is not None
 
     def setup(self):
@@ -245,10 +245,10 @@ class RendezvousWorker(Worker):
                 self.forget(peer, f"silent for {now - peer.heard:.0f} s")
         self.endpoint.tick(now)
         self.sender.flush()
-        self.write_state(now)
+        self.write_report(now)
         self.drops.tick(now)
 
-    def write_state(self, now):
+    def write_report(self, now):
         pairs = []
         for (name, side), peer in self.names.items():
             if side != SIDE_LISTEN:
@@ -266,7 +266,7 @@ class RendezvousWorker(Worker):
             if side == SIDE_FORWARD and peer.partner is None:
                 pairs.append(_record(name, None, format_peer(peer.key), "waiting",
                                      peer.relayed, peer.relayed_bytes))
-        self.state.write_json({
+        self.report.write_json({
             "pid": os.getpid(),
             "mode": "rendezvous",
             "counters": {**self.counters, "datagrams_in": self.counters["relayed"],
@@ -276,7 +276,6 @@ class RendezvousWorker(Worker):
             "drops": self.drops.counts,
             "peers": len(self.peers),
             "pairs": sorted(pairs, key=lambda p: p["name"]),
-            "exposer": None,
         })
 
     def on_stop(self, final):
@@ -288,7 +287,7 @@ class RendezvousWorker(Worker):
         self.alive = False
 
     def on_exit(self):
-        self.write_state(time.monotonic())
+        self.write_report(time.monotonic())
 
 
 def _side(side):

@@ -29,7 +29,6 @@ import time
 import psutil
 
 from udpmux import __version__
-from udpmux.addr import format_endpoint, format_peer
 from udpmux.config import default_control_socket
 from udpmux.errors import EXIT_FAILURE, EXIT_NOINPUT, Fatal
 
@@ -304,46 +303,27 @@ class StatusServer(Connections):
             "pid": os.getpid(),
             "uptime": round(time.monotonic() - self.started, 3),
             "config": getattr(master.config, "path", None),
-            "tunnels": [tunnel_status(t) for t in master.tunnels.values()],
+            "tunnels": [tunnel_status(t, master.kind) for t in master.tunnels.values()],
         }
 
     def flows(self, name):
         tunnel = self.master.tunnels.get(name)
         if tunnel is None:
             return {"error": f"no tunnel named {name!r}"}
-        now = time.monotonic()
-        return {"tunnel": name, "flows": [
-            {"tag": f.tag, "client": format_peer(f.key), "age": round(now - f.created, 3),
-             "idle": round(now - f.last_seen, 3),
-             "datagrams_in": f.pkts_in, "bytes_in": f.bytes_in,
-             "datagrams_out": f.pkts_out, "bytes_out": f.bytes_out}
-            for f in sorted(tunnel.shared.table.snapshot(), key=lambda f: f.tag)]}
+        return {"tunnel": name, "flows": self.master.kind.flows(tunnel)}
 
 
-def tunnel_status(tunnel):
-    try:
-        state = tunnel.shared.state.read_json(patience=0.2)
-    except TimeoutError:
-        state = {}          # its worker died while saving; the next one rewrites it
+def tunnel_status(tunnel, kind):
+    """A tunnel as `udpmux status` shows it: its lifecycle and worker, as the master
+    knows them, and what its kind says of it (kind.describe)."""
     info = {
         "name": tunnel.name,
-        "mode": tunnel.config.mode,
         "state": tunnel.state,
         "worker_pid": tunnel.pid,
         "restarts": tunnel.restarts,
-        "public": _bound(tunnel, "public"),
-        "register": _bound(tunnel, "register" if "register" in tunnel.sockets else "public"),
-        "tcp": _bound(tunnel, "tcp") if "tcp" in tunnel.sockets else None,
-        "keyed": tunnel.config.key is not None,
-        "flows": len(tunnel.shared.table),
-        "max_flows": tunnel.config.max_flows,
-        "probe_max": tunnel.shared.table.probe_max(),
-        "counters": state.get("counters", {}),
-        "drops": state.get("drops", {}),
-        "exposer": state.get("exposer"),
-        "pairs": state.get("pairs", []) if tunnel.config.mode == "rendezvous" else None,
         "cpu_seconds": None,
         "memory_bytes": None,
+        **kind.describe(tunnel),
     }
     if tunnel.pid is not None:
         try:
@@ -354,15 +334,6 @@ def tunnel_status(tunnel):
         except psutil.Error:
             pass
     return info
-
-
-def _bound(tunnel, label):
-    """The address a tunnel's socket is bound to (the port the kernel chose for port 0)."""
-    sock = tunnel.sockets[label]
-    try:
-        return format_endpoint(sock.family, sock.getsockname())
-    except OSError:
-        return format_endpoint(*tunnel.config.endpoints()[label][:2])
 
 
 def _in_use(path):
@@ -424,11 +395,16 @@ def _size(n):
 def format_status(reply):
     lines = [f"udpmux {reply['version']}, master {reply['pid']}, up {reply['uptime']:.0f} s"]
     header = ("TUNNEL", "STATE", "WORKER", "CPU", "MEM", "FLOWS", "IN", "OUT", "DROPS",
-              "EXPOSER")
+              "AGENTS")
     rows = [header]
     for t in reply["tunnels"]:
         c = t["counters"]
-        exposer = t["exposer"]
+        if t.get("mode") == "rendezvous":
+            agents = f"{t['peers']} peer" + ("s" if t["peers"] != 1 else "")
+        elif t.get("exposer"):
+            agents = f"{t['exposer']['address']} ({t['exposer']['heard_ago']:.0f} s ago)"
+        else:
+            agents = "no exposer"
         rows.append((
             t["name"], t["state"], str(t["worker_pid"] or "-"),
             "-" if t["cpu_seconds"] is None else f"{t['cpu_seconds']:.1f} s",
@@ -437,7 +413,7 @@ def format_status(reply):
             f"{c.get('datagrams_in', 0)} ({_size(c.get('bytes_in', 0))})",
             f"{c.get('datagrams_out', 0)} ({_size(c.get('bytes_out', 0))})",
             str(sum(t["drops"].values())),
-            f"{exposer['address']} ({exposer['heard_ago']:.0f} s ago)" if exposer else "none",
+            agents,
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]

@@ -150,7 +150,6 @@ ROLE_EXPOSE = 1         # an exposer registering with a relay's tunnel
 ROLE_LINK = 2           # a reliable-stream client
 ROLE_UOT = 3            # a UDP-over-TCP client
 ROLE_PUNCH = 4          # a hole-punching peer
-ROLE_NAMES = {ROLE_EXPOSE: "expose", ROLE_LINK: "link", ROLE_UOT: "uot", ROLE_PUNCH: "punch"}
 
 HELLO = struct.Struct("!I16sB51x")
 WELCOME = struct.Struct("!I16s16sBxH16sQ8s")

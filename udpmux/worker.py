@@ -159,6 +159,9 @@ class Worker:
         if mtype == control.MSG_STOP:
             body = body or {}
             self.stop(body.get("deadline", 5.0), final=body.get("final", True))
+        else:
+            self.log.warning("tunnel %s: the master sent %s, which a worker does not take",
+                             self.name, control.MSG_NAMES.get(mtype, mtype))
 
     def on_signal(self):
         try:
