@@ -5,9 +5,15 @@ set as sshd sets it.  The lab tests use the real OpenSSH instead.
 
 With FAKESSH_ECHO=FILE it behaves as an ssh that allocated a terminal on the server: what
 comes on standard input is echoed to standard output first (a terminal's echo); the
-first line is also written to FILE, for the test to look for it where it must not be."""
+first line is also written to FILE, for the test to look for it where it must not be.
+
+With FAKESSH_BANNERS=FILE it carries COMMAND's standard output itself, as ssh carries a
+channel, and appends each link-server banner line to FILE before passing it on: a test
+learns from it the PID of the server that serves, and stops that process alone.  It
+exits when COMMAND has exited and its standard output is closed, as ssh does."""
 
 import os
+import subprocess
 import sys
 
 if len(sys.argv) < 3:
@@ -24,4 +30,14 @@ if echo:
     os.close(w)
     os.dup2(r, 0)
     os.close(r)
-os.execv("/bin/sh", ["sh", "-c", " ".join(sys.argv[2:])])
+command = ["/bin/sh", "-c", " ".join(sys.argv[2:])]
+banners = os.environ.pop("FAKESSH_BANNERS", None)
+if not banners:
+    os.execv(command[0], command)
+sh = subprocess.Popen(command, stdout=subprocess.PIPE)
+for line in iter(sh.stdout.readline, b""):
+    if line.startswith(b"UDPMUX-LINK "):
+        with open(banners, "ab") as f:
+            f.write(line)
+    os.write(1, line)
+sys.exit(sh.wait())

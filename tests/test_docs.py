@@ -613,7 +613,7 @@ def test_protocol_errors_and_reset_reasons_match_the_code():
 
 def test_link_banner_is_in_the_page():
     text = normal(render("udpmux.8"))
-    assert f"{linkstart.BANNER} ADDRESS PORT" in text
+    assert f"{linkstart.BANNER} ADDRESS PORT PID" in text
 
 
 # -- (h) mandoc -T lint

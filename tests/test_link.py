@@ -2,20 +2,25 @@
 (tests/fakessh.py runs the remote command here).  The real OpenSSH, NATs, loss, roaming
 and a blackout are in tests/test_lab_link.py."""
 
+import base64
 import hashlib
 import os
 import re
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import psutil
 import pytest
 
 from procs import ROOT, WAIT, Daemon, deadline_loop, env, udpmux_argv
+from udpmux import auth
+from udpmux.linkstart import parse_banner
 
 LOCAL = "127.0.0.1"
 FAKESSH = f"{sys.executable} {os.path.join(ROOT, 'tests', 'fakessh.py')}"
@@ -85,62 +90,110 @@ def link_argv(port, *extra, bind="47200-47299"):
                        "-t", f"{LOCAL}:{port}", "--bind", bind, *extra, "testhost")
 
 
-def servers(bind):
-    """link-server processes started for this bind range (to watch, and stop, by PID)."""
-    found = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if "link-server" in cmd and bind in cmd:
-            found.append(p.pid)
-    return found
+class Servers:
+    """The link-servers that one test starts, each known by the PID its banner gives:
+    tests/fakessh.py appends every banner it carries to a file (FAKESSH_BANNERS, set
+    for the test's processes), and a test that runs link-server itself adds the PID it
+    read.  Only these processes are stopped, through a pidfd opened while the PID is
+    the server's, so that a PID the system gave out again is never signalled."""
+
+    def __init__(self, tmp_path):
+        low = 47300 + (os.getpid() % 50) * 20
+        self.bind = f"{low}-{low + 19}"
+        self.banners = tmp_path / "banners"
+        self.fds = {}           # pid -> pidfd, None when it had gone before we looked
+
+    def add(self, pid):
+        if pid not in self.fds:
+            try:
+                self.fds[pid] = os.pidfd_open(pid)
+            except ProcessLookupError:
+                self.fds[pid] = None
+
+    def pids(self):
+        """The PIDs of the servers whose banners came so far, oldest first."""
+        if self.banners.exists():
+            for line in self.banners.read_text().splitlines():
+                self.add(int(line.split()[4]))
+        return list(self.fds)
+
+    def wait(self, count=1):
+        """The PIDs once `count` banners came."""
+        for _ in deadline_loop(what=f"{count} link-server banners in {self.banners}"):
+            if len(self.pids()) >= count:
+                return self.pids()
+            time.sleep(0.01)
+
+    def running(self, pid):
+        fd = self.fds[pid]
+        return fd is not None and not select.select([fd], [], [], 0)[0]
+
+    def wait_gone(self, pid, timeout=WAIT):
+        """Wait, at most timeout seconds, for one of our servers to exit."""
+        fd = self.fds[pid]
+        if fd is not None and not select.select([fd], [], [], timeout)[0]:
+            raise AssertionError(f"link-server {pid} still runs after {timeout} s")
+
+    def stop(self, pid, signum=signal.SIGTERM, timeout=WAIT):
+        """Signal one of our servers, by its pidfd, and wait for it to be gone."""
+        if self.running(pid):
+            try:
+                signal.pidfd_send_signal(self.fds[pid], signum)
+            except ProcessLookupError:  # it exited just now
+                pass
+        self.wait_gone(pid, timeout)
+
+    def close(self):
+        for pid in self.pids():
+            try:
+                self.stop(pid)
+            except AssertionError:
+                self.stop(pid, signal.SIGKILL)
+            if self.fds[pid] is not None:
+                os.close(self.fds[pid])
 
 
 @pytest.fixture
-def bind_range():
-    """A bind range of its own for each test, and every server left in it stopped."""
-    low = 47300 + (os.getpid() % 50) * 20
-    bind = f"{low}-{low + 19}"
-    yield bind
-    for pid in servers(bind):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def servers(tmp_path, monkeypatch):
+    """A bind range of its own for each test; every server it started stopped, by PID."""
+    s = Servers(tmp_path)
+    monkeypatch.setenv("FAKESSH_BANNERS", str(s.banners))
+    yield s
+    s.close()
 
 
-def run_link(port, data, *extra, bind, timeout=60):
-    return subprocess.run(link_argv(port, *extra, bind=bind), input=data, env=env(),
+def run_link(port, data, *extra, servers, timeout=60):
+    return subprocess.run(link_argv(port, *extra, bind=servers.bind), input=data, env=env(),
                           capture_output=True, timeout=timeout)
 
 
-def test_a_stream_both_ways_byte_exact(service, bind_range):
+def test_a_stream_both_ways_byte_exact(service, servers):
     data = os.urandom(5_000_000)
-    out = run_link(service.port, data, bind=bind_range)
+    out = run_link(service.port, data, servers=servers)
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout == data
-    for _ in deadline_loop(what="the server to exit after the session"):
-        if not servers(bind_range):
-            break
+    [pid] = servers.pids()
+    servers.wait_gone(pid)              # the client's BYE ended it
 
 
-def test_half_close_the_answer_comes_after_our_end(bind_range):
+def test_half_close_the_answer_comes_after_our_end(servers):
     """Like `cat file | ssh host sort`: the client's side ends first, the answer follows."""
     service = TcpService(reply=lambda got: hashlib.sha256(got).digest() * 100_000)
     try:
         data = os.urandom(2_000_000)
-        out = run_link(service.port, data, bind=bind_range)
+        out = run_link(service.port, data, servers=servers)
         assert out.returncode == 0, out.stderr.decode()
         assert out.stdout == hashlib.sha256(data).digest() * 100_000
     finally:
         service.close()
 
 
-def test_local_tcp_connections_are_each_a_stream(service, bind_range):
+def test_local_tcp_connections_are_each_a_stream(service, servers):
     with socket.socket() as s:
         s.bind((LOCAL, 0))
         listen = s.getsockname()[1]
     proc = subprocess.Popen(link_argv(service.port, "--listen-tcp", f"{LOCAL}:{listen}",
-                                      "--debug", bind=bind_range),
+                                      "--debug", bind=servers.bind),
                             env=env(), stderr=subprocess.PIPE, text=True)
     try:
         for _ in deadline_loop(what="the local listener"):
@@ -176,16 +229,20 @@ def test_local_tcp_connections_are_each_a_stream(service, bind_range):
         proc.stderr.close()
 
 
-def test_connections_made_while_the_session_is_up_are_served(service, bind_range):
+def test_connections_made_while_the_session_is_up_are_served(service, servers):
     """Connections to --listen-tcp made after the session is up (the usual case: the
-    link runs, clients come later), one after the other, each a stream of its own."""
+    link runs, clients come later), one after the other, each a stream of its own.
+    The client's debug log names the server's process, as its banner does."""
     with socket.socket() as s:
         s.bind((LOCAL, 0))
         listen = s.getsockname()[1]
     daemon = Daemon(None, argv=link_argv(service.port, "--listen-tcp", f"{LOCAL}:{listen}",
-                                         "--debug", bind=bind_range))
+                                         "--debug", bind=servers.bind))
     try:
         daemon.wait_log("session up")
+        told = re.search(r"the server end is process (\d+) on testhost",
+                         daemon.log()).group(1)
+        assert servers.pids() == [int(told)]
         for n in (1, 3):
             with socket.create_connection((LOCAL, listen), timeout=WAIT) as conn:
                 payload = os.urandom(20_000)
@@ -200,27 +257,24 @@ def test_connections_made_while_the_session_is_up_are_served(service, bind_range
         assert daemon.stop() == 0, daemon.log()
 
 
-def test_a_refused_target_fails_with_a_message(bind_range):
+def test_a_refused_target_fails_with_a_message(servers):
     with socket.socket() as s:
         s.bind((LOCAL, 0))
         closed = s.getsockname()[1]         # nothing listens here
-    out = run_link(closed, b"hello", bind=bind_range)
+    out = run_link(closed, b"hello", servers=servers)
     assert out.returncode == 1
     assert b"could not connect to the target" in out.stderr
 
 
-def test_the_key_is_never_on_a_command_line(service, bind_range):
-    proc = subprocess.Popen(link_argv(service.port, bind=bind_range), env=env(),
+def test_the_key_is_never_on_a_command_line(service, servers):
+    proc = subprocess.Popen(link_argv(service.port, bind=servers.bind), env=env(),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
         proc.stdin.write(b"ping")
         proc.stdin.flush()
-        for _ in deadline_loop(what="the server"):
-            pids = servers(bind_range)
-            if pids:
-                break
-        cmdlines = [" ".join(psutil.Process(pid).cmdline()) for pid in pids + [proc.pid]]
+        [pid] = servers.wait()
+        cmdlines = [" ".join(psutil.Process(p).cmdline()) for p in (pid, proc.pid)]
         for line in cmdlines:
             assert not re.search(r"[A-Za-z0-9+/]{43}=", line), line
     finally:
@@ -230,21 +284,17 @@ def test_the_key_is_never_on_a_command_line(service, bind_range):
         proc.stderr.close()
 
 
-def test_a_server_that_vanishes_makes_the_client_fail_not_succeed(service, bind_range):
+def test_a_server_that_vanishes_makes_the_client_fail_not_succeed(service, servers):
     proc = subprocess.Popen(link_argv(service.port, "--linger", "2", "--idle-limit", "4",
-                                      bind=bind_range),
+                                      bind=servers.bind),
                             env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
         proc.stdin.write(os.urandom(100_000))
         proc.stdin.flush()
-        for _ in deadline_loop(what="the server"):
-            pids = servers(bind_range)
-            if pids:
-                break
+        [pid] = servers.wait()
         proc.stdout.read(1000)              # the session carries data ...
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)    # ... and then the server is gone
+        servers.stop(pid, signal.SIGKILL)   # ... and then the server is gone
         proc.stdin.write(os.urandom(100_000))
         proc.stdin.close()
         assert proc.wait(WAIT + 10) == 1
@@ -257,26 +307,66 @@ def test_a_server_that_vanishes_makes_the_client_fail_not_succeed(service, bind_
         proc.stderr.close()
 
 
-def test_the_server_gives_up_on_a_client_that_vanished(service, bind_range):
-    proc = subprocess.Popen(link_argv(service.port, "--idle-limit", "2", bind=bind_range),
+def test_the_server_gives_up_on_a_client_that_vanished(service, servers):
+    proc = subprocess.Popen(link_argv(service.port, "--idle-limit", "2", bind=servers.bind),
                             env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL)
     try:
         proc.stdin.write(b"hello")
         proc.stdin.flush()
         assert proc.stdout.read(5) == b"hello"
-        pids = servers(bind_range)
-        assert len(pids) == 1
+        [pid] = servers.pids()
         proc.kill()                         # no goodbye: the server must notice by itself
-        for _ in deadline_loop(what="the server to give up"):
-            if not psutil.pid_exists(pids[0]) or \
-                    psutil.Process(pids[0]).status() == psutil.STATUS_ZOMBIE:
-                break
+        servers.wait_gone(pid)
     finally:
         proc.kill()
         proc.wait()
         proc.stdin.close()
         proc.stdout.close()
+
+
+def test_the_banner_names_the_process_that_serves(servers):
+    """link-server's banner carries the PID of the process that serves, not of the one
+    ssh started (that one has exited), whose UDP port is the banner's; that process let
+    go of standard output, so that ssh can end, and stopping that PID ends the server."""
+    proc = subprocess.Popen(udpmux_argv("link-server", "--bind", servers.bind),
+                            env={**env(), "SSH_CONNECTION": "192.0.2.1 50000 192.0.2.2 22"},
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        proc.stdin.write(base64.b64encode(auth.generate_key()) + b"\n")
+        proc.stdin.close()
+        assert select.select([proc.stdout], [], [], WAIT)[0], "no banner"
+        banner = proc.stdout.readline().decode()
+        assert proc.wait(WAIT) == 0
+        assert select.select([proc.stdout], [], [], WAIT)[0], "standard output still held"
+        assert proc.stdout.read() == b""
+    finally:
+        proc.stdout.close()
+    words = banner.split()
+    assert words[:3] == ["UDPMUX-LINK", "1", "192.0.2.2"] and len(words) == 5, banner
+    port, pid = int(words[3]), int(words[4])
+    servers.add(pid)
+    assert pid != proc.pid and servers.running(pid)
+    serving = psutil.Process(pid)
+    assert "link-server" in serving.cmdline()
+    assert port in {c.laddr.port for c in serving.net_connections(kind="udp")}
+    servers.stop(pid)
+    assert not servers.running(pid)
+
+
+@pytest.mark.parametrize("line, read", [
+    ("UDPMUX-LINK 1 192.0.2.2 40123 4711", ("192.0.2.2", 40123, 4711)),
+    ("UDPMUX-LINK 1 - 40123 4711", ("-", 40123, 4711)),
+    ("UDPMUX-LINK 1 192.0.2.2 40123", ("192.0.2.2", 40123, None)),   # an older server
+    ("UDPMUX-LINK 1 192.0.2.2 40123 0", None),
+    ("UDPMUX-LINK 1 192.0.2.2 40123 x", None),
+    ("UDPMUX-LINK 1 192.0.2.2 70000 4711", None),
+    ("UDPMUX-LINK 1 192.0.2.2 40123 4711 more", None),
+    ("UDPMUX-LINK 2 192.0.2.2 40123 4711", None),
+    ("UDPMUX-LINK 1 192.0.2.2 \u0661\u0662 4711", None),              # digits, not ASCII
+])
+def test_banner_lines_read(line, read):
+    assert parse_banner(line) == read
 
 
 def test_listen_tcp_on_a_port_taken_names_the_option():

@@ -4,7 +4,7 @@ roaming and sleep; made for ssh's ProxyCommand.
     ssh -o ProxyCommand="udpmux link %r@%h" host
 
 link-server is started over ssh, which carries the key one way and the server's port
-the other, and then ends (linkstart.py); from then on, UDP alone::
+and PID the other, and then ends (linkstart.py); from then on, UDP alone::
 
     udpmux link                                                   udpmux link-server
       |== HELLO / WELCOME under the key; then STREAM, ACK, WINDOW, RESET (stream.py) ==>
@@ -782,7 +782,8 @@ def main(args):
 
 
 def server_main(args):
-    """`udpmux link-server`: read the key, bind, tell, detach, serve."""
+    """`udpmux link-server`: read the key, bind, detach (the process that stays tells
+    its port and PID), serve."""
     debug = args["--debug"]
     log = setup_log(debug)
     cfg = link_from_options(args)

@@ -1,21 +1,24 @@
 """Starting a link session: all that comes before the first HELLO.  This module owns
   - the client's side: its --listen-tcp listener (listen_tcp); link-server run over ssh,
     the key on ssh's standard input, the banner read back (start_server);
-  - the server's side: a UDP port of --bind (bind_in_range); the banner told, then
-    leaving the ssh session, a child staying to serve (detach);
+  - the server's side: a UDP port of --bind (bind_in_range); leaving the ssh session,
+    the process that stays to serve telling the banner (detach);
   - the banner, written and read here alone (banner_line, parse_banner).
 
     udpmux link                          ssh host ...                 server host
       | key = 32 random bytes                                   udpmux link-server
       |-- ssh DEST "udpmux link-server ..." -------------------> reads the key (stdin),
-      |      key on ssh's standard input                          binds a UDP port of --bind,
-      |<---- "UDPMUX-LINK 1 <address> <port>" (stdout) ---------  prints it, leaves the ssh
-      |      ssh ends: nothing but udpmux stays on the server     session and serves
+      |      key on ssh's standard input                          binds a UDP port of
+      |                                                           --bind, forks; the child
+      |<---- "UDPMUX-LINK 1 <address> <port> <pid>" (stdout) ---  prints this and stays to
+      |      ssh ends: nothing but udpmux stays on the server     serve; the parent exits
 
 address is where the ssh connection reached the server (the third word of
-SSH_CONNECTION), "-" when not known.  The key never appears on a command line, in a log
-or on a terminal: whatever the server's end prints before its banner (a terminal's echo
-of standard input, a login message) is skipped unread.
+SSH_CONNECTION), "-" when not known; pid is the process that serves the session, so that
+whoever started it can stop exactly that one.  A banner of four words, an older
+server's, is read too.  The key never appears on a command line, in a log or on a
+terminal: whatever the server's end prints before its banner (a terminal's echo of
+standard input, a login message) is skipped unread.
 """
 
 import base64
@@ -27,31 +30,34 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 from udpmux import addr, sockets
-from udpmux.errors import EXIT_OK, EXIT_OSERR, Fatal, UsageError
+from udpmux.errors import EXIT_FAILURE, EXIT_OK, EXIT_OSERR, Fatal, UsageError
 
-BANNER = "UDPMUX-LINK 1"            # then: address port
+BANNER = "UDPMUX-LINK 1"            # then: address port pid
 BOOT_TIMEOUT = 60.0                 # seconds ssh may take to start the server (a password)
 
 
 # -- the banner
 
-def banner_line(address, port):
-    return f"{BANNER} {address} {port}\n"
+def banner_line(address, port, pid):
+    return f"{BANNER} {address} {port} {pid}\n"
 
 
 def parse_banner(line):
-    """(address, port) from a banner line (str, without its newline), or None when it is
-    not a banner this udpmux reads."""
+    """(address, port, pid or None) from a banner line (str, without its newline), or
+    None when it is not a banner this udpmux reads."""
     words = line.split()
-    if words[:2] != BANNER.split() or len(words) != 4:
+    if words[:2] != BANNER.split() or len(words) not in (4, 5):
         return None
-    if not (words[3].isascii() and words[3].isdigit() and 0 < int(words[3]) < 65536):
+    if not all(w.isascii() and w.isdigit() for w in words[3:]):
         return None
-    return words[2], int(words[3])
+    port = int(words[3])
+    pid = int(words[4]) if len(words) == 5 else None
+    if not 0 < port < 65536 or pid == 0:
+        return None
+    return words[2], port, pid
 
 
 # -- the client's side: link-server over ssh
@@ -84,7 +90,9 @@ def start_server(args, cfg, key, log):
         proc.stdin.close()
     except OSError:
         pass
-    host, port = _read_banner(proc, dest, log)
+    host, port, pid = _read_banner(proc, dest, log)
+    if pid is not None:
+        log.debug("the server end is process %d on %s", pid, dest)
     if args.get("--server-address"):
         host = args["--server-address"]
     elif host == "-":
@@ -105,7 +113,7 @@ def start_server(args, cfg, key, log):
 
 
 def _read_banner(proc, dest, log):
-    """(address, port) from link-server's banner on ssh's output.  Lines
+    """(address, port, pid or None) from link-server's banner on ssh's output.  Lines
     before it (the echo of a terminal ssh allocated, which holds the key; a login
     message) are skipped and never shown: only their count reaches the debug log."""
     pending = b""
@@ -197,21 +205,53 @@ def bind_in_range(low, high):
 
 
 def detach(port, debug):
-    """Tell the banner, then leave the ssh session: a child goes on, the parent exits so
-    that ssh can end.  With debug, standard error stays: ssh carries the log back to
-    the client.  Returns in the child only."""
+    """Leave the ssh session, the banner told by the process that stays.
+
+    A child, in a session of its own, writes the banner with its own PID on standard
+    output, puts /dev/null in place of standard input and output (and error, without
+    debug: with it, ssh carries the log back to the client) and then tells the parent,
+    over a pipe, that the banner is out.  The parent, the process ssh started, waits
+    for that before it exits, so that ssh has the banner before the session's channel
+    closes.  Returns in the child only."""
+    told_r, told_w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        raise Fatal(f"cannot fork: {exc.strerror}", status=EXIT_OSERR) from None
+    if pid:
+        os.close(told_w)
+        _parent_waits(pid, told_r)
+    os.close(told_r)
+    _child_tells(port, debug, told_w)
+
+
+def _parent_waits(child, told):
+    """Exit 0 once the child says the banner is out; with the child's status (or 1)
+    when it ended without saying so."""
+    if os.read(told, 1):
+        os._exit(EXIT_OK)
+    _, status = os.waitpid(child, 0)
+    code = os.waitstatus_to_exitcode(status)
+    os._exit(code if code > 0 else EXIT_FAILURE)
+
+
+def _child_tells(port, debug, told):
+    os.setsid()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     where = os.environ.get("SSH_CONNECTION", "").split()
     address = where[2] if len(where) == 4 else "-"
-    sys.stdout.write(banner_line(address, port))
-    sys.stdout.flush()
-    if os.fork():
-        os._exit(EXIT_OK)
-    os.setsid()
+    line = banner_line(address, port, os.getpid()).encode()
+    try:
+        while line:
+            line = line[os.write(1, line):]
+    except OSError:
+        os._exit(EXIT_OSERR)            # ssh went away: nobody will come
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1) if debug else (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if debug:
         import logging
         logging.raiseExceptions = False     # a log line to a closed ssh is lost, no more
+    os.write(told, b"1")
+    os.close(told)
