@@ -1802,17 +1802,6 @@ class UotTarget(Target):
 
 # -- link: link-server's UDP socket, and link's --listen-tcp listener
 
-def udp_owner(port, timeout=WAIT):
-    """The PID of the process with a UDP socket bound to `port` (matched by port only)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        for conn in psutil.net_connections(kind="udp"):
-            if conn.laddr and conn.laddr.port == port and conn.pid:
-                return conn.pid
-        time.sleep(0.05)
-    raise AssertionError(f"no process holds UDP port {port}")
-
-
 def stop_pid(pid, timeout=WAIT):
     """SIGTERM, then SIGKILL, the process with this PID (one we started)."""
     try:
@@ -2100,9 +2089,10 @@ class LinkServerTarget(Target):
         finally:
             proc.stdout.close()
         words = banner.split()
-        if words[:2] != ["UDPMUX-LINK", "1"] or words[3:] != [str(port)]:
+        if words[:2] != ["UDPMUX-LINK", "1"] or words[3:4] != [str(port)] or len(words) != 5 \
+                or not words[4].isdigit():
             raise AssertionError(f"link-server said {banner!r}; log:\n{logpath.read_text()}")
-        pid = udp_owner(port)
+        pid = int(words[4])             # the process that serves, as its banner says
         self.servers.append((pid, logpath))
         self.add(lambda: stop_pid(pid))
         return pid, port, logpath
@@ -2212,8 +2202,9 @@ class LinkListenTarget(Target):
                                                 bind=str(bind)))
         self.daemons.append(self.link)
         self.add(self.link.stop)
+        line = self.link.lines[self.link.wait_log("the server end is process")]
+        self.server = int(line.split("the server end is process ")[1].split()[0])
         self.link.wait_log("session up")
-        self.server = udp_owner(bind)
         self.add(lambda: stop_pid(self.server))
 
     def watched(self):

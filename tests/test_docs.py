@@ -200,7 +200,7 @@ def test_synopsis_has_every_usage_line_in_order():
 TYPES = {config._positive_int: {"integer"}, config._positive_number: {"number"},
          config._flag: {"boolean"}, config._text: {"string", "address"},
          config._carrier: {"string"}, config._mode: {"string"}, config._port: {"integer"},
-         config._whole: {"integer"}, config._rendezvous: {"string"},
+         config._rendezvous: {"string"},
          config._probe_count: {"integer"},
          config._flow_count: {"integer"}}
 

@@ -35,17 +35,20 @@ RENDEZVOUS_MAX_FLOWS = 65536    # agents a rendezvous tunnel holds at most (its 
 PROBE_PORTS_MAX = 4096          # punch's birthday sockets and guesses at most
 
 
-def _positive_int(value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"expected a whole number of at least 1, got {shown(value)}")
-    return value
+def _whole_number(low, high=None, unit=""):
+    """A check of whole numbers from low, to high when given (unit: words after it)."""
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"expected a whole number of at least {low}, got {shown(value)}")
+        if high is not None and value > high:
+            raise ValueError(f"expected at most {high}{unit}, got {value}")
+        return value
+    return check
 
 
-def _flow_count(value):
-    value = _positive_int(value)
-    if value > CAPACITY_MAX:
-        raise ValueError(f"expected at most {CAPACITY_MAX} flows, got {value}")
-    return value
+_positive_int = _whole_number(1)
+_flow_count = _whole_number(1, CAPACITY_MAX, " flows")
+_probe_count = _whole_number(0, PROBE_PORTS_MAX)
 
 
 def _positive_number(value):
@@ -328,26 +331,28 @@ def load(path, log=None):
             raise ConfigError(f"{where}: {exc}") from None
         except Fatal as exc:
             raise ConfigError(f"{where}: {exc}") from None
+    return _relay_config(tunnels, globals_, ConfigError, f"{path}: ", lambda name: name,
+                         path=path)
 
+
+def _relay_config(tunnels, given, error, where, words, path=None):
+    """A RelayConfig of checked tunnels and the global settings given; error
+    (ConfigError or UsageError) says a problem after where, naming a setting in
+    words(name): the file's key or the option."""
     def complain(message):
-        raise ConfigError(f"{path}: {message}")
+        raise error(f"{where}{message}")
     _check_unique(tunnels, complain)
-    metrics = None
-    if globals_.get("metrics_listen"):
-        try:
-            metrics = _metrics_endpoint(globals_["metrics_listen"])
-        except ValueError as exc:
-            raise ConfigError(f"{path}: metrics_listen: {exc}") from None
-    if globals_.get("control_socket"):
-        try:
-            control = control_socket_path(globals_["control_socket"])
-        except ValueError as exc:
-            raise ConfigError(f"{path}: control_socket: {exc}") from None
-    else:
-        control = _default_socket("control_socket", ConfigError, f"{path}: ")
-    return RelayConfig(tunnels=tunnels, control_socket=control,
-                       stop_timeout=_settled(GLOBAL_SETTINGS, globals_)["stop_timeout"], path=path,
-                       metrics_listen=metrics)
+    values = _settled(GLOBAL_SETTINGS, given)
+    for name, check in (("metrics_listen", _metrics_endpoint),
+                        ("control_socket", control_socket_path)):
+        if values[name]:
+            try:
+                values[name] = check(values[name])
+            except ValueError as exc:
+                raise error(f"{where}{words(name)}: {exc}") from None
+    if not values["control_socket"]:
+        values["control_socket"] = _default_socket(words("control_socket"), error, where)
+    return RelayConfig(tunnels=tunnels, path=path, **values)
 
 
 def _default_socket(name, error, where=""):
@@ -430,26 +435,10 @@ def from_options(args, log=None):
         tunnel = _tunnel(name, values, "options", log)
     except ValueError as exc:
         raise UsageError(_in_option_words(str(exc), TUNNEL_SETTINGS)) from None
-    tunnels = {name: tunnel}
-
-    def complain(message):
-        raise UsageError(message)
-    _check_unique(tunnels, complain)
-    metrics = None
-    if args.get("--metrics-listen"):
-        try:
-            metrics = _metrics_endpoint(args["--metrics-listen"])
-        except ValueError as exc:
-            raise UsageError(f"--metrics-listen: {exc}") from None
-    if args.get("--control-socket"):
-        try:
-            control = control_socket_path(args["--control-socket"])
-        except ValueError as exc:
-            raise UsageError(f"--control-socket: {exc}") from None
-    else:
-        control = _default_socket("--control-socket", UsageError)
-    return RelayConfig(tunnels=tunnels, control_socket=control, metrics_listen=metrics,
-                       stop_timeout=GLOBAL["stop_timeout"].default)
+    given = {name: args.get(GLOBAL[name].option) for name in ("metrics_listen",
+                                                              "control_socket")}
+    return _relay_config({name: tunnel}, given, UsageError, "",
+                         lambda name: GLOBAL[name].option)
 
 
 # -- single-host agents
@@ -615,19 +604,6 @@ def expose_from_options(args, log=None):
 def _port(value):
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise ValueError(f"expected a port, 0 to 65535, got {shown(value)}")
-    return value
-
-
-def _whole(value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"expected a whole number of at least 0, got {shown(value)}")
-    return value
-
-
-def _probe_count(value):
-    value = _whole(value)
-    if value > PROBE_PORTS_MAX:
-        raise ValueError(f"expected at most {PROBE_PORTS_MAX}, got {value}")
     return value
 
 

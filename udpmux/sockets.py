@@ -36,9 +36,23 @@ def _open(family, kind, what, where):
                     status=status_of(exc)) from None
 
 
+def _set_up(sock, failure, *steps):
+    """sock after steps (calls), nonblocking; if one fails, sock closed and Fatal says
+    failure and why."""
+    try:
+        for step in steps:
+            step()
+    except OSError as exc:
+        sock.close()
+        raise Fatal(f"{failure}: {exc.strerror or exc}", status=status_of(exc)) from None
+    sock.setblocking(False)
+    return sock
+
+
 def _buffers(sock, size):
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        sock.setsockopt(socket.SOL_SOCKET, option, size)
+    if size:
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
 
 
 def udp(family, sockaddr, what, buffer=BUFFER):
@@ -46,16 +60,8 @@ def udp(family, sockaddr, what, buffer=BUFFER):
     the system's default)."""
     where = format_endpoint(family, sockaddr)
     sock = _open(family, socket.SOCK_DGRAM, what, where)
-    try:
-        if buffer:
-            _buffers(sock, buffer)
-        sock.bind(sockaddr)
-    except OSError as exc:
-        sock.close()
-        raise Fatal(f"{what}: cannot bind {where}: {exc.strerror}",
-                    status=status_of(exc)) from None
-    sock.setblocking(False)
-    return sock
+    return _set_up(sock, f"{what}: cannot bind {where}",
+                   lambda: _buffers(sock, buffer), lambda: sock.bind(sockaddr))
 
 
 def wildcard(family):
@@ -71,16 +77,10 @@ def udp_any(family, port, what, buffer=None):
 def udp_connected(family, sockaddr, buffer=BUFFER):
     """A nonblocking UDP socket connected to sockaddr: it hears only from there, and
     the kernel reports an ICMP error from there on the next call."""
-    sock = _open(family, socket.SOCK_DGRAM, "relay", format_endpoint(family, sockaddr))
-    try:
-        _buffers(sock, buffer)
-        sock.connect(sockaddr)
-    except OSError as exc:
-        sock.close()
-        raise Fatal(f"cannot reach {format_endpoint(family, sockaddr)}: {exc.strerror}",
-                    status=status_of(exc)) from None
-    sock.setblocking(False)
-    return sock
+    where = format_endpoint(family, sockaddr)
+    sock = _open(family, socket.SOCK_DGRAM, "relay", where)
+    return _set_up(sock, f"cannot reach {where}",
+                   lambda: _buffers(sock, buffer), lambda: sock.connect(sockaddr))
 
 
 def tcp_listener(family, sockaddr, what, backlog=BACKLOG):
@@ -88,13 +88,6 @@ def tcp_listener(family, sockaddr, what, backlog=BACKLOG):
     wait for the previous run's connections to time out)."""
     where = format_endpoint(family, sockaddr)
     sock = _open(family, socket.SOCK_STREAM, what, "TCP " + where)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        raise Fatal(f"{what}: cannot listen on {where}: {exc.strerror}",
-                    status=status_of(exc)) from None
-    sock.setblocking(False)
-    return sock
+    return _set_up(sock, f"{what}: cannot listen on {where}",
+                   lambda: sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1),
+                   lambda: sock.bind(sockaddr), lambda: sock.listen(backlog))
