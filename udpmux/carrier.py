@@ -29,7 +29,7 @@ import socket
 import time
 from collections import OrderedDict, deque
 
-from udpmux import addr
+from udpmux import addr, sockets
 from udpmux.wire import FRAME, MAX_FRAME, Deframer, Malformed
 
 WRITE_CHUNK = 256 * 1024        # bytes gathered into one send()
@@ -261,10 +261,9 @@ class Dialer:
         if sock is None:
             return
         self.poller.unregister(sock)
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            sock.close()
-            self.failed(time.monotonic(), os.strerror(err))
+        failure = sockets.connect_failure(sock)
+        if failure is not None:
+            self.failed(time.monotonic(), failure)
             return
         self.next_at = None
         self.on_connected(sock)

@@ -12,9 +12,11 @@ How we name things:
            one busy socket cannot starve the others or the control pipe
 """
 
+import time
+
 from udpmux.batchio import Outbox, recv_into
 from udpmux.log import DropLog
-from udpmux.reasons import R_RECEIVE, R_SEND
+from udpmux.reasons import R_RECEIVE, R_SEND, R_TOO_LARGE
 
 BATCH = 64                      # datagrams per recvmmsg() and sendmmsg()
 DRAIN_ROUNDS = 8                # batches read from one socket per wake-up, at most
@@ -70,6 +72,25 @@ def batches(sock, batch, drops, headroom=0, rounds=DRAIN_ROUNDS):
                 return
     finally:
         drops.take(batch.errors, R_RECEIVE)
+
+
+def each_message(sock, batch, drops, handle, after_batch=None):
+    """Drain sock (batches()) and call handle(msg, key, now) for each datagram: msg a
+    memoryview into the batch, valid during the call.  One larger than the batch's slot
+    is counted (R_TOO_LARGE), not handled.  after_batch(), if given, runs after each
+    batch.  For the paths that take a datagram at a time; the relay's and the
+    exposer's fast paths walk their batches themselves."""
+    for n in batches(sock, batch, drops):
+        now = time.monotonic()
+        view, lengths, keys, starts = batch.view, batch.lengths, batch.keys, batch.starts
+        for i in range(n):
+            if lengths[i] > batch.capacity:
+                drops(R_TOO_LARGE)
+                continue
+            start = starts[i]
+            handle(view[start:start + lengths[i]], keys[i], now)
+        if after_batch is not None:
+            after_batch()
 
 
 class Sender:

@@ -90,6 +90,28 @@ class Received:
         self.reason = reason
         return self
 
+    def settle(self, send, drop, to=None):
+        """Send the replies (send(msg, address): to, or where the endpoint says) and
+        count a drop; True when the message goes on to the mode."""
+        for reply, where in self.replies:
+            send(reply, to or where)
+        if self.reason is not None:
+            drop(self.reason)
+            return False
+        return True
+
+    @classmethod
+    def of(cls, msg, keyed):
+        """(a Received with msg's header, its session id), or (a drop, None) when the
+        header is malformed."""
+        out = cls()
+        try:
+            mtype, sid, tag, nonce = parse_header(msg, keyed)
+        except Malformed as exc:
+            return out.drop(exc.reason), None
+        out.mtype, out.tag, out.nonce = mtype, tag, nonce
+        return out, sid
+
 
 def _answer_keepalive(session, msg, out, to):
     """A KEEPALIVE that asks for a reply gets one, with its stamp in the echo."""
@@ -132,12 +154,10 @@ class Responder:
     def receive(self, msg, key, now, admit=None, where=None):
         """One message from `key` (on carrier `where`).  `admit(key)` may refuse a HELLO
         with a reason (punch: an unproven path; a rendezvous tunnel: full)."""
-        out = Received()
-        try:
-            mtype, sid, tag, nonce = parse_header(msg, self.keyed)
-        except Malformed as exc:
-            return out.drop(exc.reason)
-        out.mtype, out.tag, out.nonce = mtype, tag, nonce
+        out, sid = Received.of(msg, self.keyed)
+        if out.reason is not None:
+            return out
+        mtype, nonce = out.mtype, out.nonce
         session = self.sessions.get(sid)
         try:
             if session is not None:
@@ -272,12 +292,10 @@ class Initiator:
     def receive(self, msg, now, key=None):
         """One message from the responder (from `key`, when the socket is not
         connected)."""
-        out = Received()
-        try:
-            mtype, sid, tag, nonce = parse_header(msg, self.keyed)
-        except Malformed as exc:
-            return out.drop(exc.reason)
-        out.mtype, out.tag, out.nonce = mtype, tag, nonce
+        out, sid = Received.of(msg, self.keyed)
+        if out.reason is not None:
+            return out
+        mtype, nonce = out.mtype, out.nonce
         session = self.session
         try:
             if session is not None and sid == session.local_id:

@@ -47,6 +47,16 @@ class ClientFlows:
             self.closed(evicted[1], CLOSE_EVICTED)
         return slot
 
+    def touch(self, key, now, size):
+        """The slot of key's flow, a new one if it has none, touched for a datagram of
+        size bytes from the client."""
+        table = self.table
+        slot = table.get(key)
+        if slot is None:
+            slot = self.insert(key, now)
+        table.touch(slot, now, size)
+        return slot
+
     def expire(self, now, idle):
         """End the flows idle for `idle` seconds; returns [(key, tag)] of them."""
         ended = self.table.expire(now, idle)

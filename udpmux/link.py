@@ -39,14 +39,14 @@ import time
 from udpmux import addr, auth, sockets, wire
 from udpmux.batchio import Batch
 from udpmux.config import link_from_options
-from udpmux.datapath import BATCH, Drops, Sender, batches
+from udpmux.datapath import BATCH, Drops, Sender, each_message
 from udpmux.endpoint import (
     ENDED, LOST, MOVED, NEW, UP, Initiator, Responder, keepalive_body,
 )
 from udpmux.errors import EXIT_FAILURE, EXIT_OK, UsageError
 from udpmux.linkstart import BOOT_TIMEOUT, bind_in_range, detach, listen_tcp, start_server
 from udpmux.log import Every, setup as setup_log
-from udpmux.reasons import R_PROTOCOL, R_SESSION, R_TOO_LARGE
+from udpmux.reasons import R_PROTOCOL, R_SESSION
 from udpmux.stream import (
     EV_ACKED, EV_NEW, EV_READABLE, EV_RESET, EV_WRITABLE, RESET_REFUSED, Connection,
     ProtocolError, StreamClosed,
@@ -173,24 +173,12 @@ class LinkEnd(Worker):
     # -- the network
 
     def on_udp(self):
-        batch = self.batch
-        for n in batches(self.sock, batch, self.drops):
-            now = time.monotonic()
-            view, lengths, keys, starts = batch.view, batch.lengths, batch.keys, batch.starts
-            for i in range(n):
-                if lengths[i] > batch.capacity:
-                    self.drop(R_TOO_LARGE)
-                    continue
-                start = starts[i]
-                self.on_message(view[start:start + lengths[i]], keys[i], now)
+        each_message(self.sock, self.batch, self.drops, self.on_message)
         self.pump(time.monotonic())
 
     def on_message(self, msg, key, now):
         got = self.receive(msg, key, now)
-        for reply, to in got.replies:
-            self.reply(reply, to, now)
-        if got.reason is not None:
-            self.drop(got.reason)
+        if not got.settle(lambda reply, to: self.reply(reply, to, now), self.drop):
             return
         if got.session is None or not self.handle(got, now):
             return
@@ -478,11 +466,10 @@ class LinkServer(LinkEnd):
         if sock is None:
             return
         self.poller.unregister(sock)
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            sock.close()
+        failure = sockets.connect_failure(sock)
+        if failure is not None:
             self.log.warning("stream %d: cannot connect to %s:%d: %s", sid, *self.target,
-                             os.strerror(err))
+                             failure)
             self.conn.reset(sid, RESET_CONNECT)
         else:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

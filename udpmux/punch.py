@@ -59,7 +59,7 @@ import time
 
 from udpmux import addr, config, sockets, wire
 from udpmux.batchio import Batch
-from udpmux.datapath import BATCH, Drops, Sender, batches
+from udpmux.datapath import BATCH, Drops, Sender, batches, each_message
 from udpmux.endpoint import (
     ENDED, IDLE, KEEPALIVE_DUE, LOST, MOVED, NEW, UP, Initiator, Responder,
     keepalive_body, liveness,
@@ -285,17 +285,9 @@ class PunchWorker(Worker):
     # -- receiving
 
     def on_socket(self, sock):
-        batch = self.batch
-        for n in batches(sock, batch, self.drops):
-            now = time.monotonic()
-            view, lengths, keys, starts = batch.view, batch.lengths, batch.keys, batch.starts
-            for i in range(n):
-                if lengths[i] > batch.capacity:
-                    self.drop(R_TOO_LARGE)
-                    continue
-                start = starts[i]
-                self.on_message(bytes(view[start:start + lengths[i]]), keys[i], now, sock)
-            self.sender.flush()
+        each_message(sock, self.batch, self.drops,
+                     lambda msg, key, now: self.on_message(bytes(msg), key, now, sock),
+                     self.sender.flush)
         self.after_events()
 
     def on_message(self, msg, key, now, sock):
@@ -347,36 +339,24 @@ class PunchWorker(Worker):
             self.drop(R_UNPROVEN)           # a WELCOME from where no HELLO went
             return
         got = end.receive(msg, now, key)
-        for reply, to in got.replies:
-            self.send(reply, to or end.peer)
-        if got.reason is not None:
-            self.drop(got.reason)
-            return
-        if got.event == NEW:
-            self.direct_up(now)
-        elif got.event == MOVED:
-            self.moved(got.old, now)
-        elif got.event == LOST:
-            self.direct_down(now, "the peer said goodbye")
-            return
-        self.deliver(got.mtype, got.tag, msg, now)
+        if got.settle(lambda reply, to: self.send(reply, to or end.peer), self.drop):
+            self.on_direct(got, msg, now)
 
     def from_listen_side(self, msg, key, now):
         """The forward side: a message from the listen side (HELLO, the session's)."""
         got = self.direct_end.receive(msg, key, now, admit=self.admit)
-        for reply, to in got.replies:
-            self.send(reply, to)
-        if got.reason is not None:
-            self.drop(got.reason)
-            return
-        if got.session is None:
-            return                          # a HELLO, answered
+        if not got.settle(self.send, self.drop) or got.session is None:
+            return                          # dropped, or a HELLO answered
         self.heard = now
+        self.on_direct(got, msg, now)
+
+    def on_direct(self, got, msg, now):
+        """A message of the direct session, as its endpoint took it."""
         if got.event == NEW:
             self.direct_up(now)
         elif got.event == MOVED:
             self.moved(got.old, now)
-        elif got.event == ENDED:
+        elif got.event in (LOST, ENDED):
             self.direct_down(now, "the peer said goodbye")
             return
         self.deliver(got.mtype, got.tag, msg, now)
@@ -427,10 +407,7 @@ class PunchWorker(Worker):
 
     def from_relay(self, msg, now):
         got = self.relay_end.receive(msg, now)
-        for reply, _to in got.replies:
-            self.send(reply, self.relay_key)
-        if got.reason is not None:
-            self.drop(got.reason)
+        if not got.settle(self.send, self.drop, to=self.relay_key):
             return
         if got.event == NEW:
             self.log.info("registered with the relay, which sees us as %s",
@@ -514,11 +491,7 @@ class PunchWorker(Worker):
                 if length > MAX_DATAGRAM:
                     self.drop(R_TOO_LARGE)
                     continue
-                key = keys[i]
-                slot = table.get(key)
-                if slot is None:
-                    slot = self.flows.insert(key, now)
-                table.touch(slot, now, length)
+                slot = self.flows.touch(keys[i], now, length)
                 start = starts[i]
                 self.send_data(T_DATA, table.tags[slot], view[start:start + length])
         self.after_events()

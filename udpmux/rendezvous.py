@@ -34,9 +34,9 @@ import time
 from udpmux import wire
 from udpmux.addr import format_peer
 from udpmux.batchio import Batch
-from udpmux.datapath import BATCH, Drops, Sender, batches
+from udpmux.datapath import BATCH, Drops, Sender, each_message
 from udpmux.endpoint import ENDED, MOVED, NEW, Responder
-from udpmux.reasons import R_FULL, R_NAME, R_NO_PARTNER, R_TOO_LARGE
+from udpmux.reasons import R_FULL, R_NAME, R_NO_PARTNER
 from udpmux.session import observed_fields
 from udpmux.shm import DEFAULT_SIZE
 from udpmux.worker import Worker
@@ -116,17 +116,9 @@ class RendezvousWorker(Worker):
     # -- messages
 
     def on_udp(self):
-        batch = self.batch
-        for n in batches(self.sock, batch, self.drops):
-            now = time.monotonic()
-            view, lengths, keys, starts = batch.view, batch.lengths, batch.keys, batch.starts
-            for i in range(n):
-                if lengths[i] > batch.capacity:
-                    self.drop(R_TOO_LARGE)
-                    continue
-                start = starts[i]
-                self.on_message(bytes(view[start:start + lengths[i]]), keys[i], now)
-            self.sender.flush()
+        each_message(self.sock, self.batch, self.drops,
+                     lambda msg, key, now: self.on_message(bytes(msg), key, now),
+                     self.sender.flush)
 
     def full(self, _key):
         """A HELLO when max_flows agents are registered already is not answered."""
@@ -134,10 +126,7 @@ class RendezvousWorker(Worker):
 
     def on_message(self, msg, key, now):
         got = self.endpoint.receive(msg, key, now, admit=self.full)
-        for reply, to in got.replies:
-            self.send(reply, to)
-        if got.reason is not None:
-            self.drop(got.reason)
+        if not got.settle(self.send, self.drop):
             return
         session = got.session
         if session is None:                 # a HELLO, answered

@@ -13,6 +13,7 @@ option the address came from, so that the error points at what to change.
 """
 
 import errno
+import os
 import socket
 
 from udpmux.addr import format_endpoint
@@ -81,6 +82,16 @@ def udp_connected(family, sockaddr, buffer=BUFFER):
     sock = _open(family, socket.SOCK_DGRAM, "relay", where)
     return _set_up(sock, f"cannot reach {where}",
                    lambda: _buffers(sock, buffer), lambda: sock.connect(sockaddr))
+
+
+def connect_failure(sock):
+    """Once a nonblocking connect() on sock is done (writable): None when it worked,
+    else what failed, in words (and sock is closed)."""
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if not err:
+        return None
+    sock.close()
+    return os.strerror(err)
 
 
 def tcp_listener(family, sockaddr, what, backlog=BACKLOG):

@@ -371,11 +371,7 @@ class UotClient(Worker):
                 if length > MAX_UDP_PAYLOAD or length > batch.capacity:
                     self.drop(R_TOO_LARGE)
                     continue
-                key = keys[i]
-                slot = table.get(key)
-                if slot is None:
-                    slot = self.flows.insert(key, now)
-                table.touch(slot, now, length)
+                slot = self.flows.touch(keys[i], now, length)
                 if session is None:
                     self.drop(R_NO_CONNECTION)
                     continue
