@@ -22,7 +22,6 @@ from procs import (
     ROOT, WAIT, Daemon, Echo, Notify, deadline_loop, env, exchange, free_port, status,
     udp_client, udpmux_argv,
 )
-from udpmux.metrics import MAX_CLIENTS as METRICS_CLIENTS
 from udpmux.status import MAX_CLIENTS, REQUEST_TIMEOUT
 
 LOCAL = "127.0.0.1"
@@ -361,10 +360,10 @@ def test_a_scrape_gets_the_metrics_past_20_idle_connections(service):
     address = metrics_address(service[-1])
     idle = [socket.create_connection(address, timeout=WAIT) for _ in range(20)]
     try:
-        assert len(idle) > METRICS_CLIENTS
+        assert len(idle) > MAX_CLIENTS
         samples = get_metrics(address)      # once, without waiting for the idle to time out
         assert samples['udpmux_tunnel_up{tunnel="wg"}'] == 1
-        for conn in idle[:len(idle) + 1 - METRICS_CLIENTS]:
+        for conn in idle[:len(idle) + 1 - MAX_CLIENTS]:
             assert conn.recv(1) == b""      # the oldest were closed to make room
     finally:
         for conn in idle:

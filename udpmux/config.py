@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from udpmux import addr, auth, wire
 from udpmux.addr import shown
+from udpmux.endpoint import KEEPALIVE_EVERY
 from udpmux.errors import ConfigError, Fatal, UsageError
 from udpmux.tagtable import CAPACITY_MAX
 
@@ -110,6 +111,16 @@ class Setting:
         return "--" + self.name.replace("_", "-")
 
 
+# Settings more than one mode has.
+FLOW_IDLE = Setting("flow_idle", _positive_number, 180.0,
+                    "seconds without datagrams before a flow ends")
+
+
+def _keepalive(nat):
+    return Setting("keepalive", _positive_number, float(KEEPALIVE_EVERY),
+                   f"seconds between keepalives; below the {nat} UDP timeout")
+
+
 def _mode(value):
     if value not in ("expose", "rendezvous"):
         raise ValueError(f"expected \"expose\" or \"rendezvous\", got {shown(value)}")
@@ -126,7 +137,7 @@ TUNNEL_SETTINGS = [
     Setting("tcp", _flag, True,
             "also accept exposers over TCP at the register address (for networks that drop UDP)"),
     Setting("max_flows", _flow_count, 1024, "flows kept at once; the idlest goes first"),
-    Setting("flow_idle", _positive_number, 180.0, "seconds without datagrams before a flow ends"),
+    FLOW_IDLE,
     Setting("exposer_timeout", _positive_number, 90.0,
             "seconds without a word from the exposer before the tunnel is down"),
     Setting("new_flows_rate", _positive_number, 1000.0, "new flows accepted per second"),
@@ -444,7 +455,7 @@ def from_options(args, log=None):
 # -- single-host agents
 
 UOT_SETTINGS = [
-    Setting("flow_idle", _positive_number, 180.0, "seconds without datagrams before a flow ends"),
+    FLOW_IDLE,
     Setting("max_flows", _flow_count, 1024, "flows (UDP sockets at the server) kept at once"),
     Setting("max_clients", _positive_int, 64, "uot-client connections served at once"),
 ]
@@ -541,9 +552,8 @@ EXPOSE_SETTINGS = [
     Setting("key_file", _text, None, "the tunnel's key file"),
     Setting("insecure", _flag, False, "run without a key"),
     Setting("carrier", _carrier, "udp", "udp, or tcp where UDP to the relay is blocked"),
-    Setting("keepalive", _positive_number, 25.0,
-            "seconds between keepalives; below the NAT's UDP timeout"),
-    Setting("flow_idle", _positive_number, 180.0, "seconds without datagrams before a flow ends"),
+    _keepalive("NAT's"),
+    FLOW_IDLE,
     Setting("max_flows", _flow_count, 1024, "flows (service sockets) kept at once"),
 ]
 EXPOSE = {s.name: s for s in EXPOSE_SETTINGS}
@@ -592,11 +602,17 @@ def load_expose(path, log=None):
     return _load_agent(path, EXPOSE, _expose, log)
 
 
-def expose_from_options(args, log=None):
+def _agent_from_options(args, settings, build, log):
+    """An agent's config from its command line, built by build(values, "options",
+    log); UsageError names the option."""
     try:
-        return _expose(option_values(args, EXPOSE_SETTINGS), "options", log)
+        return build(option_values(args, settings), "options", log)
     except ValueError as exc:
-        raise UsageError(_in_option_words(str(exc), EXPOSE_SETTINGS)) from None
+        raise UsageError(_in_option_words(str(exc), settings)) from None
+
+
+def expose_from_options(args, log=None):
+    return _agent_from_options(args, EXPOSE_SETTINGS, _expose, log)
 
 
 # `udpmux punch` (one side of a punched path per file or command line)
@@ -623,12 +639,11 @@ PUNCH_SETTINGS = [
     Setting("insecure", _flag, False, "run without a key (direct mode only)"),
     Setting("forward", _text, None, "the local UDP service datagrams go to, HOST:PORT"),
     Setting("listen", _text, None, "where local UDP clients send, ADDR"),
-    Setting("keepalive", _positive_number, 25.0,
-            "seconds between keepalives; below the NATs' UDP timeout"),
+    _keepalive("NATs'"),
     Setting("probe_ports", _probe_count, 256,
             "extra sockets and guessed ports against a symmetric NAT (0: none)"),
     Setting("retry", _positive_number, 30.0, "seconds between direct attempts while relayed"),
-    Setting("flow_idle", _positive_number, 180.0, "seconds without datagrams before a flow ends"),
+    FLOW_IDLE,
     Setting("max_flows", _flow_count, 1024, "flows kept at once"),
 ]
 PUNCH = {s.name: s for s in PUNCH_SETTINGS}
@@ -691,7 +706,4 @@ def load_punch(path, log=None):
 
 
 def punch_from_options(args, log=None):
-    try:
-        return _punch(option_values(args, PUNCH_SETTINGS), "options", log)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    return _agent_from_options(args, PUNCH_SETTINGS, _punch, log)

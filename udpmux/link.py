@@ -600,14 +600,10 @@ class LinkClient(LinkEnd):
         self.pump(now)
 
     def on_accept(self):
-        for _ in range(16):
-            try:
-                sock, _sockaddr = self.listener.accept()
-            except (BlockingIOError, ConnectionAbortedError):
-                break
-            except OSError as exc:
+        def failed(exc):
+            if self.limit_log("accept", time.monotonic()):
                 self.log.error("cannot accept a connection: %s", exc.strerror)
-                break
+        for sock, _sockaddr in sockets.accepted(self.listener, 16, failed):
             if self.session is None:
                 if len(self.waiting) >= WAITING_CONNECTIONS:
                     sock.close()

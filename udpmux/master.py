@@ -455,8 +455,7 @@ class Master:
         except OSError:
             message = None
         if message is None:         # the worker closed its end: it exited, SIGCHLD follows
-            self.selector.unregister(pipe)
-            pipe.close()
+            sockets.release(self.selector, pipe)
             if tunnel.pipe is pipe:
                 tunnel.pipe = None
             return
@@ -509,8 +508,7 @@ class Master:
         tunnel.pid = None
         tunnel.kill_at = None
         if tunnel.pipe is not None:
-            self.selector.unregister(tunnel.pipe)
-            tunnel.pipe.close()
+            sockets.release(self.selector, tunnel.pipe)
             tunnel.pipe = None
         how = f"signal {-code}" if code < 0 else f"status {code}"
         if self.stopping:
@@ -546,11 +544,7 @@ class Master:
             if sock not in keep:
                 sock.close()
         if tunnel.pipe is not None:
-            try:
-                self.selector.unregister(tunnel.pipe)
-            except (KeyError, ValueError):
-                pass
-            tunnel.pipe.close()
+            sockets.release(self.selector, tunnel.pipe)
             tunnel.pipe = None
 
     # -- readiness

@@ -17,10 +17,7 @@ from udpmux import sockets
 from udpmux.addr import format_endpoint
 from udpmux.status import Connections
 
-MAX_CLIENTS = 16                # connections held at once; a newcomer closes the oldest
-MAX_REQUEST = 8192
-CLIENT_TIMEOUT = 2.0            # seconds from accept to a whole request
-REPLY_TIMEOUT = 10.0            # seconds a reply may wait for the client to read more of it
+MAX_REQUEST = 8192              # an HTTP request's head; the rest as the control socket's
 PAIR_PATHS = ("waiting", "punching", "relayed", "direct")
 
 # (name, type, help, value of a tunnel's status) for one sample per tunnel.
@@ -102,8 +99,7 @@ class MetricsServer(Connections):
     """The master's HTTP endpoint; `answer()` returns the current status dict."""
 
     def __init__(self, selector, endpoint, answer, log):
-        super().__init__(selector, log, MAX_CLIENTS, MAX_REQUEST, CLIENT_TIMEOUT,
-                         REPLY_TIMEOUT)
+        super().__init__(selector, log, max_request=MAX_REQUEST)
         self.endpoint = endpoint
         self.answer = answer
 

@@ -44,7 +44,7 @@ import mmap
 import os
 import time
 
-from udpmux import wire
+from udpmux import sockets, wire
 from udpmux.addr import format_endpoint, format_peer, peer_key
 from udpmux.auth import WINDOW
 from udpmux.batchio import Batch
@@ -593,16 +593,11 @@ class RelayWorker(Worker):
     # -- exposers over TCP
 
     def on_tcp_accept(self):
-        for _ in range(16):
-            try:
-                sock, sockaddr = self.tcp_listener.accept()
-            except (BlockingIOError, ConnectionAbortedError):
-                return
-            except OSError as exc:
-                if self.limit_log("accept", time.monotonic()):
-                    self.log.error("tunnel %s: cannot accept a TCP connection: %s", self.name,
-                                   exc.strerror)
-                return
+        def failed(exc):
+            if self.limit_log("accept", time.monotonic()):
+                self.log.error("tunnel %s: cannot accept a TCP connection: %s", self.name,
+                               exc.strerror)
+        for sock, sockaddr in sockets.accepted(self.tcp_listener, 16, failed):
             peer = peer_key(sock.family, sockaddr)
             self.make_room(source_of(peer))
             carrier = TcpCarrier(sock, self.poller, self.on_tcp_message, self.on_tcp_closed)

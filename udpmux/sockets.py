@@ -94,6 +94,29 @@ def connect_failure(sock):
     return os.strerror(err)
 
 
+def accepted(listener, most, failed):
+    """The connections waiting on listener, as (socket, sockaddr), at most `most` (so
+    that a storm of them cannot starve the loop).  An error other than "none waiting"
+    (out of descriptors or buffers) goes to failed(exc) and ends the round."""
+    for _ in range(most):
+        try:
+            yield listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:
+            failed(exc)
+            return
+
+
+def release(selector, sock):
+    """Take sock out of selector (if it is there) and close it."""
+    try:
+        selector.unregister(sock)
+    except (KeyError, ValueError):
+        pass
+    sock.close()
+
+
 def tcp_listener(family, sockaddr, what, backlog=BACKLOG):
     """A nonblocking TCP socket listening at sockaddr (SO_REUSEADDR: a restart does not
     wait for the previous run's connections to time out)."""

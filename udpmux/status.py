@@ -28,7 +28,7 @@ import time
 
 import psutil
 
-from udpmux import __version__
+from udpmux import __version__, sockets
 from udpmux.config import default_control_socket
 from udpmux.errors import EXIT_FAILURE, EXIT_NOINPUT, Fatal
 
@@ -62,7 +62,8 @@ class Connections:
     The master calls expire(now) from its timers and closes sockets() in every worker.
     """
 
-    def __init__(self, selector, log, limit, max_request, timeout, reply_timeout):
+    def __init__(self, selector, log, limit=MAX_CLIENTS, max_request=MAX_REQUEST,
+                 timeout=REQUEST_TIMEOUT, reply_timeout=REPLY_TIMEOUT):
         self.selector = selector
         self.log = log
         self.limit = limit
@@ -108,20 +109,14 @@ class Connections:
         return ([self.sock] if self.sock is not None else []) + list(self.clients)
 
     def on_accept(self):
-        # A bounded batch, so that a storm of connections cannot starve the loop.
-        for _ in range(self.limit):
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, ConnectionAbortedError):
-                return
-            except OSError as exc:
-                # Out of descriptors (EMFILE, ENFILE) or buffers: the listener would stay
-                # readable and spin the loop, so it rests until expire() a second later.
-                self.log.warning("%s: cannot accept a connection: %s; pausing for %g s",
-                                 type(self).__name__, exc.strerror or exc, ACCEPT_PAUSE)
-                self.selector.unregister(self.sock)
-                self.paused_until = time.monotonic() + ACCEPT_PAUSE
-                return
+        def failed(exc):
+            # Out of descriptors (EMFILE, ENFILE) or buffers: the listener would stay
+            # readable and spin the loop, so it rests until expire() a second later.
+            self.log.warning("%s: cannot accept a connection: %s; pausing for %g s",
+                             type(self).__name__, exc.strerror or exc, ACCEPT_PAUSE)
+            self.selector.unregister(self.sock)
+            self.paused_until = time.monotonic() + ACCEPT_PAUSE
+        for conn, _ in sockets.accepted(self.sock, self.limit, failed):
             while len(self.clients) >= self.limit:
                 self.drop(next(iter(self.clients)))
             conn.setblocking(False)
@@ -195,21 +190,13 @@ class Connections:
 
     def drop(self, conn):
         self.clients.pop(conn, None)
-        try:
-            self.selector.unregister(conn)
-        except (KeyError, ValueError):
-            pass
-        conn.close()
+        sockets.release(self.selector, conn)
 
     def close(self):
         for conn in list(self.clients):
             self.drop(conn)
         if self.sock is not None:
-            try:
-                self.selector.unregister(self.sock)
-            except (KeyError, ValueError):
-                pass
-            self.sock.close()
+            sockets.release(self.selector, self.sock)
             self.sock = None
 
 
@@ -217,8 +204,7 @@ class StatusServer(Connections):
     """The master's end of the control socket, served from the master's selector."""
 
     def __init__(self, selector, master, path, log):
-        super().__init__(selector, log, MAX_CLIENTS, MAX_REQUEST, REQUEST_TIMEOUT,
-                         REPLY_TIMEOUT)
+        super().__init__(selector, log)
         self.master = master
         self.path = path
         self.started = time.monotonic()

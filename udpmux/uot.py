@@ -116,15 +116,10 @@ class UotServer(Worker):
     # -- connections
 
     def on_accept(self):
-        for _ in range(64):
-            try:
-                sock, sockaddr = self.listener.accept()
-            except (BlockingIOError, ConnectionAbortedError):
-                return
-            except OSError as exc:          # out of descriptors: say so, try again later
-                if self.every("accept", time.monotonic()):
-                    self.log.error("cannot accept a connection: %s", exc.strerror)
-                return
+        def failed(exc):                # out of descriptors: say so, try again later
+            if self.every("accept", time.monotonic()):
+                self.log.error("cannot accept a connection: %s", exc.strerror)
+        for sock, sockaddr in sockets.accepted(self.listener, 64, failed):
             # Connections still shaking hands have their own, small bound, so strangers
             # cannot take the places of clients that hold the key.
             peer = addr.peer_key(sock.family, sockaddr)
