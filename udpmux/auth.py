@@ -96,6 +96,13 @@ class ReplayWindow:
         else:
             self.bits |= 1 << (self.top - nonce)
 
+    def refuse_through(self, top):
+        """Accept nothing at or below top from now on (a predecessor may have): the
+        window moves up to top, every place in it taken."""
+        if top > self.top:
+            self.top = top
+            self.bits = (1 << WINDOW) - 1
+
 
 def generate_key():
     return os.urandom(KEY_SIZE)

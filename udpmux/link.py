@@ -233,7 +233,7 @@ class LinkEnd(Worker):
             session, on_sent = self.session, conn.on_sent
             for message in sending:
                 self.queue(session.seal(message.mtype, message.tag, message.body))
-                on_sent(session.send_nonce, message, now)
+                on_sent(session.last_sent, message, now)
             self.flush()
             if len(sending) < 64:
                 break

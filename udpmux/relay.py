@@ -46,7 +46,6 @@ import time
 
 from udpmux import sockets, wire
 from udpmux.addr import format_endpoint, format_peer, peer_key
-from udpmux.auth import WINDOW
 from udpmux.batchio import Batch
 from udpmux.carrier import TcpCarrier
 from udpmux.config import from_options, load
@@ -279,9 +278,7 @@ class RelayWorker(Worker):
         if local_id == session.local_id:
             received = max(received, recorded_top)
             reserved = max(reserved, recorded_reserve)
-        session.send_nonce = reserved
-        session.window.top = received
-        session.window.bits = (1 << WINDOW) - 1
+        session.resume(reserved, received)
         session.confirmed = True
         self.endpoint.restore(session)
         self.restored = True
@@ -650,19 +647,20 @@ class RelayWorker(Worker):
         if session is None or self.carrier is not None:
             return
         local_id, received, reserved = self.recorded
+        top, sent = session.received_top, session.last_sent
         words = self.record.words
         if local_id != session.local_id:
             words[0] = 0                        # no session while the words change
-            words[1] = session.window.top
-            reserved = session.send_nonce + NONCE_RESERVE
+            words[1] = top
+            reserved = sent + NONCE_RESERVE
             words[2] = reserved
             words[0] = session.local_id
-        elif received != session.window.top:
-            words[1] = session.window.top
-        if session.send_nonce + NONCE_RESERVE // 2 > reserved:
-            reserved = session.send_nonce + NONCE_RESERVE
+        elif received != top:
+            words[1] = top
+        if sent + NONCE_RESERVE // 2 > reserved:
+            reserved = sent + NONCE_RESERVE
             words[2] = reserved
-        self.recorded = (session.local_id, session.window.top, reserved)
+        self.recorded = (session.local_id, top, reserved)
 
     def after_events(self):
         self.to_exposer.flush()
@@ -703,8 +701,8 @@ class RelayWorker(Worker):
                 "peer_id": session.peer_id,
                 "send_key": session.send_key.hex() if self.keyed else None,
                 "recv_key": session.recv_key.hex() if self.keyed else None,
-                "send_reserved": session.send_nonce + NONCE_RESERVE,
-                "recv_top": session.window.top,
+                "send_reserved": session.last_sent + NONCE_RESERVE,
+                "recv_top": session.received_top,
                 "peer": session.peer.hex(),
                 "age": now - self.registered,
                 "carrier": "tcp" if self.carrier is not None else "udp",

@@ -146,6 +146,22 @@ class Session:
         self.send_mac = _keyed(send_key)
         self.recv_mac = _keyed(recv_key)
 
+    @property
+    def last_sent(self):
+        """The nonce of the last message sealed (0: none yet)."""
+        return self.send_nonce
+
+    @property
+    def received_top(self):
+        """The highest nonce accepted from the peer."""
+        return self.window.top
+
+    def resume(self, sent, received):
+        """Carry on from another process's use of this session: the next message sealed
+        has a nonce above `sent`, and no nonce at or below `received` is accepted."""
+        self.send_nonce = max(self.send_nonce, sent)
+        self.window.refuse_through(received)
+
     def seal(self, mtype, tag, body=b""):
         """A whole message of this session."""
         self.send_nonce += 1
