@@ -1,3 +1,5 @@
+"""`python -m udpmux`: the same as the udpmux command."""
+
 import sys
 
 from udpmux.cli import main

@@ -1,4 +1,7 @@
-"""The relay's configuration: a TOML file (udpmux.conf(5)) or one tunnel from options.
+"""Every mode's configuration, checked: the relay's from a TOML file (udpmux.conf(5))
+or one tunnel from options; expose's and punch's from a file of top-level keys or
+options; uot's and link's from options.  Each becomes a frozen dataclass
+(RelayConfig and TunnelConfig, ExposeConfig, PunchConfig, UotConfig, LinkConfig).
 
     control_socket = "/run/udpmux/control.sock"     # global settings
     [defaults]                                      # tunnel settings for every tunnel
@@ -8,8 +11,9 @@
     register = "0.0.0.0:5566"
     key_file = "/etc/udpmux/wg.key"
 
-Every setting is declared once below, with its default and its check; the command
-line's defaults, the man page and the example file are tested against this list.
+Every setting is declared once below, in a table per mode, with its default and its
+check; nowhere else holds a default.  The command line's defaults, the man page and
+the example file are tested against these tables.
 Loading reads the key files and resolves the addresses, so every mistake is found
 when the relay starts or reloads, not when the first datagram arrives.
 """
