@@ -169,7 +169,6 @@ class ExposeWorker(Worker):
             self.log.info("the relay's flow table is new: closing %d flows", len(self.flows))
             self.flows.close_all()
         self.epoch = session.epoch
-        self.after_events()
         if old is None and not self.registered:
             self.log.info("registered with the relay at %s, which sees us as %s",
                           addr.format_endpoint(*self.relay), session.observed)
@@ -271,7 +270,6 @@ class ExposeWorker(Worker):
                 self.send_relay(msg)
             else:
                 self.send_hello(msg)
-        self.after_events()
 
     def send_hello(self, msg):
         try:
@@ -299,7 +297,6 @@ class ExposeWorker(Worker):
                 self.carrier.close("no answer to HELLO")
         self.send_due(now)
         self.flows.expire(now, self.flow_idle)
-        self.after_events()
         self.drops.tick(now)
 
     def on_stop(self, final):

@@ -288,7 +288,6 @@ class PunchWorker(Worker):
         each_message(sock, self.batch, self.drops,
                      lambda msg, key, now: self.on_message(bytes(msg), key, now, sock),
                      self.sender.flush)
-        self.after_events()
 
     def on_message(self, msg, key, now, sock):
         mtype = msg[1] if len(msg) >= HEADER_SIZE else None
@@ -494,7 +493,6 @@ class PunchWorker(Worker):
                 slot = self.flows.touch(keys[i], now, length)
                 start = starts[i]
                 self.send_data(T_DATA, table.tags[slot], view[start:start + length])
-        self.after_events()
 
     def client_closed(self, tag, reason):
         self.send_data(T_CLOSE, tag, REASON.pack(reason))

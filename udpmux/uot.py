@@ -253,7 +253,6 @@ class UotServer(Worker):
         self.acceptor.expire(now)
         for carrier in self.clients:
             self.drops.take(carrier.drops)
-        self.after_events()
         self.drops.tick(now)
 
     def on_stop(self, final):
@@ -403,7 +402,6 @@ class UotClient(Worker):
         self.flows.expire(now, self.flow_idle)
         if self.carrier is not None:
             self.drops.take(self.carrier.drops)
-        self.after_events()
         self.drops.tick(now)
 
     def on_stop(self, final):

@@ -128,7 +128,6 @@ class Worker:
                     handler = handlers.get(fd)
                     if handler is not None:
                         handler()
-            self.after_events()
             now = time.monotonic()
             wake = self.wake_at(now)
             if wake is not None and now >= wake:
@@ -138,6 +137,7 @@ class Worker:
                 next_tick = now + self.TICK
                 if self.stopping_until is not None and now >= self.stopping_until:
                     self.alive = False
+            self.after_events()         # what the handlers and timers queued goes out
         self.on_exit()
 
     # -- events
@@ -185,7 +185,8 @@ class Worker:
         """After fork: register sockets with self.poller, attach tables."""
 
     def after_events(self):
-        """After each round of events: flush what they queued."""
+        """After each round of events and timers: flush what they queued.  Only the
+        loop calls it (and a mode's on_stop(), for its last words)."""
 
     def wake_at(self, now):
         """When (time.monotonic(), `now` at the latest if it is due) the loop must call
