@@ -1,10 +1,12 @@
-"""Limits: token buckets, alone or one per source address in a bounded table, room
-for newcomers among connections not yet authenticated, and the process's open-files
-limit."""
+"""Limits: token buckets, alone or one per source address in a bounded table, the
+admission of a new flow (its source's rate first, then the tunnel's), room for
+newcomers among connections not yet authenticated, and the process's open-files limit."""
 
 import random
 import resource
 from collections import OrderedDict
+
+from udpmux.reasons import R_FLOW_RATE, R_SOURCE_RATE
 
 GRACE = 1.0                     # seconds a new connection has to say HELLO before it may go
 
@@ -54,6 +56,25 @@ class PerSource:
 
     def __len__(self):
         return len(self.buckets)
+
+
+class FlowAdmission:
+    """Whether a new flow may start: at most `per_source` a second from one source (of
+    the `max_sources` seen last) and `rate` a second in all.  The source's own limit is
+    asked first, so that a source over it does not spend the tunnel's allowance."""
+
+    def __init__(self, rate, per_source, max_sources, now=0.0):
+        self.tunnel = TokenBucket(rate, now=now)
+        self.sources = PerSource(per_source, max_sources)
+
+    def refused(self, peer, now):
+        """None when a new flow from peer key `peer` may start now, else the reason to
+        count: R_SOURCE_RATE or R_FLOW_RATE."""
+        if not self.sources.take(source_of(peer), now):
+            return R_SOURCE_RATE
+        if not self.tunnel.take(now):
+            return R_FLOW_RATE
+        return None
 
 
 _V4_MAPPED = bytes(10) + b"\xff\xff"

@@ -17,12 +17,13 @@ opened and its body sent to the client its tag names, again without a copy.
 
 Bounds: at most max_flows flows (a new client evicts the least recently used, and the
 exposer is told to close it too); flows idle for flow_idle end at both ends; new flows
-are limited per second on the tunnel and per client IP address; pending handshakes are
-bounded; HELLO and STALE answers are rate limited and never larger than what they
-answer; TCP connections that have not registered are bounded per source and in all,
-and one of them makes room for a newcomer (limits.to_make_room).  Nothing a stranger sends moves or
-replaces the exposer's session: it moves to a new address only once that address
-answered a challenge (session.PathCheck), and only a completed handshake replaces it.
+are limited per second per client IP address, then on the tunnel
+(limits.FlowAdmission); pending handshakes are bounded; HELLO and STALE answers are
+rate limited and never larger than what they answer; TCP connections that have not
+registered are bounded per source and in all, and one of them makes room for a
+newcomer (limits.to_make_room).  Nothing a stranger sends moves or replaces the
+exposer's session: it moves to a new address only once that address answered a
+challenge (session.PathCheck), and only a completed handshake replaces it.
 
 A respawned worker carries on with its predecessor's session (from the report block)
 and never accepts a message its predecessor could have accepted: before anything
@@ -52,7 +53,7 @@ from udpmux.config import from_options, load
 from udpmux.datapath import BATCH, DROP_LOG_EVERY, Drops, Sender, batches
 from udpmux.endpoint import ENDED, MOVED, NEW, Responder
 from udpmux.flows import ClientFlows
-from udpmux.limits import PerSource, TokenBucket, source_of, to_make_room
+from udpmux.limits import FlowAdmission, source_of, to_make_room
 from udpmux.log import Every, setup as setup_log
 from udpmux.master import Master
 from udpmux.reasons import (
@@ -226,8 +227,8 @@ class RelayWorker(Worker):
         self.restored = False           # the session came from a dead predecessor
         self.heard = 0.0                # when the exposer last sent an authentic message
         self.registered = 0.0
-        self.flow_bucket = TokenBucket(config.new_flows_rate, now=now)
-        self.per_source = PerSource(config.new_flows_per_source, config.max_sources)
+        self.admission = FlowAdmission(config.new_flows_rate, config.new_flows_per_source,
+                                       config.max_sources, now)
         self.counters = dict.fromkeys(
             ("datagrams_in", "bytes_in", "datagrams_out", "bytes_out", "flows", "evicted",
              "expired", "closed", "sessions", "roams"), 0)
@@ -400,18 +401,14 @@ class RelayWorker(Worker):
         if self.session is None or self.down(now):
             self.drop(R_NO_EXPOSER)
             return None
-        # The source's own limit first, so that one busy source cannot spend the
-        # tunnel's allowance.
-        if not self.per_source.take(source_of(key), now):
-            self.drop(R_SOURCE_RATE)
-            if self.limit_log(R_SOURCE_RATE, now):
+        refused = self.admission.refused(key, now)
+        if refused is not None:
+            self.drop(refused)
+            if refused == R_SOURCE_RATE and self.limit_log(refused, now):
                 self.log.warning("tunnel %s: %s opens new flows faster than "
                                  "new_flows_per_source (%g/s); refusing the excess",
                                  self.name, format_peer(key), self.config.new_flows_per_source)
-            return None
-        if not self.flow_bucket.take(now):
-            self.drop(R_FLOW_RATE)
-            if self.limit_log(R_FLOW_RATE, now):
+            elif refused == R_FLOW_RATE and self.limit_log(refused, now):
                 self.log.warning("tunnel %s: new flows arrive faster than new_flows_rate "
                                  "(%g/s); refusing the excess", self.name,
                                  self.config.new_flows_rate)
