@@ -56,8 +56,9 @@ class ExposeWorker(Worker):
         self.flow_idle = flow_idle
         self.max_flows = max_flows
 
-    def setup(self):
-        now = time.monotonic()
+    def setup(self, now=None):
+        """After start; `now` (time.monotonic() by default) is when, for unit tests."""
+        now = time.monotonic() if now is None else now
         self.drops = self.drop = Drops(self.log, "expose")
         self.endpoint = Initiator(self.key, wire.ROLE_EXPOSE, keepalive=self.keepalive,
                                   repeat=not self.tcp)

@@ -110,8 +110,9 @@ class PunchWorker(Worker):
 
     # -- after start
 
-    def setup(self):
-        now = time.monotonic()
+    def setup(self, now=None):
+        """After start; `now` (time.monotonic() by default) is when, for unit tests."""
+        now = time.monotonic() if now is None else now
         self.drops = self.drop = Drops(self.log, "punch")
         self.sock = self.bind_main()
         self.poller.register(self.sock, lambda: self.on_socket(self.sock))
@@ -343,7 +344,7 @@ class PunchWorker(Worker):
 
     def from_listen_side(self, msg, key, now):
         """The forward side: a message from the listen side (HELLO, the session's)."""
-        got = self.direct_end.receive(msg, key, now, admit=self.admit)
+        got = self.direct_end.receive(msg, key, now, admit=lambda k: self.admit(k, now))
         if not got.settle(self.send, self.drop) or got.session is None:
             return                          # dropped, or a HELLO answered
         self.heard = now
@@ -360,9 +361,9 @@ class PunchWorker(Worker):
             return
         self.deliver(got.mtype, got.tag, msg, now)
 
-    def admit(self, key):
+    def admit(self, key, now):
         """The forward side answers HELLO only on a path it proved."""
-        return None if self.prover.is_proven(key, time.monotonic()) else R_UNPROVEN
+        return None if self.prover.is_proven(key, now) else R_UNPROVEN
 
     def moved(self, old, now):
         self.peer_key = self.direct.peer

@@ -213,9 +213,10 @@ class RelayWorker(Worker):
 
     # -- after fork
 
-    def setup(self):
+    def setup(self, now=None):
+        """After fork; `now` (time.monotonic() by default) is when, for unit tests."""
         config = self.config
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         self.table.attach()
         self.drops = self.drop = Drops(self.log, f"tunnel {self.name}")
         self.endpoint = Responder(config.key, [wire.ROLE_EXPOSE], name=self.name, stale=True,

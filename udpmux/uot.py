@@ -120,19 +120,22 @@ class UotServer(Worker):
             if self.every("accept", time.monotonic()):
                 self.log.error("cannot accept a connection: %s", exc.strerror)
         for sock, sockaddr in sockets.accepted(self.listener, 64, failed):
-            # Connections still shaking hands have their own, small bound, so strangers
-            # cannot take the places of clients that hold the key.
-            peer = addr.peer_key(sock.family, sockaddr)
-            waiting = [c for c in self.clients.values() if c.session is None]
-            oldest = to_make_room(waiting, source_of(peer), HANDSHAKING_PER_SOURCE, HANDSHAKING,
-                                  time.monotonic())
-            if oldest is not None:
-                self.end(oldest, "closed for a newer connection", R_TCP_FULL)
             carrier = TcpCarrier(sock, self.poller, self.on_message, self.on_closed)
-            client = Client(carrier, peer, time.monotonic(), self.acceptor)
-            self.clients[carrier] = client
-            self.log.debug("connection from %s", client.name)
+            self.join(carrier, addr.peer_key(sock.family, sockaddr), time.monotonic())
             carrier.on_readable()       # its HELLO, if here already, before the next one
+
+    def join(self, carrier, peer, now):
+        """A new connection from `peer`.  Connections still shaking hands have their own,
+        small bound, so strangers cannot take the places of clients that hold the key:
+        the one to_make_room() names is closed for it."""
+        waiting = [c for c in self.clients.values() if c.session is None]
+        oldest = to_make_room(waiting, source_of(peer), HANDSHAKING_PER_SOURCE, HANDSHAKING,
+                              now)
+        if oldest is not None:
+            self.end(oldest, "closed for a newer connection", R_TCP_FULL)
+        client = self.clients[carrier] = Client(carrier, peer, now, self.acceptor)
+        self.log.debug("connection from %s", client.name)
+        return client
 
     def end(self, client, why, reason=None):
         """End a connection because of what it sent: counted, and logged (at most a line
@@ -162,9 +165,11 @@ class UotServer(Worker):
 
     def on_message(self, carrier, msg):
         client = self.clients.get(carrier)
-        if client is None:
-            return
-        now = time.monotonic()
+        if client is not None:
+            self.from_client(client, msg, time.monotonic())
+
+    def from_client(self, client, msg, now):
+        carrier = client.carrier
         if client.session is None:
             # A connection is one handshake: first its HELLO, then the first message of
             # that session; anything else, a second HELLO too, ends it.
