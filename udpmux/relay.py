@@ -684,7 +684,6 @@ class RelayWorker(Worker):
                 self.drop(R_TCP_SILENT)
                 carrier.close(f"no registration within {TCP_HANDSHAKE:.0f} s")
             self.drops.take(carrier.drops)
-        self.after_events()
         self.table.sync()
         self.write_report(now)
         self.drops.tick(now)
