@@ -16,9 +16,9 @@ setup(
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.11",
+    python_requires=">=3.10",
     packages=find_packages(include=["udpmux", "udpmux.*"]),
-    install_requires=["psutil", "docopt-ng", "xxhash"],
+    install_requires=["psutil", "docopt-ng", "xxhash", 'tomli; python_version < "3.11"'],
     extras_require={"test": ["pytest", "hypothesis"]},
     entry_points={"console_scripts": ["udpmux = udpmux.cli:main"]},
     # Relative paths: pip puts them under the installation prefix.
@@ -37,6 +37,8 @@ setup(
         "Environment :: No Input/Output (Daemon)",
         "Operating System :: POSIX :: Linux",
         "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
         "Topic :: System :: Networking",
     ],
 )

@@ -18,13 +18,17 @@ import re
 import shutil
 import socket
 import subprocess
-import tomllib
 import types
 from fractions import Fraction
 from pathlib import Path
 from unittest import mock
 
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:            # Python 3.10
+    import tomli as tomllib
 
 from udpmux import (
     addr, auth, carrier, cli, config, endpoint, errors, link, linkstart, probes, punch, relay,

@@ -23,7 +23,6 @@ import math
 import os
 import re
 import socket
-import tomllib
 from dataclasses import dataclass, field
 
 from udpmux import addr, auth, wire
@@ -31,6 +30,11 @@ from udpmux.addr import shown
 from udpmux.endpoint import KEEPALIVE_EVERY
 from udpmux.errors import ConfigError, Fatal, UsageError
 from udpmux.tagtable import CAPACITY_MAX
+
+try:
+    import tomllib
+except ModuleNotFoundError:            # Python 3.10: the same parser, from PyPI
+    import tomli as tomllib
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")      # whole names: NAME.fullmatch()
 CONFIG_FILE_MAX = 1 << 20       # bytes; a configuration of a thousand tunnels takes 200 KiB
