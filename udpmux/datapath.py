@@ -58,10 +58,12 @@ class Drops:
         self.summary.maybe_log(now)
 
 
-def batches(sock, batch, drops, headroom=0, rounds=DRAIN_ROUNDS):
+def batches(sock, batch, drops, headroom=0, rounds=DRAIN_ROUNDS, errors=None):
     """Read sock into batch, yielding the count of each batch read, at most `rounds`
     times; stop once a batch comes back short (the socket is drained: the call that
-    would say so is spared).  Receive errors the batch saw are counted at the end."""
+    would say so is spared).  Receive errors the batch saw are counted at the end, after
+    errors(counter by errno), if given, has seen them (an ICMP error on a connected
+    socket says something of its peer)."""
     try:
         for _ in range(rounds):
             n = recv_into(sock, batch, headroom)
@@ -71,6 +73,8 @@ def batches(sock, batch, drops, headroom=0, rounds=DRAIN_ROUNDS):
             if n < batch.count:
                 return
     finally:
+        if errors is not None and batch.errors:
+            errors(batch.errors)
         drops.take(batch.errors, R_RECEIVE)
 
 

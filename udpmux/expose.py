@@ -35,12 +35,15 @@ from udpmux.flows import ServiceFlows
 from udpmux.limits import raise_open_files
 from udpmux.log import setup as setup_log
 from udpmux.reasons import R_NO_SESSION, R_SERVICE, R_TOO_LARGE
+from udpmux.watch import PeerWatch, refusal
 from udpmux.worker import Worker
 from udpmux.wire import (
     CLOSE_NAMES, CLOSE_SHUTDOWN, HEADER_SIZE, MAC_SIZE, MAX_DATAGRAM, REASON, T_BYE, T_CLOSE, T_DATA,
 )
 
 CONNECT_TIMEOUT = 10.0          # seconds for a TCP connection to be welcomed
+UDP_HINTS = ("the relay is down, it has another key (or runs without one where we have "
+             "one), or UDP to it is blocked; where UDP is blocked, try --carrier tcp")
 
 
 class ExposeWorker(Worker):
@@ -70,6 +73,8 @@ class ExposeWorker(Worker):
         self.batch = Batch(BATCH)
         self.sock = self.carrier = None
         self.sender = Sender(None, self.drops, BATCH)
+        self.watch = PeerWatch(self.log, "the relay",
+                               lambda: addr.format_endpoint(*self.relay), UDP_HINTS)
         if self.tcp:
             self.dialer = Dialer(self.relay, self.poller, self.on_connected, self.log,
                                  "the relay")
@@ -96,8 +101,15 @@ class ExposeWorker(Worker):
 
     def on_relay(self):
         """Messages from the relay, a batch at a time (relay_batch())."""
-        for n in batches(self.sock, self.batch, self.drops):
+        for n in batches(self.sock, self.batch, self.drops, errors=self.receive_errors):
             self.relay_batch(n, time.monotonic())
+
+    def receive_errors(self, errors):
+        """An ICMP error from the relay's address, reported on the connected socket."""
+        for code in errors:
+            why = refusal(code)
+            if why is not None:
+                self.watch.refused(time.monotonic(), why)
 
     def relay_batch(self, n, now):
         """DATA of the current session is opened in place and its body goes to its flow's
@@ -170,6 +182,7 @@ class ExposeWorker(Worker):
             self.log.info("the relay's flow table is new: closing %d flows", len(self.flows))
             self.flows.close_all()
         self.epoch = session.epoch
+        self.watch.answered(time.monotonic())
         if old is None and not self.registered:
             self.log.info("registered with the relay at %s, which sees us as %s",
                           addr.format_endpoint(*self.relay), session.observed)
@@ -270,17 +283,21 @@ class ExposeWorker(Worker):
             elif self.endpoint.state == UP:
                 self.send_relay(msg)
             else:
-                self.send_hello(msg)
+                self.send_hello(msg, now)
 
-    def send_hello(self, msg):
+    def send_hello(self, msg, now):
+        self.watch.hello_sent(now)
         try:
             self.sock.send(msg)
         except BlockingIOError:
             pass
         except OSError as exc:
             # The relay is unreachable from here just now (ICMP), or our address went
-            # away: start over with a fresh socket and keep trying.
+            # away: say so, start over with a fresh socket and keep trying.
             self.log.debug("sending HELLO: %s", exc.strerror)
+            why = refusal(exc.errno)
+            if why is not None:
+                self.watch.refused(now, why)
             if exc.errno not in (errno.ECONNREFUSED,):
                 self.open_relay_socket()
 
@@ -295,7 +312,8 @@ class ExposeWorker(Worker):
             self.dialer.tick(now)
             if self.carrier is not None and self.endpoint.state != UP \
                     and now - self.endpoint.heard > CONNECT_TIMEOUT:
-                self.carrier.close("no answer to HELLO")
+                self.carrier.close("no answer to HELLO: not a udpmux relay, or one with "
+                                   "another key")
         self.send_due(now)
         self.flows.expire(now, self.flow_idle)
         self.drops.tick(now)

@@ -19,6 +19,7 @@ How we name things:
 """
 
 import socket
+import time
 from collections import OrderedDict, deque
 
 from udpmux.addr import format_endpoint
@@ -145,6 +146,14 @@ class ServiceFlows:
             self.log.error("cannot open a socket to %s: %s", format_endpoint(*self.endpoint),
                            exc.strerror or exc)
 
+    def _refused(self):
+        """The service's host said nothing listens there (ICMP port unreachable)."""
+        self.drops(self.refused)
+        if self.every("refused", time.monotonic()):
+            self.log.warning("the service at %s refuses datagrams: nothing listens on that "
+                             "port (ICMP port unreachable); is it running?",
+                             format_endpoint(*self.endpoint))
+
     def send(self, flow, body, now):
         """One datagram to the service on the flow's socket."""
         flow.seen = now
@@ -158,7 +167,7 @@ class ServiceFlows:
             self._queue(flow, body)
             self.poller.want_write(flow.sock, True)
         except ConnectionRefusedError:
-            self.drops(self.refused)
+            self._refused()
         except OSError:
             self.drops(R_SEND)
 
@@ -178,7 +187,7 @@ class ServiceFlows:
             except BlockingIOError:
                 return
             except ConnectionRefusedError:
-                self.drops(self.refused)
+                self._refused()
             except OSError:
                 self.drops(R_SEND)
             queue.popleft()
@@ -195,7 +204,7 @@ class ServiceFlows:
             except BlockingIOError:
                 break
             except ConnectionRefusedError:
-                self.drops(self.refused)
+                self._refused()
                 continue
             except OSError:
                 self.drops(self.refused)

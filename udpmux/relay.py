@@ -65,6 +65,7 @@ from udpmux.session import Session
 from udpmux.shm import DEFAULT_SIZE, SharedBlock
 from udpmux.tagtable import TagTable
 from udpmux.worker import Worker
+from udpmux.watch import unauthentic
 from udpmux.wire import (
     CLOSE_NAMES, CLOSE_REFUSED, CLOSE_SHUTDOWN, HEADER_SIZE, MAC_SIZE, MAX_DATAGRAM,
     REASON, T_BYE, T_CLOSE, T_DATA, Malformed, parse_header,
@@ -500,6 +501,7 @@ class RelayWorker(Worker):
             elif got.reason is None:
                 carrier.send(reply)
         if got.reason is not None:
+            unauthentic(self.log, self.limit_log, f"tunnel {self.name}", key, got.reason, now)
             self.refuse(got.reason, carrier)
             return
         session = got.session

@@ -39,6 +39,8 @@ from udpmux.endpoint import ENDED, MOVED, NEW, Responder
 from udpmux.reasons import R_FULL, R_NAME, R_NO_PARTNER
 from udpmux.session import observed_fields
 from udpmux.shm import DEFAULT_SIZE
+from udpmux.log import Every
+from udpmux.watch import unauthentic
 from udpmux.worker import Worker
 from udpmux.wire import (
     PATH, PATH_DIRECT, PATH_RELAYED, PEER, RENDEZVOUS_NAME_MAX, SIDE_FORWARD, SIDE_LISTEN,
@@ -103,6 +105,7 @@ class RendezvousWorker(Worker):
         self.pairs = 0
         self.counters = dict.fromkeys(("sessions", "pairs", "relayed", "relayed_bytes"), 0)
         self.drops = self.drop = Drops(self.log, f"tunnel {self.name}")
+        self.limit_log = Every()             # log lines about strangers, once a minute
         self.batch = Batch(BATCH)
         self.sender = Sender(self.sock, self.drops)
         self.poller.register(self.sock, self.on_udp)
@@ -127,6 +130,7 @@ class RendezvousWorker(Worker):
     def on_message(self, msg, key, now):
         got = self.endpoint.receive(msg, key, now, admit=self.full)
         if not got.settle(self.send, self.drop):
+            unauthentic(self.log, self.limit_log, f"tunnel {self.name}", key, got.reason, now)
             return
         session = got.session
         if session is None:                 # a HELLO, answered

@@ -1,0 +1,77 @@
+"""What an agent says when it cannot do its job, as an operator reads it in the log:
+a relay that does not answer (another key, down), one whose host refuses, a service
+that is not there, and the line that says it works again.  Real processes on
+loopback; the relay's side of each mistake too."""
+
+import subprocess
+
+import pytest
+
+from procs import env, free_port, udp_client, udpmux_argv
+from test_relay import LOCAL, Rig
+
+
+@pytest.fixture
+def rig(tmp_path):
+    r = Rig(tmp_path)
+    yield r
+    r.close()
+
+
+def other_key(rig):
+    path = str(rig.tmp / "other.key")
+    subprocess.run(udpmux_argv("keygen", path), env=env(), check=True)
+    return path
+
+
+def test_an_exposer_with_another_key_says_why_it_may_not_be_heard(rig):
+    rig.relay()
+    expose = rig.expose(key=other_key(rig), wait=False)
+    line = expose.lines[expose.wait_log(f"no answer from the relay at {LOCAL}:{rig.register}")]
+    assert "another key" in line and "UDP to it is blocked" in line, line
+    assert "--carrier tcp" in line, line
+    relay = rig.daemons[0]
+    line = relay.lines[relay.wait_log("fail authentication")]
+    assert f"messages from {LOCAL}:" in line and "another key" in line, line
+    assert "registered with the relay" not in expose.log()
+
+
+def test_an_insecure_exposer_at_a_keyed_relay_is_named_at_the_relay(rig):
+    rig.relay()
+    expose = rig.expose(key=False, wait=False)
+    expose.wait_log("no answer from the relay")
+    relay = rig.daemons[0]
+    line = relay.lines[relay.wait_log("one side runs with --insecure")]
+    assert f"messages from {LOCAL}:" in line, line
+
+
+def test_a_relay_that_is_not_there_is_reported_at_once_and_its_return_too(rig):
+    register = free_port()
+    expose = rig.expose(relay=f"{LOCAL}:{register}", wait=False)
+    line = expose.lines[expose.wait_log("nothing listens on that port")]
+    assert f"the relay at {LOCAL}:{register}" in line and "ICMP port unreachable" in line
+    # The relay comes up on that port: the exposer registers by itself and says so.
+    rig.relay(register=register)
+    expose.wait_log("registered with the relay")
+    line = expose.lines[expose.wait_log(f"the relay at {LOCAL}:{register} answers again")]
+    assert " s" in line.split("answers again, after")[1], line
+
+
+def test_a_service_that_is_not_listening_is_named_with_its_address(rig):
+    rig.relay()
+    dead = free_port()
+    expose = rig.start(["expose", "--relay", f"{LOCAL}:{rig.register}",
+                        "--service", f"{LOCAL}:{dead}", "--key-file", rig.key])
+    expose.wait_log("registered with the relay")
+    client = udp_client(timeout=0.2)
+    line = None
+    for _ in range(20):         # datagrams until the service's host has said no
+        client.sendto(b"anyone there?", (LOCAL, rig.public))
+        try:
+            line = expose.lines[expose.wait_log("refuses datagrams", timeout=0.5)]
+            break
+        except AssertionError:
+            continue
+    assert line is not None, expose.log()
+    assert f"the service at {LOCAL}:{dead} refuses datagrams" in line, line
+    assert "is it running?" in line
