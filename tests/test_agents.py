@@ -75,3 +75,19 @@ def test_a_service_that_is_not_listening_is_named_with_its_address(rig):
     assert line is not None, expose.log()
     assert f"the service at {LOCAL}:{dead} refuses datagrams" in line, line
     assert "is it running?" in line
+
+
+def test_punch_says_when_its_relay_does_not_answer(rig):
+    relay = free_port()
+    punch = rig.start(["punch", "--relay", f"{LOCAL}:{relay}", "--rendezvous", "game",
+                       "--key-file", rig.key, "--forward", f"{LOCAL}:{rig.echo.port}"])
+    line = punch.lines[punch.wait_log(f"no answer from the relay at {LOCAL}:{relay}")]
+    assert "another key" in line and "UDP to it is blocked" in line, line
+
+
+def test_punch_says_when_its_peer_does_not_answer(rig):
+    peer = free_port()
+    punch = rig.start(["punch", "--peer", f"{LOCAL}:{peer}", "--port", "0",
+                       "--key-file", rig.key, "--listen", f"{LOCAL}:0"])
+    line = punch.lines[punch.wait_log(f"no answer from the peer at {LOCAL}:{peer}")]
+    assert "the other side is not running" in line and "still trying" in line, line

@@ -13,7 +13,7 @@ from udpmux import sockets, wire
 from udpmux.addr import peer_key
 from udpmux.endpoint import NEW, Initiator, Responder, dead_after
 from udpmux.probes import PUNCH_TIMEOUT, Prover
-from udpmux.punch import RETRY_EVERY, SLOW_PUNCH, PunchWorker
+from udpmux.punch import PARTNER_WORD, RETRY_EVERY, SLOW_PUNCH, PunchWorker
 from udpmux.reasons import R_NO_PATH, R_UNPROVEN
 from udpmux.session import observed_fields
 from udpmux.wire import (
@@ -321,3 +321,28 @@ def test_losing_the_relay_leaves_a_direct_path_alone(no_sockets):
     assert worker.path == PATH_DIRECT
     worker.send_data(T_DATA, 7, b"still")
     assert other.data(2.0) == [b"still"] and worker.drops.counts == {}
+
+
+def test_a_side_left_alone_at_the_relay_says_so_and_what_to_check(no_sockets, caplog):
+    worker = brokered("forward")
+    Relay(worker).join(now=0.0)
+    caplog.set_level("WARNING", logger="udpmux")
+    worker.tick(PARTNER_WORD - 1)
+    assert "no listen side" not in caplog.text
+    worker.tick(PARTNER_WORD)
+    assert "registered with the relay for 30 s, and no listen side has given the " \
+           "rendezvous 'mosh'" in caplog.text
+    assert "same --rendezvous and key" in caplog.text
+    worker.tick(PARTNER_WORD + 1)                   # not again at every tick
+    assert caplog.text.count("no listen side") == 1
+
+
+def test_a_relay_that_never_answers_is_named_with_the_likely_causes(no_sockets, caplog):
+    worker = brokered("listen")
+    caplog.set_level("WARNING", logger="udpmux")
+    now = 0.0
+    while "no answer from the relay" not in caplog.text and now < 60:
+        worker.on_wake(now)
+        now = worker.wake_at(now) or now + 1
+    assert "no answer from the relay at 203.0.113.1:7000 after 4 tries" in caplog.text
+    assert "its rendezvous tunnel has another key" in caplog.text

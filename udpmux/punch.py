@@ -61,7 +61,7 @@ from udpmux import addr, config, sockets, wire
 from udpmux.batchio import Batch
 from udpmux.datapath import BATCH, Drops, Sender, batches, each_message
 from udpmux.endpoint import (
-    ENDED, IDLE, KEEPALIVE_DUE, LOST, MOVED, NEW, UP, Initiator, Responder,
+    ENDED, HELLO, IDLE, KEEPALIVE_DUE, LOST, MOVED, NEW, UP, Initiator, Responder,
     keepalive_body, liveness,
 )
 from udpmux.errors import Fatal, UsageError
@@ -74,6 +74,8 @@ from udpmux.reasons import (
 )
 from udpmux.session import Drop
 from udpmux.tagtable import TagTable
+from udpmux.log import Every
+from udpmux.watch import QUIET_MOST, PeerWatch
 from udpmux.worker import Worker
 from udpmux.wire import (
     CLOSE_SHUTDOWN, HEADER_SIZE, MAC_SIZE, MAX_DATAGRAM, PATH, PATH_DIRECT,
@@ -82,6 +84,7 @@ from udpmux.wire import (
 )
 
 PUNCH_EVERY = 0.1               # seconds between probes during an attempt
+PARTNER_WORD = 30.0             # seconds registered without a partner before saying so
 SLOW_PUNCH = 2.0                # seconds between probes after an attempt (direct mode)
 RETRY_EVERY = 30.0              # seconds between attempts while relayed (--retry)
 HELLO_FIRST = 0.25              # the relay's and the direct path's HELLO repeated after
@@ -134,11 +137,24 @@ class PunchWorker(Worker):
         self.next_attempt = now
         self.birthday_at = None
         self.birthday_left = 0
+        self.own_ports = set()
         # The relay.
         self.relay_key = None
         self.relay_end = None
         self.paired = False
         self.path = None
+        self.registered_at = None           # when the relay last welcomed us
+        self.every = Every(QUIET_MOST)
+        self.relay_watch = PeerWatch(
+            self.log, "the relay", lambda: addr.format_endpoint(*self.relay),
+            "the relay is down, its rendezvous tunnel has another key, or UDP to it is "
+            "blocked")
+        self.peer_watch = PeerWatch(
+            self.log, "the peer", lambda: addr.format_endpoint(*self.peer_endpoint)
+            if self.peer_endpoint is not None else addr.format_peer(self.peer_key),
+            "the other side is not running, has another key, or a NAT or firewall on "
+            "the way drops the probes (both sides must punch, each towards the other's "
+            "public address); still trying", word_after=1)
         if self.relay is not None:
             family, sockaddr = self.relay
             self.relay_key = addr.peer_key(family, sockaddr)
@@ -220,6 +236,7 @@ class PunchWorker(Worker):
         if self.peer_key is None:
             return
         self.attempt_until = now + PUNCH_TIMEOUT
+        self.peer_watch.begun(now)
         self.next_probe = now
         self.birthday_at = now + PUNCH_TIMEOUT / 2 if self.probe_ports else None
         self.log.debug("punching towards %s", addr.format_peer(self.peer_key))
@@ -241,9 +258,10 @@ class PunchWorker(Worker):
             count = min(self.birthday_left, int(PROBE_RATE * PUNCH_EVERY) or 1)
             self.birthday_left -= count
             for _ in range(count):
-                guess = addr.peer_key(family, (sockaddr[0], random.randint(1024, 65535),
-                                               *sockaddr[2:]))
-                self.punch(guess, now)
+                port = random.randint(1024, 65535)
+                if port in self.own_ports:
+                    continue        # a peer on this host: never a probe to ourselves
+                self.punch(addr.peer_key(family, (sockaddr[0], port, *sockaddr[2:])), now)
             for sock in self.probes:
                 self.punch(self.peer_key, now, sock)
 
@@ -259,6 +277,7 @@ class PunchWorker(Worker):
             self.probes.append(sock)
             self.poller.register(sock, lambda s=sock: self.on_socket(s))
         self.birthday_left = self.probe_ports
+        self.own_ports = {s.getsockname()[1] for s in (self.sock, *self.probes)}
         self.log.debug("birthday probing: %d sockets, %d guesses", len(self.probes),
                        self.probe_ports)
 
@@ -376,6 +395,7 @@ class PunchWorker(Worker):
         self.heard = self.sent = now
         self.attempt_until = None
         self.close_probes()
+        self.peer_watch.answered(now)
         if first:
             self.log.info("direct path to %s is up", addr.format_peer(self.peer_key))
         self.set_path(PATH_DIRECT)
@@ -410,6 +430,8 @@ class PunchWorker(Worker):
         if not got.settle(self.send, self.drop, to=self.relay_key):
             return
         if got.event == NEW:
+            self.relay_watch.answered(now)
+            self.registered_at = now
             self.log.info("registered with the relay, which sees us as %s",
                           got.session.observed)
             name = self.rendezvous.encode()
@@ -436,6 +458,9 @@ class PunchWorker(Worker):
                                 (socket.inet_ntop(socket.AF_INET6, address), port))
         text = addr.format_peer(key)
         fresh = not self.paired
+        if fresh and self.registered_at is not None \
+                and now - self.registered_at >= PARTNER_WORD:
+            self.log.warning("the other side of %r has registered; pairing", self.rendezvous)
         self.paired = True
         if self.direct is None:
             self.log.info("the relay says the peer is at %s", text)
@@ -452,9 +477,21 @@ class PunchWorker(Worker):
         if fresh and self.direct is None:
             self.set_path(PATH_RELAYED)
 
+    def waiting_for_partner(self, now):
+        """Registered, and still no word of the other side: say so, now and then."""
+        if self.paired or self.relay_end.state != UP or self.registered_at is None \
+                or now - self.registered_at < PARTNER_WORD or not self.every("partner", now):
+            return
+        other = "forward" if self.side == SIDE_LISTEN else "listen"
+        self.log.warning("registered with the relay for %.0f s, and no %s side has given "
+                         "the rendezvous %r: is it running, with the same --rendezvous and "
+                         "key, at the same relay?", now - self.registered_at, other,
+                         self.rendezvous)
+
     def relay_lost(self, now, why):
         self.log.warning("%s; registering again", why)
         self.paired = False
+        self.registered_at = None
         if self.direct is None:
             self.set_path(None)
 
@@ -536,6 +573,7 @@ class PunchWorker(Worker):
             self.log.debug("no direct path this time; trying again in %g s", self.retry)
         else:
             # Direct only: keep knocking, slower, until the peer answers.
+            self.peer_watch.hello_sent(now)
             self.attempt_until = float("inf")
             self.birthday_at = None
             self.next_probe = now + SLOW_PUNCH
@@ -547,6 +585,8 @@ class PunchWorker(Worker):
             got = self.relay_end.due(now)
         for msg, _to in got.replies:
             self.send(msg, self.relay_key)
+            if self.relay_end.state == HELLO:
+                self.relay_watch.hello_sent(now)
             if self.relay_end.state == UP and self.path is not None:
                 # With each keepalive, remind the relay of the path.
                 self.send(self.relay_session.seal(T_PATH, 0, PATH.pack(self.path)),
@@ -582,6 +622,7 @@ class PunchWorker(Worker):
             self.begin_attempt(now)
         if self.relay_end is not None:
             self.send_relay_due(now)
+            self.waiting_for_partner(now)
         self.flows.expire(now, self.flow_idle)
         if self.side == SIDE_FORWARD:
             self.direct_end.tick(now)

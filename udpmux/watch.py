@@ -27,32 +27,39 @@ QUIET_MOST = 300.0              # seconds between repeats of the same warning, a
 
 
 class PeerWatch:
-    __slots__ = ("log", "what", "where", "hints", "unanswered", "since", "said_at",
-                 "next_word", "refusal", "troubled")
+    __slots__ = ("log", "what", "where", "hints", "word_after", "unanswered", "since",
+                 "said_at", "next_word", "refusal", "troubled")
 
-    def __init__(self, log, what, where, hints):
+    def __init__(self, log, what, where, hints, word_after=WORD_AFTER):
         self.log = log
         self.what = what                # "the relay", "the uot-server", ...
         self.where = where
         self.hints = hints
+        self.word_after = word_after    # tries before the first word
         self.unanswered = 0
         self.since = None               # when the first unanswered HELLO went
         self.said_at = None             # when a warning last went to the log
-        self.next_word = WORD_AFTER
+        self.next_word = word_after
         self.refusal = None
         self.troubled = False           # a warning was said since the last answer
+
+    def begun(self, now):
+        """Trying starts now (when that is before the first try counts)."""
+        if self.since is None:
+            self.since = now
 
     def hello_sent(self, now):
         if self.since is None:
             self.since = now
         self.unanswered += 1
         late = self.said_at is not None and now - self.said_at >= QUIET_MOST
-        if self.unanswered >= self.next_word or (late and self.unanswered > WORD_AFTER):
+        if self.unanswered >= self.next_word or (late and self.unanswered > self.word_after):
             self.next_word = self.unanswered * 2
             self.said_at = now
             self.troubled = True
-            self.log.warning("no answer from %s at %s after %d tries in %.0f s: %s",
-                             self.what, self.where(), self.unanswered, now - self.since,
+            self.log.warning("no answer from %s at %s after %d %s in %.0f s: %s",
+                             self.what, self.where(), self.unanswered,
+                             "try" if self.unanswered == 1 else "tries", now - self.since,
                              self.hints)
 
     def refused(self, now, why):
@@ -70,7 +77,7 @@ class PeerWatch:
                              now - self.since)
         self.unanswered = 0
         self.since = self.said_at = self.refusal = None
-        self.next_word = WORD_AFTER
+        self.next_word = self.word_after
         self.troubled = False
 
 
