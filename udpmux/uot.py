@@ -52,6 +52,7 @@ from udpmux.reasons import (
 )
 from udpmux.session import Acceptor
 from udpmux.tagtable import TagTable
+from udpmux.watch import UNAUTHENTIC
 from udpmux.worker import Worker
 from udpmux.wire import (
     CLOSE_SHUTDOWN, HEADER_SIZE, MAC_SIZE, MAX_UDP_PAYLOAD, REASON, T_BYE, T_CLOSE, T_DATA,
@@ -65,6 +66,12 @@ DEAD_AFTER = dead_after(KEEPALIVE_EVERY)     # seconds without a word: the conne
 CONNECT_TIMEOUT = 10.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
+
+def refused(reason):
+    """Why a connection ends for a message it sent, in words."""
+    what = UNAUTHENTIC.get(reason)
+    return f"its messages {what}" if what else f"a message refused ({reason})"
+
 
 # -- the server
 
@@ -176,7 +183,7 @@ class UotServer(Worker):
             try:
                 is_hello = parse_header(msg, self.keyed)[0] == T_HELLO
             except Malformed as exc:
-                self.end(client, f"a message refused ({exc.reason})", exc.reason)
+                self.end(client, refused(exc.reason), exc.reason)
                 return
             if is_hello == client.hello:
                 self.end(client, f"a message refused ({R_UNEXPECTED})", R_UNEXPECTED)
@@ -185,7 +192,7 @@ class UotServer(Worker):
         if got.reason is not None:
             reason = R_UNEXPECTED if got.reason == R_SESSION and not client.session \
                 else got.reason
-            self.end(client, f"a message refused ({reason})", reason)
+            self.end(client, refused(reason), reason)
             return
         for reply, _to in got.replies:
             carrier.send(reply)
@@ -324,7 +331,10 @@ class UotClient(Worker):
                              addr.format_endpoint(*self.server), why)
             self.dialer.lost(now)
         else:
-            self.dialer.failed(now, why)
+            # Closed before a WELCOME: a server that cannot verify our HELLO says
+            # nothing and closes.
+            self.dialer.failed(now, f"{why} before the handshake ended: a uot-server with "
+                               "another key (or without one)?")
 
     def on_message(self, carrier, msg):
         now = time.monotonic()
