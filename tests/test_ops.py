@@ -385,11 +385,13 @@ def test_a_metrics_address_in_use_is_a_clear_error(tmp_path):
 
 # -- systemd units
 
-UNITS = ["udpmux-relay.service", "udpmux-expose@.service", "udpmux-punch@.service"]
+UNIT_DIR = os.path.join(ROOT, "conf", "systemd")
+UNITS = sorted(name for name in os.listdir(UNIT_DIR) if name.endswith(".service"))
+AGENTS = ["expose", "punch", "uot-server", "uot-client"]       # one template each
 
 
 def unit(name):
-    with open(os.path.join(ROOT, "conf", "systemd", name)) as f:
+    with open(os.path.join(UNIT_DIR, name)) as f:
         return f.read()
 
 
@@ -402,13 +404,25 @@ def settings(text):
     return found
 
 
+def exec_start(name):
+    """The unit's ExecStart= as (program, the rest)."""
+    (line,) = settings(unit(name))["ExecStart"]
+    program, _, rest = line.partition(" ")
+    return program, rest
+
+
+def test_every_mode_that_runs_as_a_service_has_a_unit():
+    assert UNITS == sorted(["udpmux-relay.service"] + [f"udpmux-{m}@.service" for m in AGENTS])
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                     reason="systemd-analyze is not installed (apt-get install systemd)")
 @pytest.mark.parametrize("name", UNITS)
 def test_units_pass_systemd_analyze_verify(tmp_path, name):
-    # The units call udpmux by name, which systemd finds in /usr/local/bin or /usr/bin
-    # once installed; here the checkout's bin/udpmux stands in for it.
-    text = unit(name).replace("ExecStart=udpmux ", f"ExecStart={ROOT}/bin/udpmux ")
+    # The units run udpmux where tools/install links it (tests/test_install.py checks
+    # that place); here the checkout's bin/udpmux stands in for it.
+    program, _ = exec_start(name)
+    text = unit(name).replace(f"ExecStart={program} ", f"ExecStart={ROOT}/bin/udpmux ")
     (tmp_path / name).write_text(text)
     instance = name.replace("@.", "@test.")
     if instance != name:
@@ -422,8 +436,10 @@ def test_units_pass_systemd_analyze_verify(tmp_path, name):
 def test_units_run_hardened_as_the_udpmux_user(name):
     found = settings(unit(name))
     for key, value in {"User": "udpmux", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
-                       "PrivateTmp": "yes", "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
-                       "Restart": "on-failure"}.items():
+                       "ProtectHome": "yes", "PrivateTmp": "yes", "CapabilityBoundingSet":
+                       found.get("AmbientCapabilities", [""])[0],
+                       "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
+                       "SystemCallFilter": "@system-service", "Restart": "on-failure"}.items():
         assert found.get(key) == [value], f"{name}: {key}"
     assert "man:udpmux(8)" in found["Documentation"][0]
     assert "78" in found["RestartPreventExitStatus"][0].split()
@@ -434,14 +450,78 @@ def test_the_relay_unit_is_a_notify_service_that_reloads_with_sighup():
     assert found["Type"] == ["notify"] and found["KillMode"] == ["mixed"]
     assert found["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert found["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
-    assert found["ExecStart"] == ["udpmux relay -c /etc/udpmux/relay.toml"]
+    assert exec_start("udpmux-relay.service")[1] == "relay -c /etc/udpmux/relay.toml"
 
 
 @pytest.mark.parametrize("mode", ["expose", "punch"])
 def test_the_templates_pick_their_file_by_instance_name(mode):
     found = settings(unit(f"udpmux-{mode}@.service"))
-    assert found["ExecStart"] == [f"udpmux {mode} -c /etc/udpmux/{mode}-%i.toml"]
+    assert exec_start(f"udpmux-{mode}@.service")[1] == f"{mode} -c /etc/udpmux/{mode}-%i.toml"
     assert found.get("AmbientCapabilities") is None
+
+
+@pytest.mark.parametrize("mode", ["uot-server", "uot-client"])
+def test_the_uot_templates_take_their_options_from_the_instance_env_file(mode):
+    found = settings(unit(f"udpmux-{mode}@.service"))
+    assert found["EnvironmentFile"] == [f"/etc/udpmux/{mode}-%i.env"]   # required: no "-"
+    assert exec_start(f"udpmux-{mode}@.service")[1] == f"{mode} $UOT_OPTIONS"
+    assert found.get("AmbientCapabilities") is None
+
+
+def environment_file(path):
+    """The variables of a systemd EnvironmentFile= (KEY=VALUE lines, # comments)."""
+    variables = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith(("#", ";")):
+                key, _, value = line.partition("=")
+                variables[key.strip()] = value.strip()
+    return variables
+
+
+def expand(name, instance, variables, program):
+    """The unit's ExecStart= as systemd runs it (systemd.service(5)): %i is the instance,
+    a word $NAME the variable split at white space; `program` (a list) in place of the
+    unit's."""
+    _, rest = exec_start(name)
+    argv = list(program)
+    for word in rest.replace("%i", instance).split():
+        argv += variables[word[1:]].split() if word.startswith("$") else [word]
+    return argv
+
+
+def test_the_uot_units_carry_datagrams_with_the_example_env_files(tmp_path):
+    """conf/uot-server-dns.env and conf/uot-client-dns.env, installed as the units read
+    them, with loopback addresses and a key of the test's in place of the examples'."""
+    key = tmp_path / "dns.key"
+    subprocess.run(udpmux_argv("keygen", key), env=env(), check=True)
+    echo = Echo()
+    tcp, udp = free_port(), free_port()
+    local = {"0.0.0.0:8053": f"{LOCAL}:{tcp}", "gateway.example.net:8053": f"{LOCAL}:{tcp}",
+             "127.0.0.1:53": f"{LOCAL}:{echo.port}", "127.0.0.1:5353": f"{LOCAL}:{udp}",
+             "/etc/udpmux/dns.key": str(key)}
+    argv, used = {}, set()
+    for mode in ("uot-server", "uot-client"):
+        variables = environment_file(os.path.join(ROOT, "conf", f"{mode}-dns.env"))
+        for name, value in variables.items():
+            words = value.split()
+            used |= set(words) & set(local)
+            variables[name] = " ".join(local.get(word, word) for word in words)
+        argv[mode] = expand(f"udpmux-{mode}@.service", "dns", variables, udpmux_argv())
+    assert used == set(local), f"the examples no longer use {set(local) - used}"
+    daemons = []
+    try:
+        daemons.append(Daemon(None, argv=argv["uot-server"]))
+        daemons[-1].wait_log("carrying UDP for")
+        daemons.append(Daemon(None, argv=argv["uot-client"]))
+        daemons[-1].wait_log("connected to")
+        assert exchange(udp_client(), b"example.org?", (LOCAL, udp)) == b"example.org?"
+    finally:
+        stopped = [(daemon.stop(), daemon) for daemon in reversed(daemons)]
+        echo.close()
+    for code, daemon in stopped:            # SIGTERM: a clean stop
+        assert code == 0, daemon.log()
 
 
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None,
@@ -449,7 +529,7 @@ def test_the_templates_pick_their_file_by_instance_name(mode):
 def test_the_sysusers_file_creates_the_udpmux_user(tmp_path):
     (tmp_path / "etc").mkdir()
     out = subprocess.run(["systemd-sysusers", f"--root={tmp_path}",
-                          ROOT + "/conf/systemd/udpmux.sysusers"],
+                          os.path.join(UNIT_DIR, "udpmux.sysusers")],
                          capture_output=True, text=True, timeout=WAIT)
     assert out.returncode == 0, out.stderr
     assert re.search(r"^udpmux:x:\d+:\d+:", (tmp_path / "etc/passwd").read_text(), re.M)
