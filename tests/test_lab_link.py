@@ -10,15 +10,17 @@ transfer; the file must arrive byte for byte every time.
 
 import hashlib
 import os
+import select
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 
 import pytest
 
-from procs import ROOT, WAIT, Daemon
+from procs import ROOT, WAIT, Daemon, deadline_loop
 from test_lab_relay import IP
 
 SSH_PORT = 2222
@@ -182,3 +184,35 @@ def test_a_twenty_second_blackout_in_the_middle_recovers(ssh):
     assert status == 0, err
     assert transfer.hash.hexdigest() == ssh.digest
     assert lab.counter("wan", "block_udp") > 0
+
+
+def test_with_udp_blocked_link_says_so_long_before_it_gives_up(ssh):
+    """ssh reaches the server and starts link-server, but the wan drops every UDP
+    datagram: link names the server's UDP address and the likely cause within seconds,
+    not after the 60 s it waits before giving up."""
+    lab = ssh.lab
+    lab.block_udp(True)
+    proc = subprocess.Popen(ssh.proxied("true", "--debug", "--idle-limit", "30"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    lines, server = [], None
+    try:
+        for _ in deadline_loop(WAIT * 2, "link's word on the unanswered server"):
+            ready, _, _ = select.select([proc.stderr], [], [], 0.5)
+            if not ready:
+                continue
+            line = proc.stderr.readline().decode(errors="replace")
+            lines.append(line)
+            if "the server end is process" in line:
+                server = int(line.split("the server end is process ")[1].split()[0])
+            if "no answer from link-server at" in line:
+                break
+        assert f"{lab.addr('public')}:47" in lines[-1], lines[-1]
+        assert "UDP to its port is blocked" in lines[-1], lines[-1]
+        assert "--bind" in lines[-1], lines[-1]
+    finally:
+        proc.kill()
+        proc.wait(WAIT)
+        proc.stderr.close()
+        lab.block_udp(False)
+        if server is not None:
+            os.kill(server, signal.SIGTERM)

@@ -78,13 +78,13 @@ def batches(sock, batch, drops, headroom=0, rounds=DRAIN_ROUNDS, errors=None):
         drops.take(batch.errors, R_RECEIVE)
 
 
-def each_message(sock, batch, drops, handle, after_batch=None):
+def each_message(sock, batch, drops, handle, after_batch=None, errors=None):
     """Drain sock (batches()) and call handle(msg, key, now) for each datagram: msg a
     memoryview into the batch, valid during the call.  One larger than the batch's slot
     is counted (R_TOO_LARGE), not handled.  after_batch(), if given, runs after each
     batch.  For the paths that take a datagram at a time; the relay's and the
-    exposer's fast paths walk their batches themselves."""
-    for n in batches(sock, batch, drops):
+    exposer's fast paths walk their batches themselves.  errors: as for batches()."""
+    for n in batches(sock, batch, drops, errors=errors):
         now = time.monotonic()
         view, lengths, keys, starts = batch.view, batch.lengths, batch.keys, batch.starts
         for i in range(n):

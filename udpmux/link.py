@@ -12,12 +12,11 @@ and PID the other, and then ends (linkstart.py); from then on, UDP alone::
     stdin/stdout, or one stream per connection accepted           connection to --target
     on --listen-tcp
 
-Every message is sealed with the session; the server's side of the session moves to a
-new address once that address answers a challenge (session.PathCheck), so the client
-may roam.  The client rebinds its socket (a new source port, so a new NAT mapping) when
-the server stops answering, and either end keeps probing with a capped backoff, so the
-session comes back within about a second of the path coming back, after a blackout or
-a laptop's sleep.
+Every message is sealed with the session; the server's side moves to a new address once
+that address answers a challenge (session.PathCheck), so the client may roam.  The
+client rebinds its socket (a new source port, a new NAT mapping) when the server stops
+answering, and either end keeps probing with a capped backoff, so the session comes
+back within about a second of the path, after a blackout or a laptop's sleep.
 
 Exit statuses of `udpmux link`: 0 when every byte went both ways and was acknowledged;
 1 (with a message saying why) when the other end could not be reached for --idle-limit
@@ -51,6 +50,7 @@ from udpmux.stream import (
     EV_ACKED, EV_NEW, EV_READABLE, EV_RESET, EV_WRITABLE, RESET_REFUSED, Connection,
     ProtocolError, StreamClosed,
 )
+from udpmux.watch import PeerWatch, refusal
 from udpmux.worker import Worker
 from udpmux.wire import CLOSE_SHUTDOWN, HEADER, REASON, T_BYE, T_KEEPALIVE
 
@@ -173,8 +173,12 @@ class LinkEnd(Worker):
     # -- the network
 
     def on_udp(self):
-        each_message(self.sock, self.batch, self.drops, self.on_message)
+        each_message(self.sock, self.batch, self.drops, self.on_message,
+                     errors=self.receive_errors)
         self.pump(time.monotonic())
+
+    def receive_errors(self, errors):
+        """Receive errors by errno (ICMP errors), before they are counted."""
 
     def on_message(self, msg, key, now):
         got = self.receive(msg, key, now)
@@ -537,6 +541,10 @@ class LinkClient(LinkEnd):
                                   hello_first=HELLO_FIRST, hello_most=HELLO_MOST,
                                   dead=self.idle_limit)
         self.endpoint.start(now)
+        self.watch = PeerWatch(
+            self.log, "link-server", lambda: addr.format_endpoint(*self.server),
+            "UDP to its port is blocked by a firewall at either end, or the address ssh "
+            "reached is not one UDP reaches; choose an open range with --bind")
         self.sock = None
         self.rebind(now)
         self.last_rebind = now
@@ -555,11 +563,7 @@ class LinkClient(LinkEnd):
             self.poller.unregister(self.sock)
             self.sock.close()
         family, sockaddr = self.server
-        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            sock.setsockopt(socket.SOL_SOCKET, option, sockets.BUFFER)
-        sock.connect(sockaddr)
-        sock.setblocking(False)
+        sock = sockets.udp_connected(family, sockaddr)
         self.sock = self.sender.sock = sock
         self.peer = self.endpoint.peer = addr.peer_key(family, sock.getpeername())
         self.poller.register(sock, self.on_udp)
@@ -589,6 +593,7 @@ class LinkClient(LinkEnd):
     def up(self, session, now):
         """The session is up (the endpoint sent the message that confirms it)."""
         self.heard = now
+        self.watch.answered(now)
         self.log.debug("session up; the server sees us as %s", session.observed)
         if self.listener is None:
             sid = self.conn.open_stream()
@@ -669,19 +674,31 @@ class LinkClient(LinkEnd):
         if self.session is not None:
             super().on_wake(now)
 
+    def receive_errors(self, errors):
+        if self.session is None:
+            for code in errors:
+                why = refusal(code)
+                if why is not None:
+                    self.watch.refused(time.monotonic(), why)
+
     def send_hello(self, now):
         for msg, _to in self.endpoint.due(now).replies:
+            self.watch.hello_sent(now)
             try:
                 self.sock.send(msg)
             except OSError as exc:
                 self.log.debug("sending HELLO: %s", exc.strerror)
+                why = refusal(exc.errno)
+                if why is not None:
+                    self.watch.refused(now, why)
                 if exc.errno != errno.ECONNREFUSED:
                     self.rebind(now)
 
     def tick(self, now):
         if self.session is None:
             if now - self.started > BOOT_TIMEOUT:
-                self.fail("the server never answered")
+                self.fail(f"link-server never answered over UDP at "
+                          f"{addr.format_endpoint(*self.server)} within {BOOT_TIMEOUT:.0f} s")
             return
         silent = now - self.heard
         if silent > self.idle_limit:
