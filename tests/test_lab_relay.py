@@ -287,3 +287,25 @@ def test_an_exposer_behind_a_symmetric_nat_still_works(rig):
     t = rig.wait_tunnel("wg", "the exposer", lambda t: t["exposer"])
     # The exposer dialled out, so the relay answers the mapping the NAT drew for it.
     assert t["exposer"]["address"] == nat_mapping(rig.lab, "in", "inside", PORTS["wg"][1])
+
+
+def test_an_exposer_whose_udp_is_blocked_says_so_and_tcp_gets_through(rig):
+    """The inside NAT's UDP is dropped on the way: the exposer says that nothing answers,
+    why it may be, and to try --carrier tcp; which then works through the same NAT."""
+    rig.relay("wg")
+    rig.lab.block_udp(True, side="in")
+    try:
+        echo = rig.echo("wg")
+        relay = f"{rig.lab.addr('public')}:{PORTS['wg'][1]}"
+        udp = rig.start("inside", ["expose", "--relay", relay, "--service",
+                                   f"127.0.0.1:{echo.port}", "--key-file", rig.key])
+        line = udp.lines[udp.wait_log(f"no answer from the relay at {relay}")]
+        assert "UDP to it is blocked" in line and "try --carrier tcp" in line, line
+        udp.stop()
+        tcp = rig.start("inside", ["expose", "--relay", relay, "--service",
+                                   f"127.0.0.1:{echo.port}", "--key-file", rig.key,
+                                   "--carrier", "tcp"])
+        tcp.wait_log("registered with the relay")
+        talk(rig, "wg", [rig.client()], rounds=1)
+    finally:
+        rig.lab.block_udp(False)
