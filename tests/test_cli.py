@@ -66,6 +66,20 @@ def test_an_unknown_mode_is_named():
     assert out.returncode == 64 and "unknown mode 'relya'" in out.stderr
 
 
+@pytest.mark.parametrize("word, mode", [("exposee", "expose"), ("link-sever", "link-server"),
+                                        ("uotclient", "uot-client")])
+def test_a_mistyped_mode_gets_the_closest_one(word, mode):
+    out = run(word, "--relay", "127.0.0.1:1")
+    assert out.returncode == 64
+    assert out.stderr == f"udpmux: unknown mode {word!r}; did you mean {mode!r}?\n"
+
+
+def test_a_word_like_no_mode_gets_the_list():
+    out = run("frobnicate")
+    assert out.returncode == 64
+    assert out.stderr == f"udpmux: unknown mode 'frobnicate'; modes: {', '.join(MODES)}\n"
+
+
 @pytest.mark.parametrize("args, message", [
     (["relay", "--bogus"], "unknown option --bogus"),
     (["relay", "--public", "127.0.0.1:1", "--insecure", "extra"], "unexpected argument 'extra'"),

@@ -4,6 +4,7 @@
 usage lines.  tests/test_docs.py fails when an option here is missing from man/udpmux.8.
 """
 
+import difflib
 import importlib
 import logging
 import os
@@ -434,7 +435,9 @@ def _main(argv):
         return EXIT_OK
     mode = MODES.get(argv[0])
     if mode is None:
-        return error(f"unknown mode {argv[0]!r}; modes: {', '.join(MODES)}", EXIT_USAGE)
+        close = difflib.get_close_matches(argv[0], MODES, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"modes: {', '.join(MODES)}"
+        return error(f"unknown mode {argv[0]!r}; {hint}", EXIT_USAGE)
     try:
         args = docopt(mode.doc, argv)
     except DocoptExit as exc:
