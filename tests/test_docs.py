@@ -179,13 +179,6 @@ def test_every_option_is_in_its_mode_section(mode):
     assert not stale, f"udpmux {mode}: the page documents options the mode lacks: {stale}"
 
 
-def test_unavailable_modes_are_the_ones_without_code():
-    for mode, lines in mode_sections().items():
-        if lines and "Not available in this version" in " ".join(lines[:3]):
-            assert cli.MODES[mode].entry is None, \
-                f"udpmux {mode} is implemented now: the page still calls it not available"
-
-
 # -- (b) the SYNOPSIS is the usage text
 
 def test_synopsis_has_every_usage_line_in_order():
@@ -282,6 +275,30 @@ def test_every_exit_status_is_in_exit_status():
     stale = {d for d in documented if not d.isdigit()
              or int(d) not in statuses | EXTRA_EXIT_STATUSES}
     assert not stale, f"udpmux.8 lists exit statuses the code never uses: {stale}"
+
+
+def statuses_told(text):
+    """The exit statuses that prose tells: "exits with status 0", "exit 0 if ...", "The
+    exit status is 0, or 1 if ...; 66 if ..."."""
+    told = re.findall(r"\bstatus (\d+)\b", text) + re.findall(r"\bexits? (\d+)\b", text)
+    for m in re.finditer(r"\bexit status is ([^.]*)", text):
+        told += re.findall(r"(?:^|[;,] (?:or )?)(\d+)\b", m.group(1))
+    return {int(n) for n in told}
+
+
+def test_every_status_told_anywhere_is_one_the_code_uses():
+    """Not only EXIT STATUS: a mode's section, the other pages and the usage texts."""
+    statuses = {value for name, value in vars(errors).items()
+                if name.startswith("EXIT_") and isinstance(value, int)}
+    texts = {name: normal(" ".join(text_of(line) for line in page(name).splitlines()))
+             for name in PAGES}
+    texts.update({f"udpmux {m.name} --help": normal(m.doc) for m in cli.MODES.values()})
+    texts["udpmux --help"] = normal(cli.main_doc())
+    told = {name: statuses_told(text) for name, text in texts.items()}
+    assert {0, 1, 64, 66, 71, 78} <= set().union(*told.values())
+    stale = {name: sorted(t - statuses - EXTRA_EXIT_STATUSES) for name, t in told.items()
+             if t - statuses - EXTRA_EXIT_STATUSES}
+    assert not stale, f"statuses the code never uses: {stale}"
 
 
 # -- (f) the relay's command-line defaults are config.py's
