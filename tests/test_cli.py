@@ -101,6 +101,30 @@ def test_bad_options_get_a_clear_message_and_status_64(args, message):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["relay", "-c", "relay.toml", "--metrics-listen", "127.0.0.1:9478"],
+     "relay: --metrics-listen cannot be given with -c/--config "
+     "(set metrics_listen in the file)"),
+    (["relay", "--config=relay.toml", "--max-flows=5", "--no-tcp", "--debug", "--insecure"],
+     "relay: --max-flows, --no-tcp and --insecure cannot be given with -c/--config "
+     "(set max_flows, tcp = false and insecure = true in the file)"),
+    (["relay", "--name", "wg", "-crelay.toml"],
+     "relay: --name cannot be given with -c/--config "
+     "(the file names each tunnel: [tunnels.NAME])"),
+    (["expose", "-c", "expose.toml", "--carrier", "tcp"],
+     "expose: --carrier cannot be given with -c/--config (set carrier in the file)"),
+    (["punch", "-c", "punch.toml", "--key-file", "-"],
+     "punch: --key-file cannot be given with -c/--config (set key_file in the file)"),
+    (["punch", "-c", "punch.toml", "--once"],
+     "punch: --once cannot be given with -c/--config"),
+])
+def test_options_given_with_a_config_file_are_named(args, message):
+    out = run(*args)
+    assert out.returncode == 64
+    last = out.stderr.splitlines()[-1]
+    assert last == f"udpmux: {message}; `udpmux {args[0]} --help` explains"
+
+
 def test_keygen_writes_a_private_key_file_once(tmp_path):
     path = tmp_path / "k"
     assert run("keygen", path).returncode == 0

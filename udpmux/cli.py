@@ -15,8 +15,8 @@ from docopt import DocoptExit, docopt
 
 from udpmux import __version__
 from udpmux.config import (
-    EXPOSE as _EXPOSE, LINK as _LINK, PUNCH as _PUNCH, TUNNEL as _TUNNEL, UOT as _UOT,
-    control_socket_path, default_text,
+    EXPOSE as _EXPOSE, GLOBAL as _GLOBAL, LINK as _LINK, PUNCH as _PUNCH, TUNNEL as _TUNNEL,
+    UOT as _UOT, control_socket_path, default_text,
 )
 from udpmux.errors import (
     EXIT_OK, EXIT_OSERR, EXIT_SOFTWARE, EXIT_USAGE, Fatal,
@@ -351,7 +351,72 @@ write); 77 permission denied; 78 bad configuration.
 OPTION_WORD = r"(?<![\w-])--?[\w-]+"      # an option in a usage line, not a hyphen in a name
 
 
-def diagnose(doc, argv, exc):
+# The settings that a mode's -c FILE holds: an option given with -c is named, with the
+# key to set in the file instead.
+FILE_SETTINGS = {"relay": [_TUNNEL, _GLOBAL], "expose": [_EXPOSE], "punch": [_PUNCH]}
+
+
+def takes_value(doc):
+    """The options of a docopt text that take a value (`--name NAME`, `-c FILE`)."""
+    return set(re.findall(r"(--?[\w-]+)[ =][A-Z]", doc))
+
+
+def _and(words):
+    return " and ".join(words) if len(words) < 3 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def given_options(doc, argv):
+    """The options in argv, in order, each once, by the name the Options: section gives
+    first (-c for --config); the values of options that take one are skipped."""
+    valued = takes_value(doc)
+    alias = {long: short for short, long in
+             re.findall(r"^\s*(-\w)[ =]\S+, (--[\w-]+)", doc, re.M)}
+    given, skip = [], False
+    for word in argv:
+        if skip or not word.startswith("-") or word == "-":
+            skip = False
+            continue
+        name = word.split("=")[0]
+        if len(name) > 2 and name[1] != "-":        # -cFILE
+            name = name[:2]
+        else:
+            skip = name in valued and "=" not in word
+        name = alias.get(name, name)
+        if name not in given:
+            given.append(name)
+    return given
+
+
+def config_clash(mode, doc, argv):
+    """What is wrong when options come with -c/--config: which ones, and what to set in
+    the file instead; None when -c is not given or nothing else clashes with it."""
+    given = given_options(doc, argv)
+    file_form = [line for line in usage_lines(doc) if re.search(r"(?<![\w-])-c FILE", line)]
+    if "-c" not in given or not file_form:
+        return None
+    allowed = set(re.findall(OPTION_WORD, file_form[0])) | {"-h", "--help"}
+    clash = [word for word in given if word not in allowed]
+    if not clash:
+        return None
+    settings = {}
+    for table in FILE_SETTINGS.get(mode, []):
+        settings.update({s.option: s.name for s in table.values()})
+    valued = takes_value(doc)
+    keys, hints = [], []
+    for word in clash:
+        if word in settings:
+            keys.append(settings[word] if word in valued else f"{settings[word]} = true")
+        elif word.startswith("--no-") and "--" + word[5:] in settings:
+            keys.append(f"{settings['--' + word[5:]]} = false")
+        elif word == "--name" and mode == "relay":
+            hints.append("the file names each tunnel: [tunnels.NAME]")
+    if keys:
+        hints.insert(0, f"set {_and(keys)} in the file")
+    return f"{_and(clash)} cannot be given with -c/--config" \
+        + (f" ({'; '.join(hints)})" if hints else "")
+
+
+def diagnose(doc, argv, exc, mode=None):
     """Say what is wrong with a command line that docopt refused, in one phrase."""
     message = str(exc)
     first = message.splitlines()[0] if message else ""
@@ -359,11 +424,15 @@ def diagnose(doc, argv, exc):
         return first
     known = set(re.findall(r"(?<![\w-])(--?[\w-]+)", doc))
     for word in argv:
-        if word.startswith("-") and word != "-" and word.split("=")[0] not in known:
-            return f"unknown option {word.split('=')[0]}"
-    takes_value = set(re.findall(r"(--?[\w-]+)[ =][A-Z]", doc))
+        name = word.split("=")[0] if word.startswith("--") else word[:2]   # -cFILE
+        if word.startswith("-") and word != "-" and name not in known:
+            return f"unknown option {name}"
+    clash = config_clash(mode, doc, argv)
+    if clash:
+        return clash
+    valued = takes_value(doc)
     words = [w for i, w in enumerate(argv)
-             if not w.startswith("-") and not (i and argv[i - 1] in takes_value)]
+             if not w.startswith("-") and not (i and argv[i - 1] in valued)]
     if first.startswith("Warning: found unmatched"):
         for extra in re.findall(r"Argument\(None, '([^']*)'\)", first):
             if extra in words:
@@ -442,7 +511,7 @@ def _main(argv):
         args = docopt(mode.doc, argv)
     except DocoptExit as exc:
         print(mode.doc.split("Options:")[0].split("\n\n", 1)[1].strip(), file=sys.stderr)
-        return error(f"{mode.name}: {diagnose(mode.doc, argv[1:], exc)}; "
+        return error(f"{mode.name}: {diagnose(mode.doc, argv[1:], exc, mode.name)}; "
                      f"`udpmux {mode.name} --help` explains", EXIT_USAGE)
     for option, check in COMMON_CHECKS.items():
         if args.get(option):
