@@ -3,6 +3,7 @@
 import base64
 import os
 import re
+import socket
 import stat
 import subprocess
 
@@ -123,6 +124,21 @@ def test_options_given_with_a_config_file_are_named(args, message):
     assert out.returncode == 64
     last = out.stderr.splitlines()[-1]
     assert last == f"udpmux: {message}; `udpmux {args[0]} --help` explains"
+
+
+@pytest.mark.parametrize("mode, kind, peer", [
+    ("uot-client", socket.SOCK_DGRAM, "--server"), ("uot-server", socket.SOCK_STREAM, "--target"),
+])
+def test_a_uot_listen_address_in_use_is_named_once(mode, kind, peer):
+    with socket.socket(socket.AF_INET, kind) as taken:
+        taken.bind(("127.0.0.1", 0))
+        if kind == socket.SOCK_STREAM:
+            taken.listen()
+        where = "127.0.0.1:%d" % taken.getsockname()[1]
+        out = run(mode, "--listen", where, peer, "127.0.0.1:9", "--insecure")
+    assert out.returncode == 71
+    verb = "bind" if mode == "uot-client" else "listen on"
+    assert out.stderr == f"udpmux: {mode}: --listen: cannot {verb} {where}: Address already in use\n"
 
 
 def test_keygen_writes_a_private_key_file_once(tmp_path):

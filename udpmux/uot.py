@@ -441,7 +441,7 @@ def server_main(args):
     settings = config.uot_from_options(args, server=True, log=log)
     raise_open_files(settings.max_flows + settings.max_clients + 64, log,
                      "--max-flows and --max-clients")
-    listener = sockets.tcp_listener(*settings.listen, "uot-server")
+    listener = sockets.tcp_listener(*settings.listen, "--listen")
     return UotServer(listener, settings.peer, settings.key, flow_idle=settings.flow_idle,
                      max_flows=settings.max_flows, max_clients=settings.max_clients,
                      log=log).serve()
@@ -450,6 +450,6 @@ def server_main(args):
 def client_main(args):
     log = setup_log(args.get("--debug"))
     settings = config.uot_from_options(args, server=False, log=log)
-    udp = sockets.udp(*settings.listen, "uot-client")
+    udp = sockets.udp(*settings.listen, "--listen")
     return UotClient(udp, settings.peer, settings.key, flow_idle=settings.flow_idle,
                      max_flows=settings.max_flows, log=log).serve()
