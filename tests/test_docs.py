@@ -530,6 +530,9 @@ def test_protocol_limits_and_types_match_the_code():
     limits = {row[0]: row[1] for row in table_rows(sections["LIMITS"])}
     expected = {
         "header": wire.HEADER_SIZE, "MAC": wire.MAC_SIZE, "TCP length field": wire.FRAME_SIZE,
+        "bytes added to a datagram, UDP carrier": wire.HEADER_SIZE + wire.MAC_SIZE,
+        "bytes added to a datagram, TCP carrier": wire.FRAME_SIZE + wire.HEADER_SIZE
+        + wire.MAC_SIZE,
         "largest UDP payload": wire.MAX_UDP_PAYLOAD,
         "largest DATA body, UDP carrier": wire.MAX_DATAGRAM,
         "largest TCP carrier message": wire.MAX_FRAME,
@@ -577,6 +580,49 @@ def test_protocol_limits_and_types_match_the_code():
         body = str(size) if size is not None \
             else f"{wire.BODY_MINIMUM[mtype]} to {wire.MAX_UDP_PAYLOAD}"
         assert row[1] == name and row[3] == body, f"MESSAGE TYPES: {row} is not {name}, {body}"
+
+
+# What a datagram costs on the path, for the MTU section of udpmux.8.
+IPV4, IPV6, UDP = 20, 40, 8             # header bytes
+WIREGUARD = 32                          # a data packet's header (16) and tag (16)
+WIREGUARD_MTU = 1420                    # wg-quick's default
+PATH_MTU = 1500
+
+
+def test_the_mtu_section_has_the_codes_overheads_and_what_follows():
+    lines = blocks(page("udpmux.8"), ".Ss")["MTU"]
+    tables = "\n".join(lines).split(".El")
+    added = {row[0]: int(row[1]) for row in table_rows(tables[0].splitlines())[1:]}
+    udp = wire.HEADER_SIZE + wire.MAC_SIZE
+    assert added == {
+        "UDP carrier": udp, "UDP carrier, without a key": wire.HEADER_SIZE,
+        "TCP carrier": wire.FRAME_SIZE + udp,
+        "TCP carrier, without a key": wire.FRAME_SIZE + wire.HEADER_SIZE}, added
+    mtus = {row[0]: [int(n) for n in row[1:]] for row in table_rows(tables[1].splitlines())[1:]}
+    assert mtus == {
+        "IPv4": [PATH_MTU - IPV4 - UDP - WIREGUARD, PATH_MTU - IPV4 - UDP - WIREGUARD - udp],
+        "IPv6": [PATH_MTU - IPV6 - UDP - WIREGUARD, PATH_MTU - IPV6 - UDP - WIREGUARD - udp],
+    }, mtus
+    text = normal(" ".join(text_of(line) for line in lines))
+    payload = WIREGUARD_MTU + WIREGUARD
+    for figures in [
+        f"a UDP payload of N + {udp} bytes, an IPv4 packet of N + {udp + IPV4 + UDP}",
+        f"an IPv6 packet of N + {udp + IPV6 + UDP}",
+        f"datagrams of up to {wire.MAX_DATAGRAM} bytes, {wire.MAX_UDP_PAYLOAD} less {udp}",
+        f"UDP payloads of M + {WIREGUARD} bytes, and M + {WIREGUARD + udp} through",
+        f"Its default MTU, {WIREGUARD_MTU}, fits a {PATH_MTU}-byte IPv6 path "
+        f"{WIREGUARD_MTU} + {WIREGUARD} + {UDP} + {IPV6} = {PATH_MTU};",
+        f"its {payload}-byte datagrams become UDP payloads of {payload + udp} bytes, IPv4 "
+        f"packets of {payload + udp + IPV4 + UDP} bytes and IPv6 packets of "
+        f"{payload + udp + IPV6 + UDP}, and are fragmented",
+        f"the path's MTU less {IPV4 + UDP + WIREGUARD + udp} over IPv4 and less "
+        f"{IPV6 + UDP + WIREGUARD + udp} over IPv6; {mtus['IPv6'][1]} fits both",
+    ]:
+        assert figures in text, f"udpmux.8, MTU: not {figures!r}"
+    assert payload + udp + IPV4 + UDP > PATH_MTU >= mtus["IPv4"][1] + WIREGUARD + udp + IPV4 + UDP
+    example = normal(" ".join(text_of(line) for line in blocks(page("udpmux.8"), ".Ss")[
+        "WireGuard behind carrier-grade NAT"]))
+    assert f"MTU = {mtus['IPv6'][1]}" in example
 
 
 def link_engine():

@@ -125,6 +125,15 @@ def test_a_datagram_too_large_for_the_carrier_is_dropped_and_counted(rig):
     with pytest.raises(socket.timeout):
         client.recv(70000)      # nothing for the oversized ones: not truncated, dropped
     rig.wait_tunnel("too-large drops", lambda t: t["drops"].get("too-large") == 3)
+    # One warning, the first time, with the size and the client; the datagrams came from
+    # the socket whose flow the worker logged next, so every warning is before that line.
+    relay = rig.daemons[0]
+    flow = relay.wait_log(f"new flow 1 from {LOCAL}:{client.getsockname()[1]}")
+    warning = (f"tunnel tunnel: a datagram of {wire.MAX_DATAGRAM + 1} bytes from "
+               f"{LOCAL}:{client.getsockname()[1]} is too large to carry (at most "
+               f"{wire.MAX_DATAGRAM}); dropped, see MTU in udpmux(8)")
+    warned = [line for line in relay.lines[:flow] if "too large" in line]
+    assert len(warned) == 1 and warned[0].endswith(warning), warned
 
 
 @pytest.mark.parametrize("mode", ["relay", "expose"])

@@ -369,6 +369,10 @@ class RelayWorker(Worker):
             return None
         if length > MAX_DATAGRAM:
             self.drop(R_TOO_LARGE)
+            if self.limit_log(R_TOO_LARGE, now):
+                self.log.warning("tunnel %s: a datagram of %d bytes from %s is too large to "
+                                 "carry (at most %d); dropped, see MTU in udpmux(8)",
+                                 self.name, length, format_peer(key), MAX_DATAGRAM)
             return None
         slot = get(key)
         if slot is None:
