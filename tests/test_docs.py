@@ -683,6 +683,14 @@ def test_link_banner_is_in_the_page():
     assert f"{linkstart.BANNER} ADDRESS PORT PID" in text
 
 
+def test_links_chain_is_in_the_page():
+    text = normal(render("udpmux.8"))
+    assert f"goes on, up to {linkstart.CHAIN_MOST} links deep" in text
+    environment = dict(items(blocks(page("udpmux.8"), ".Sh")["ENVIRONMENT"]))
+    assert linkstart.CHAIN in environment
+    assert linkstart.NO_RECURSION in text
+
+
 # -- (h) mandoc -T lint
 
 @pytest.mark.parametrize("name", PAGES)

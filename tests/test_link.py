@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import psutil
 import pytest
@@ -486,3 +487,99 @@ def test_a_stream_the_server_opens_is_refused_not_a_crash(tmp_path):
     for _ in deadline_loop(what="the client's RESET of the server's stream"):
         if "RESET 2" in seen.read_text():
             break
+
+
+# -- a ProxyCommand that runs link for the server itself
+
+RECURSION = ("udpmux: link: started by the ssh of another `udpmux link` to loop (a "
+             "ProxyCommand that matches the server itself); give link --ssh-command "
+             "'ssh -o ProxyCommand=none' or narrow the Host pattern")
+
+
+def run_bounded(argv, environ=None):
+    """Run argv to its end within WAIT seconds; (status, stderr).  On a timeout every
+    process it started is stopped, each by its PID, and the test fails."""
+    proc = subprocess.Popen(argv, env=environ or env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=WAIT)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"{argv} still ran after {WAIT} s") from None
+    return proc.returncode, err
+
+
+@pytest.fixture
+def ssh_config(tmp_path):
+    """An ssh configuration whose Host loop runs, as its ProxyCommand, `udpmux link` for
+    %n through a script that notes each run's UDPMUX_LINK_CHAIN and stops at the sixth:
+    a recursion the check misses fails the test instead of forking on.  Host
+    loop-direct is the same server without the ProxyCommand, at a port that refuses."""
+    ssh = shutil.which("ssh")
+    if ssh is None:
+        pytest.skip("OpenSSH's client is not installed (apt-get install openssh-client)")
+    config, proxy, runs = tmp_path / "ssh_config", tmp_path / "proxy.sh", tmp_path / "runs"
+    with socket.socket() as closed:
+        closed.bind((LOCAL, 0))
+        port = closed.getsockname()[1]
+    ssh_command = f"{ssh} -F {config} -o BatchMode=yes"
+    proxy.write_text(f"""\
+echo "$UDPMUX_LINK_CHAIN" >> {runs}
+[ "$(wc -l < {runs})" -le 5 ] || exit 1
+exec {sys.executable} -m udpmux link --ssh-command "{ssh_command}" "$1"
+""")
+    config.write_text(f"""\
+Host loop
+    HostName {LOCAL}
+    Port {port}
+    ProxyCommand /bin/sh {proxy} %n
+Host loop-direct
+    HostName {LOCAL}
+    Port {port}
+""")
+    return types.SimpleNamespace(ssh=ssh_command, proxy=proxy, runs=runs)
+
+
+def test_a_proxycommand_that_matches_the_server_itself_stops_at_once(ssh_config):
+    """link's ssh to loop runs the ProxyCommand, which runs link for loop again, whose
+    ssh would run it again...: the real ssh hands the ProxyCommand the chain that link
+    set, and the link it starts refuses, so the ProxyCommand runs once."""
+    status, err = run_bounded(udpmux_argv("link", "--ssh-command", ssh_config.ssh, "loop"))
+    assert ssh_config.runs.read_text().splitlines() == ["loop"]
+    assert err.splitlines().count(RECURSION) == 1, err
+    assert status == 1
+    assert ("udpmux: link: loop: could not start the server end (ssh exited with status "
+            "255: ssh itself failed, as it says above)") in err.splitlines(), err
+
+
+def test_the_advice_for_a_proxycommand_that_matches_the_server_works(ssh_config):
+    status, err = run_bounded(udpmux_argv(
+        "link", "--ssh-command", ssh_config.ssh + " -o ProxyCommand=none", "loop"))
+    assert not ssh_config.runs.exists(), "ssh ran the ProxyCommand"
+    assert status == 1 and "Connection refused" in err and RECURSION not in err
+
+
+def test_a_link_under_a_link_to_another_server_is_no_recursion(ssh_config):
+    """A ProxyCommand that reaches the server's ssh through a link to another DEST (a
+    jump host of the user's, say) goes on: the inner link runs, and fails here only
+    because loop-direct refuses connections."""
+    ssh_config.proxy.write_text(ssh_config.proxy.read_text().replace('"$1"', "loop-direct"))
+    status, err = run_bounded(udpmux_argv("link", "--ssh-command", ssh_config.ssh, "loop"))
+    assert ssh_config.runs.read_text().splitlines() == ["loop"]
+    assert "Connection refused" in err and "started by the ssh" not in err, err
+    assert status == 1
+
+
+@pytest.mark.parametrize("chain, message", [
+    ("jump 'alice@loop'", "started by the ssh of another `udpmux link` to alice@loop"),
+    (" ".join(f"hop{n}" for n in range(8)),
+     "started by the ssh of 8 nested `udpmux link`s (hop0 > hop1 > hop2 > hop3 > hop4 > "
+     "hop5 > hop6 > hop7)"),
+])
+def test_a_link_refuses_before_it_runs_ssh(chain, message):
+    status, err = run_bounded(udpmux_argv("link", "--ssh-command", "false", "alice@loop"),
+                              dict(env(), UDPMUX_LINK_CHAIN=chain))
+    assert status == 64 and message in err and "could not start" not in err, err

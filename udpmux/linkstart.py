@@ -3,7 +3,10 @@
     the key on ssh's standard input, the banner read back (start_server);
   - the server's side: a UDP port of --bind (bind_in_range); leaving the ssh session,
     the process that stays to serve telling the banner (detach);
-  - the banner, written and read here alone (banner_line, parse_banner).
+  - the banner, written and read here alone (banner_line, parse_banner);
+  - the chain: UDPMUX_LINK_CHAIN in the environment of link's ssh names the DESTs of the
+    links above, so that a ProxyCommand which runs link for the server itself (and so
+    link's own ssh runs it again) stops at its first repetition (chain_for_ssh).
 
     udpmux link                          ssh host ...                 server host
       | key = 32 random bytes                                   udpmux link-server
@@ -37,6 +40,11 @@ from udpmux.errors import EXIT_FAILURE, EXIT_OK, EXIT_OSERR, Fatal, UsageError
 
 BANNER = "UDPMUX-LINK 1"            # then: address port pid
 BOOT_TIMEOUT = 60.0                 # seconds ssh may take to start the server (a password)
+SSH_FAILED = 255                    # ssh's status when it, not the remote command, failed
+CHAIN = "UDPMUX_LINK_CHAIN"         # the DESTs of the links whose ssh runs this process
+CHAIN_MOST = 8                      # links nested at most, each under the ssh of the last
+NO_RECURSION = ("give link --ssh-command 'ssh -o ProxyCommand=none' or narrow the Host "
+                "pattern")
 
 
 # -- the banner
@@ -62,6 +70,24 @@ def parse_banner(line):
 
 # -- the client's side: link-server over ssh
 
+def chain_for_ssh(dest, environ=os.environ):
+    """The CHAIN that the ssh starting link-server gets: this link's DEST after those of
+    the links whose ssh runs this one.  ssh passes its environment to a ProxyCommand, so
+    a ProxyCommand of the user's that runs `udpmux link` for the server itself, which
+    would start link after link without end, is refused at its first repetition."""
+    try:
+        chain = shlex.split(environ.get(CHAIN, ""))
+    except ValueError:
+        chain = []
+    if dest in chain:
+        raise UsageError(f"started by the ssh of another `udpmux link` to {dest} (a "
+                         f"ProxyCommand that matches the server itself); {NO_RECURSION}")
+    if len(chain) >= CHAIN_MOST:
+        raise UsageError(f"started by the ssh of {len(chain)} nested `udpmux link`s "
+                         f"({' > '.join(chain)}); {NO_RECURSION}")
+    return shlex.join(chain + [dest])
+
+
 def server_command(args, cfg):
     parts = [args["--server-command"], "link-server",
              "--bind", shlex.quote(cfg.bind), "--target", shlex.quote(cfg.target),
@@ -75,6 +101,7 @@ def start_server(args, cfg, key, log):
     """Run link-server on DEST over ssh; returns ((family, sockaddr) of the server, the
     ssh process if it stays (--debug carries the server's log), else None)."""
     dest = args["DEST"]
+    chain = chain_for_ssh(dest)
     try:
         ssh = shlex.split(args["--ssh-command"])
     except ValueError as exc:
@@ -82,7 +109,8 @@ def start_server(args, cfg, key, log):
     argv = ssh + [dest, server_command(args, cfg)]
     log.debug("starting the server: %s", " ".join(shlex.quote(a) for a in argv))
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                env=dict(os.environ, **{CHAIN: chain}))
     except OSError as exc:
         raise Fatal(f"cannot run {ssh[0]}: {exc.strerror}", status=EXIT_OSERR) from None
     try:
@@ -148,6 +176,9 @@ def _read_banner(proc, dest, log):
         chunk = os.read(proc.stdout.fileno(), 4096)
         if not chunk:
             status = proc.wait()
+            if status == SSH_FAILED:
+                raise Fatal(f"{dest}: could not start the server end (ssh exited with status "
+                            f"{status}: ssh itself failed, as it says above)")
             raise Fatal(f"{dest}: could not start the server end (ssh exited with status "
                         f"{status}); is udpmux installed there? (--server-command)")
         pending += chunk
