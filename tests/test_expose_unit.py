@@ -9,6 +9,7 @@ import socket
 import pytest
 
 from unitfakes import KEY, Carrier, Outbox, Sock, started
+from udpmux.addr import Destination
 from udpmux import auth, sockets, wire
 from udpmux.addr import peer_key
 from udpmux.endpoint import HELLO, IDLE, UP, Responder, dead_after
@@ -17,7 +18,14 @@ from udpmux.flows import ServiceFlow
 from udpmux.reasons import R_MAC
 from udpmux.wire import T_HELLO
 
-RELAY = (socket.AF_INET, ("203.0.113.1", 7000))
+RELAY_TEXT = "203.0.113.1:7000"
+
+
+def relay_destination():
+    """The relay, as the exposer's config gives it (a numeric address: no resolver)."""
+    destination = Destination(RELAY_TEXT)
+    destination.resolve()
+    return destination
 SEEN = peer_key(socket.AF_INET, ("198.51.100.7", 4002))     # the exposer, as the relay sees it
 
 
@@ -32,7 +40,7 @@ def relay(epoch=1, name="wg", key=KEY):
 
 
 def exposer(carrier="udp"):
-    worker = started(ExposeWorker(RELAY, (socket.AF_INET, ("127.0.0.1", 9)), KEY,
+    worker = started(ExposeWorker(relay_destination(), (socket.AF_INET, ("127.0.0.1", 9)), KEY,
                                   carrier=carrier), now=0.0)
     worker.sender = Outbox(worker.sock)
     return worker

@@ -3,6 +3,9 @@
 How we name things:
   hostport   what a user types: "relay.example:5566", "[2001:db8::1]:5566", "0.0.0.0:5566"
   endpoint   a resolved (family, sockaddr tuple) pair, ready for bind() or sendto()
+  destination  a HOST:PORT an agent reaches (a relay, a uot-server, a peer): resolved
+             when it starts and again when it must register anew, every address tried
+             in turn (Destination)
   peer key   the raw struct sockaddr bytes, as recvmmsg() returns them: 16 bytes for
              IPv4, 28 for IPv6.  Dict keys, tag-table keys and sendmmsg() names are peer
              keys, so the data path never builds a Python tuple per datagram.
@@ -85,6 +88,80 @@ def resolve(host, port, kind=socket.SOCK_DGRAM, passive=False):
         if family in (socket.AF_INET, socket.AF_INET6):
             return family, sockaddr
     raise ValueError(f"{shown(host)} has no IPv4 or IPv6 address")
+
+
+# Resolver failures that may pass (no network yet at boot, a resolver that timed out):
+# tried again, with back-off, where other failures end the command.
+TRANSIENT = {socket.EAI_AGAIN, socket.EAI_FAIL, getattr(socket, "EAI_SYSTEM", None)} - {None}
+
+
+class Unresolved(Exception):
+    """A name that cannot be resolved just now (TRANSIENT): try again later."""
+
+
+class Destination:
+    """A HOST:PORT to reach.  resolve() looks the name up (blocking; agents do it while
+    they have no session, so no traffic waits) and orders the addresses as RFC 8305
+    does: the families alternate, the one the system prefers first.  `address` is the
+    one to try now; advance() moves to the next, and past the last resolves the name
+    again, so a relay whose address changed is found at its new one."""
+
+    def __init__(self, text, kind=socket.SOCK_DGRAM):
+        self.text = text
+        self.host, self.port = split_hostport(text)
+        if self.port == 0:
+            raise ValueError(f"{shown(text)}: port 0 is not a destination; give the port "
+                             "to reach")
+        self.kind = kind
+        self.addresses = []
+        self.index = 0
+
+    def resolve(self):
+        """Look the name up again; ValueError when it has no address for good,
+        Unresolved when it may have one later."""
+        try:
+            infos = socket.getaddrinfo(self.host, self.port, socket.AF_UNSPEC, self.kind)
+        except socket.gaierror as exc:
+            if exc.errno in TRANSIENT:
+                raise Unresolved(f"cannot resolve {self.host} now: {exc.strerror}") from None
+            raise ValueError(f"cannot resolve {shown(self.host)}: {exc.strerror}") from None
+        except UnicodeError:
+            raise ValueError(f"{shown(self.host)} is not a valid host name") from None
+        found = []
+        for family, _type, _proto, _canon, sockaddr in infos:
+            if family in (socket.AF_INET, socket.AF_INET6) and (family, sockaddr) not in found:
+                found.append((family, sockaddr))
+        if not found:
+            raise ValueError(f"{shown(self.host)} has no IPv4 or IPv6 address")
+        first = [a for a in found if a[0] == found[0][0]]
+        other = [a for a in found if a[0] != found[0][0]]
+        order = [a for pair in zip(first, other) for a in pair]
+        self.addresses = order + first[len(other):] + other[len(first):]
+        self.index = 0
+        return self.addresses
+
+    @property
+    def address(self):
+        """(family, sockaddr) to try now, or None before a resolve() worked."""
+        return self.addresses[self.index] if self.addresses else None
+
+    def advance(self):
+        """The next address to try; after the last, the name is resolved again (when
+        that fails for now, the addresses known go round again)."""
+        self.index += 1
+        if self.index >= len(self.addresses):
+            try:
+                self.resolve()
+            except (Unresolved, ValueError):
+                self.index = 0
+        return self.address
+
+    def __str__(self):
+        """The name as given, and the address tried when the name is not one."""
+        if self.address is None:
+            return self.text
+        shown_address = format_endpoint(*self.address)
+        return self.text if shown_address == self.text else f"{self.text} ({shown_address})"
 
 
 def parse_endpoint(text, kind=socket.SOCK_DGRAM, passive=False):

@@ -209,7 +209,9 @@ class TcpCarrier:
 
 
 class Dialer:
-    """Connects to one address, and again after each failure or loss, with backoff.
+    """Connects to a destination (addr.Destination), and again after each failure or
+    loss, with backoff; after a failure the next of its addresses, and past the last the
+    name resolved again.
 
     on_connected(sock) gets each connected socket; failed(now, why) after a connect
     that did not work, or lost(now) after a connection that worked and ended, schedule
@@ -218,7 +220,7 @@ class Dialer:
 
     def __init__(self, endpoint, poller, on_connected, log, what,
                  first=0.5, most=30.0, timeout=10.0):
-        self.endpoint = endpoint            # (family, sockaddr)
+        self.destination = endpoint         # an addr.Destination
         self.poller = poller
         self.on_connected = on_connected
         self.log = log
@@ -238,7 +240,13 @@ class Dialer:
             self._start(now)
 
     def _start(self, now):
-        family, sockaddr = self.endpoint
+        if self.destination.address is None:
+            try:
+                self.destination.resolve()
+            except (addr.Unresolved, ValueError) as exc:
+                self.failed(now, str(exc))
+                return
+        family, sockaddr = self.destination.address
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
         err = sock.connect_ex(sockaddr)
@@ -272,8 +280,10 @@ class Dialer:
         """A connect, or a handshake on a new connection, did not work: try again later."""
         self.failures += 1
         if self.failures == 1 or self.failures % 10 == 0:
-            self.log.warning("cannot connect to %s (%s): %s; trying again in %.1f s",
-                             self.what, addr.format_endpoint(*self.endpoint), why, self.backoff)
+            self.log.warning("cannot connect to %s at %s: %s; trying again in %.1f s",
+                             self.what, self.destination, why, self.backoff)
+        if self.destination.address is not None:
+            self.destination.advance()
         self.next_at = now + self.backoff
         self.backoff = min(self.most, self.backoff * 2)
 

@@ -475,7 +475,8 @@ class UotConfig:
     """uot-server: listen is its TCP listener, peer the UDP target; uot-client: listen is
     its UDP socket, peer the server's TCP address."""
     listen: tuple               # (family, sockaddr)
-    peer: tuple
+    peer: object                # the server's target (family, sockaddr); the client's
+                                # server, an addr.Destination
     key: bytes | None
     flow_idle: float            # the rest as UOT_SETTINGS says (and defaults)
     max_flows: int
@@ -485,15 +486,22 @@ class UotConfig:
 def uot_from_options(args, server, log=None):
     """uot-server's (server true) or uot-client's command line as a UotConfig."""
     values = option_values(args, UOT_SETTINGS)
-    kinds = (socket.SOCK_STREAM, socket.SOCK_DGRAM) if server else \
-        (socket.SOCK_DGRAM, socket.SOCK_STREAM)
-    endpoints = []
-    for name, kind, passive in (("--listen", kinds[0], True),
-                                ("--target" if server else "--server", kinds[1], False)):
-        try:
-            endpoints.append(addr.parse_endpoint(args[name], kind, passive=passive))
-        except ValueError as exc:
-            raise UsageError(f"{name}: {exc}") from None
+    listen_kind = socket.SOCK_STREAM if server else socket.SOCK_DGRAM
+    try:
+        listen = addr.parse_endpoint(args["--listen"], listen_kind, passive=True)
+    except ValueError as exc:
+        raise UsageError(f"--listen: {exc}") from None
+    try:
+        if server:
+            try:
+                peer = addr.parse_endpoint(args["--target"])
+            except ValueError as exc:
+                raise ValueError(f"--target: {exc}") from None
+        else:
+            peer = _destination("--server", args["--server"], socket.SOCK_STREAM)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    endpoints = [listen, peer]
     key = None if args.get("--insecure") else auth.read_key(args["--key-file"], log)
     return UotConfig(*endpoints, key, **_settled(UOT_SETTINGS, values))
 
@@ -569,7 +577,7 @@ EXPOSE = {s.name: s for s in EXPOSE_SETTINGS}
 
 @dataclass(frozen=True)
 class ExposeConfig:
-    relay: tuple                # (family, sockaddr)
+    relay: object               # an addr.Destination
     service: tuple
     key: bytes | None
     carrier: str                # the rest as EXPOSE_SETTINGS says (and defaults)
@@ -583,16 +591,30 @@ def _expose(values, where, log):
     for required in ("relay", "service"):
         if values.get(required) is None:
             raise ValueError(f"{required}: missing ({EXPOSE[required].help})")
-    endpoints = {}
-    for name in ("relay", "service"):
-        try:
-            endpoints[name] = addr.parse_endpoint(values[name])
-        except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
-    key = _key(values, where, log)
+    try:
+        service = addr.parse_endpoint(values["service"])
+    except ValueError as exc:
+        raise ValueError(f"service: {exc}") from None
     rest = _settled(EXPOSE_SETTINGS, values, only=("carrier", "keepalive", "flow_idle",
                                                    "max_flows"))
-    return ExposeConfig(relay=endpoints["relay"], service=endpoints["service"], key=key, **rest)
+    kind = socket.SOCK_STREAM if rest["carrier"] == "tcp" else socket.SOCK_DGRAM
+    relay = _destination("relay", values["relay"], kind)
+    key = _key(values, where, log)
+    return ExposeConfig(relay=relay, service=service, key=key, **rest)
+
+
+def _destination(name, text, kind):
+    """An addr.Destination, resolved now if it can be: a name that cannot resolve for
+    good is an error now; one that cannot just now (no network yet at boot) is the
+    agent's to try again."""
+    try:
+        destination = addr.Destination(text, kind)
+        destination.resolve()
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    except addr.Unresolved:
+        pass
+    return destination
 
 
 def _load_agent(path, settings, build, log):

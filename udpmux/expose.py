@@ -42,6 +42,8 @@ from udpmux.wire import (
 )
 
 CONNECT_TIMEOUT = 10.0          # seconds for a TCP connection to be welcomed
+TRY_NEXT_AFTER = 2              # unanswered HELLOs to one address before the next
+RESOLVE_FIRST, RESOLVE_MOST = 0.5, 30.0     # back-off while the relay's name cannot resolve
 UDP_HINTS = ("the relay is down, it has another key (or runs without one where we have "
              "one), or UDP to it is blocked; where UDP is blocked, try --carrier tcp")
 
@@ -51,7 +53,7 @@ class ExposeWorker(Worker):
                  carrier="udp", log=None):
         super().__init__("expose", None, (), log)
         self.tcp = carrier == "tcp"
-        self.relay = relay              # (family, sockaddr)
+        self.relay = relay              # an addr.Destination
         self.service = service
         self.key = key
         self.keyed = key is not None
@@ -73,23 +75,37 @@ class ExposeWorker(Worker):
         self.batch = Batch(BATCH)
         self.sock = self.carrier = None
         self.sender = Sender(None, self.drops, BATCH)
-        self.watch = PeerWatch(self.log, "the relay",
-                               lambda: addr.format_endpoint(*self.relay), UDP_HINTS)
+        self.watch = PeerWatch(self.log, "the relay", lambda: str(self.relay), UDP_HINTS)
+        self.resolve_at, self.resolve_wait = now, RESOLVE_FIRST
         if self.tcp:
             self.dialer = Dialer(self.relay, self.poller, self.on_connected, self.log,
                                  "the relay")
-        else:
-            self.open_relay_socket()
-            self.endpoint.start(now)
         self.log.info("exposing %s through the relay at %s%s",
-                      addr.format_endpoint(*self.service), addr.format_endpoint(*self.relay),
+                      addr.format_endpoint(*self.service), self.relay,
                       " over TCP" if self.tcp else "")
+        if not self.tcp:
+            self.reach(now)
+
+    def reach(self, now):
+        """Over UDP: a socket to the relay's address, once its name resolves (again with
+        back-off while the resolver cannot say), and a HELLO from it."""
+        if self.relay.address is None:
+            try:
+                self.relay.resolve()
+            except (addr.Unresolved, ValueError) as exc:
+                self.watch.refused(now, str(exc))
+                self.resolve_at = now + self.resolve_wait
+                self.resolve_wait = min(self.resolve_wait * 2, RESOLVE_MOST)
+                return
+        self.resolve_at, self.resolve_wait = None, RESOLVE_FIRST
+        self.open_relay_socket()
+        self.endpoint.start(now)
 
     def open_relay_socket(self):
         if self.sock is not None:
             self.poller.unregister(self.sock)
             self.sock.close()
-        family, sockaddr = self.relay
+        family, sockaddr = self.relay.address
         sock = sockets.udp_connected(family, sockaddr)
         self.sock = self.sender.sock = sock
         self.endpoint.peer = addr.peer_key(family, sock.getpeername())
@@ -108,7 +124,7 @@ class ExposeWorker(Worker):
         """An ICMP error from the relay's address, reported on the connected socket."""
         for code in errors:
             why = refusal(code)
-            if why is not None:
+            if why is not None and self.endpoint.state != UP:
                 self.watch.refused(time.monotonic(), why)
 
     def relay_batch(self, n, now):
@@ -185,14 +201,26 @@ class ExposeWorker(Worker):
         self.watch.answered(time.monotonic())
         if old is None and not self.registered:
             self.log.info("registered with the relay at %s, which sees us as %s",
-                          addr.format_endpoint(*self.relay), session.observed)
+                          self.relay, session.observed)
         else:
             self.log.debug("new session with the relay (it sees us as %s)", session.observed)
         self.registered = True
 
     def lost(self, now):
-        """The session is gone: a new handshake, over TCP on a new connection."""
+        """The session is gone: a new handshake, over TCP on a new connection; over UDP
+        to the relay's name resolved again (its address may have changed)."""
         self.registered = False
+        if not self.tcp:
+            before = self.relay.address
+            try:
+                self.relay.resolve()
+            except (addr.Unresolved, ValueError) as exc:
+                self.log.warning("the relay at %s: %s; trying its last address", self.relay,
+                                 exc)
+            else:
+                if self.relay.address != before:
+                    self.log.info("the relay's name now resolves to %s", self.relay)
+                    self.open_relay_socket()
         if self.tcp and self.carrier is not None:
             self.carrier.close("registering again")
 
@@ -287,6 +315,8 @@ class ExposeWorker(Worker):
 
     def send_hello(self, msg, now):
         self.watch.hello_sent(now)
+        if self.watch.unanswered % TRY_NEXT_AFTER == 0:
+            self.try_next(now)
         try:
             self.sock.send(msg)
         except BlockingIOError:
@@ -301,6 +331,14 @@ class ExposeWorker(Worker):
             if exc.errno not in (errno.ECONNREFUSED,):
                 self.open_relay_socket()
 
+    def try_next(self, now):
+        """Unanswered: the relay's next address (past the last, its name resolved again),
+        on a new socket when the address is another."""
+        before = self.relay.address
+        if self.relay.advance() != before:
+            self.log.debug("trying the relay at %s", self.relay)
+            self.open_relay_socket()
+
     def wake_at(self, now):
         return self.endpoint.wake_at()
 
@@ -308,6 +346,8 @@ class ExposeWorker(Worker):
         self.send_due(now)
 
     def tick(self, now):
+        if self.resolve_at is not None and now >= self.resolve_at:
+            self.reach(now)
         if self.tcp:
             self.dialer.tick(now)
             if self.carrier is not None and self.endpoint.state != UP \

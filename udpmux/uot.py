@@ -286,7 +286,7 @@ class UotClient(Worker):
     def __init__(self, udp, server, key, flow_idle=180.0, max_flows=1024, log=None):
         super().__init__("uot-client", None, (), log)
         self.udp = udp                  # the bound UDP socket local clients send to
-        self.server = server            # (family, sockaddr)
+        self.server = server            # an addr.Destination
         self.key = key
         self.keyed = key is not None
         self.flow_idle = flow_idle
@@ -306,7 +306,7 @@ class UotClient(Worker):
         self.poller.register(self.udp, self.on_udp)
         self.log.info("carrying UDP from %s over TCP to %s",
                       addr.format_endpoint(self.udp.family, self.udp.getsockname()),
-                      addr.format_endpoint(*self.server))
+                      self.server)
 
     # -- the connection
 
@@ -328,7 +328,7 @@ class UotClient(Worker):
             return
         if self.welcomed_here:
             self.log.warning("connection to %s lost (%s); reconnecting, the flows stay",
-                             addr.format_endpoint(*self.server), why)
+                             self.server, why)
             self.dialer.lost(now)
         else:
             # Closed before a WELCOME: a server that cannot verify our HELLO says
@@ -347,7 +347,7 @@ class UotClient(Worker):
         if got.event == NEW:
             self.dialer.succeeded()
             self.welcomed_here = True
-            self.log.info("connected to %s", addr.format_endpoint(*self.server))
+            self.log.info("connected to %s", self.server)
         elif got.event == LOST:
             carrier.close("the server said goodbye")
         elif got.mtype == T_DATA:
