@@ -689,8 +689,8 @@ class PunchConfig:
     retry: float
     flow_idle: float
     max_flows: int
-    peer: tuple | None = None           # (family, sockaddr); None: not this side's way
-    relay: tuple | None = None
+    peer: object = None                 # an addr.Destination; None: not this side's way
+    relay: object = None
     forward: tuple | None = None
     listen: tuple | None = None
 
@@ -713,12 +713,15 @@ def _punch(values, where, log):
     if values.get("relay") is not None and values.get("insecure"):
         raise ValueError(f"{n('insecure')}: a relay's rendezvous tunnel needs a key")
     endpoints = {}
-    for name in ("peer", "relay", "forward", "listen"):
+    for name in ("forward", "listen"):
         if values.get(name) is not None:
             try:
                 endpoints[name] = addr.parse_endpoint(values[name], passive=name == "listen")
             except ValueError as exc:
                 raise ValueError(f"{n(name)}: {exc}") from None
+    for name in ("peer", "relay"):          # names resolved again when the agent starts
+        if values.get(name) is not None:
+            endpoints[name] = _destination(n(name), values[name], socket.SOCK_DGRAM)
     try:
         key = _key(values, where, log)
     except ValueError as exc:

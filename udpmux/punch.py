@@ -75,7 +75,7 @@ from udpmux.reasons import (
 from udpmux.session import Drop
 from udpmux.tagtable import TagTable
 from udpmux.log import Every
-from udpmux.watch import QUIET_MOST, PeerWatch
+from udpmux.watch import QUIET_MOST, PeerWatch, resolved
 from udpmux.worker import Worker
 from udpmux.wire import (
     CLOSE_SHUTDOWN, HEADER_SIZE, MAC_SIZE, MAX_DATAGRAM, PATH, PATH_DIRECT,
@@ -101,6 +101,7 @@ class PunchWorker(Worker):
         self.port = port
         self.peer_endpoint = peer           # (family, sockaddr) given with --peer
         self.relay = relay                  # (family, sockaddr) given with --relay
+        self.relay_name = None              # its addr.Destination, to resolve again
         self.rendezvous = rendezvous
         self.forward = forward              # the local service's endpoint
         self.listen = listen                # where local clients send
@@ -477,6 +478,26 @@ class PunchWorker(Worker):
         if fresh and self.direct is None:
             self.set_path(PATH_RELAYED)
 
+    def re_resolve_relay(self):
+        """Before registering anew: the relay's name again (its address may have
+        changed); an address of the main socket's family only."""
+        name = self.relay_name
+        if name is None:
+            return
+        try:
+            name.resolve()
+        except (addr.Unresolved, ValueError) as exc:
+            self.log.warning("the relay at %s: %s; trying its last address", name.text, exc)
+            return
+        for family, sockaddr in name.addresses:
+            if family == self.sock.family:
+                if (family, sockaddr) != self.relay:
+                    self.relay = (family, sockaddr)
+                    self.relay_key = self.relay_end.peer = addr.peer_key(family, sockaddr)
+                    self.log.info("the relay's name now resolves to %s",
+                                  addr.format_endpoint(family, sockaddr))
+                return
+
     def waiting_for_partner(self, now):
         """Registered, and still no word of the other side: say so, now and then."""
         if self.paired or self.relay_end.state != UP or self.registered_at is None \
@@ -490,6 +511,7 @@ class PunchWorker(Worker):
 
     def relay_lost(self, now, why):
         self.log.warning("%s; registering again", why)
+        self.re_resolve_relay()
         self.paired = False
         self.registered_at = None
         if self.direct is None:
@@ -690,9 +712,12 @@ def main(args):
     else:
         settings = config.punch_from_options(args, log)
     raise_open_files(settings.max_flows + 64, log, "max_flows service sockets")
-    worker = PunchWorker(settings.key, settings.port, peer=settings.peer, relay=settings.relay,
+    peer = settings.peer and resolved(settings.peer, log, "the peer")
+    relay = settings.relay and resolved(settings.relay, log, "the relay")
+    worker = PunchWorker(settings.key, settings.port, peer=peer, relay=relay,
                          rendezvous=settings.rendezvous, forward=settings.forward,
                          listen=settings.listen, keepalive=settings.keepalive,
                          probe_ports=settings.probe_ports, flow_idle=settings.flow_idle,
                          max_flows=settings.max_flows, retry=settings.retry, log=log)
+    worker.relay_name = settings.relay
     return worker.serve()

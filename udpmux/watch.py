@@ -18,11 +18,13 @@ resolved to, when they differ); `hints` is the sentence of likely causes.
 
 import errno
 import os
+import time
 
-from udpmux.addr import format_peer
+from udpmux.addr import Unresolved, format_peer
 from udpmux.reasons import R_KEYED, R_MAC
 
 WORD_AFTER = 4                  # unanswered HELLOs before the first warning (about 7 s)
+RESOLVE_FIRST, RESOLVE_MOST = 0.5, 30.0     # back-off while a name cannot resolve yet
 QUIET_MOST = 300.0              # seconds between repeats of the same warning, at most
 
 
@@ -86,6 +88,21 @@ UNAUTHENTIC = {
     R_KEYED: "carry a MAC where none is expected or lack one: one side runs with "
              "--insecure and the other with a key",
 }
+
+
+def resolved(destination, log, what):
+    """destination's address, at start: while the resolver cannot answer yet (no network
+    at boot), wait and try again with back-off, saying so."""
+    wait = RESOLVE_FIRST
+    while destination.address is None:
+        try:
+            destination.resolve()
+        except Unresolved as exc:
+            log.warning("%s at %s: %s; trying again in %g s", what, destination.text, exc,
+                        wait)
+            time.sleep(wait)
+            wait = min(wait * 2, RESOLVE_MOST)
+    return destination.address
 
 
 def unauthentic(log, every, who, key, reason, now):
