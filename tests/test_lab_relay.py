@@ -309,3 +309,37 @@ def test_an_exposer_whose_udp_is_blocked_says_so_and_tcp_gets_through(rig):
         talk(rig, "wg", [rig.client()], rounds=1)
     finally:
         rig.lab.block_udp(False)
+
+
+@pytest.mark.skipif(not shutil.which("dnsmasq", path=os.defpath + ":/usr/sbin"),
+                    reason="needs dnsmasq: apt-get install dnsmasq-base")
+def test_an_exposer_waits_out_a_resolver_that_fails_then_finds_the_relay_by_name(rig, tmp_path):
+    """inside's resolver is a DNS server on public that is not running yet: the exposer
+    says it cannot resolve the relay's name now and tries again, instead of exiting; once
+    dnsmasq answers for relay.test, it registers and names the address that worked."""
+    lab = rig.lab
+    rig.relay("wg")
+    netns_etc = f"/etc/netns/{lab.ns('inside')}"
+    os.makedirs(netns_etc, exist_ok=True)
+    with open(f"{netns_etc}/resolv.conf", "w") as f:
+        f.write(f"nameserver {lab.addr('public')}\noptions timeout:1 attempts:1\n")
+    try:
+        echo = rig.echo("wg")
+        port = PORTS["wg"][1]
+        expose = rig.start("inside", ["expose", "--relay", f"relay.test:{port}", "--service",
+                                      f"127.0.0.1:{echo.port}", "--key-file", rig.key])
+        line = expose.lines[expose.wait_log("cannot resolve relay.test now")]
+        assert "the relay at relay.test:" in line, line
+        dns = rig.start("public", [], argv=[
+            shutil.which("dnsmasq", path=os.defpath + ":/usr/sbin"), "--no-daemon",
+            "--no-resolv", "--no-hosts", "--bind-interfaces",
+            f"--listen-address={lab.addr('public')}", "--port=53",
+            f"--address=/relay.test/{lab.addr('public')}", f"--pid-file={tmp_path}/dns.pid",
+            "--user=root", "--log-facility=-"])
+        line = expose.lines[expose.wait_log("registered with the relay", timeout=WAIT * 3)]
+        assert f"relay.test:{port} ({lab.addr('public')}:{port})" in line, line
+        talk(rig, "wg", [rig.client()], rounds=1)
+        dns.stop()
+    finally:
+        os.unlink(f"{netns_etc}/resolv.conf")
+        os.rmdir(netns_etc)
