@@ -194,3 +194,76 @@ def test_demo_runs_and_shows_the_relay_working():
     assert "50 sent, 50 came back whole" in out.stdout
     assert "the echo service saw 5 source ports" in out.stdout
     assert "TUNNEL  STATE" in out.stdout and "running" in out.stdout
+
+
+# -- udpmux check
+
+def check(*args):
+    return subprocess.run(udpmux_argv("check", *args), env=env(), capture_output=True,
+                          text=True, timeout=WAIT)
+
+
+def test_check_lists_every_problem_of_a_relay_file_and_exits_78(tmp_path):
+    key = tmp_path / "key"
+    subprocess.run(udpmux_argv("keygen", key), env=env(), check=True)
+    conf = tmp_path / "relay.toml"
+    conf.write_text(f"""stop_timout = 3
+[tunnels.a]
+public = "127.0.0.1:5000"
+key_file = "{key}"
+max_flow = 10
+[tunnels.b]
+public = "127.0.0.1:nope"
+insecure = true
+[tunnels.c]
+public = "127.0.0.1:5002"
+key_file = "{tmp_path}/missing.key"
+""")
+    out = check("-c", conf)
+    assert out.returncode == 78 and out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert len(lines) == 4, out.stderr
+    assert "unknown setting 'stop_timout'; did you mean 'stop_timeout'?" in lines[0]
+    assert "[tunnels.a]: unknown setting 'max_flow'; did you mean 'max_flows'?" in lines[1]
+    assert "[tunnels.b]: public:" in lines[2] and "port must be a number" in lines[2]
+    assert "[tunnels.c]:" in lines[3] and "missing.key: no such key file" in lines[3]
+    # The relay itself says the first and how many more there are.
+    relay = subprocess.run(udpmux_argv("relay", "-c", conf), env=env(), capture_output=True,
+                           text=True, timeout=WAIT)
+    assert relay.returncode == 78
+    assert "(and 3 more: `udpmux check` lists them)" in relay.stderr
+
+
+def test_check_says_what_a_good_file_holds(tmp_path):
+    key = tmp_path / "key"
+    subprocess.run(udpmux_argv("keygen", key), env=env(), check=True)
+    relay = tmp_path / "relay.toml"
+    relay.write_text(f'[tunnels.wg]\npublic = "127.0.0.1:5000"\nkey_file = "{key}"\n'
+                     f'[tunnels.dns]\npublic = "127.0.0.1:5001"\nkey_file = "{key}"\n')
+    out = check("-c", relay)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"{relay}: a relay with 2 tunnels: dns, wg\n"
+    expose = tmp_path / "expose.toml"
+    expose.write_text(f'relay = "127.0.0.1:5566"\nservice = "127.0.0.1:51820"\n'
+                      f'key_file = "{key}"\n')
+    out = check("-c", expose)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"{expose}: expose 127.0.0.1:51820 through the relay at " \
+                         "127.0.0.1:5566\n"
+    punch = tmp_path / "punch.toml"
+    punch.write_text(f'relay = "127.0.0.1:5566"\nrendezvous = "mosh"\nkey_file = "{key}"\n'
+                     'listen = "127.0.0.1:60001"\n')
+    out = check("-c", punch)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"{punch}: punch with the relay at 127.0.0.1:5566\n"
+
+
+def test_check_needs_to_be_told_the_mode_of_a_file_that_does_not_say(tmp_path):
+    conf = tmp_path / "what.toml"
+    conf.write_text('keepalive = 10\n')
+    out = check("-c", conf)
+    assert out.returncode == 78 and "give --mode" in out.stderr
+    out = check("-c", conf, "--mode", "expose")
+    assert out.returncode == 78 and "relay: missing" in out.stderr
+    out = check("-c", conf, "--mode", "uot")
+    assert out.returncode == 64 and "--mode: expected relay, expose or punch" in out.stderr

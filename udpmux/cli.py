@@ -19,7 +19,7 @@ from udpmux.config import (
     UOT as _UOT, control_socket_path, default_text,
 )
 from udpmux.errors import (
-    EXIT_OK, EXIT_OSERR, EXIT_SOFTWARE, EXIT_USAGE, Fatal,
+    EXIT_OK, EXIT_OSERR, EXIT_SOFTWARE, EXIT_USAGE, ConfigError, Fatal, UsageError,
 )
 
 
@@ -262,6 +262,23 @@ Options:
   -h, --help                  Show this text.
 """
 
+CHECK = """\
+udpmux check: check a configuration file before it is used, as nginx -t does.
+
+Usage:
+  udpmux check -c FILE [--mode MODE]
+  udpmux check -h | --help
+
+Options:
+  -c FILE, --config FILE      A relay's file (udpmux.conf(5)), an exposer's or punch's.
+  --mode MODE                 relay, expose or punch, when the file's keys do not tell.
+  -h, --help                  Show this text.
+
+The file is read as the mode would read it at start or on SIGHUP: its key files
+read and its names resolved.  Exit status 0 when it is good, with one line saying
+what it holds; 78 with every problem found, a line each.
+"""
+
 KEYGEN = """\
 udpmux keygen: write a new random key to FILE (mode 0600), or to standard output for "-".
 
@@ -315,6 +332,8 @@ MODES = {m.name: m for m in [
     Mode("uot-client", UOT_CLIENT, "carry UDP over TCP: the end next to the UDP clients",
          "udpmux.uot:client_main"),
     Mode("status", STATUS, "show a running relay's tunnels and flows", "udpmux.status:main"),
+    Mode("check", CHECK, "check a configuration file before using it",
+         "udpmux.cli:check"),
     Mode("keygen", KEYGEN, "write a new random key file", "udpmux.cli:keygen"),
     Mode("demo", DEMO, "run a relay, an exposer and an echo service on loopback",
          "udpmux.demo:main"),
@@ -534,6 +553,20 @@ def _main(argv):
     except Exception:       # a bug: say so, with the traceback an issue report needs
         logging.getLogger("udpmux").exception("internal error; please report it")
         return EXIT_SOFTWARE
+
+
+def check(args):
+    from udpmux.config import check as check_file
+    mode = args["--mode"]
+    if mode not in (None, "relay", "expose", "punch"):
+        raise UsageError(f"--mode: expected relay, expose or punch, got {mode!r}")
+    try:
+        print(check_file(args["--config"], mode))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            error(f"check: {problem}", exc.status)
+        return exc.status
+    return EXIT_OK
 
 
 def keygen(args):

@@ -269,17 +269,33 @@ def _key(values, where, log):
     raise ValueError("key_file: missing (or set insecure = true to run without a key)")
 
 
-def _check_settings(table, settings, where):
+def _check_settings(table, settings, where, problems=None):
+    """The table's values, checked.  The first problem raises ConfigError, or, given a
+    list of problems, every one is added to it and its key left out."""
     out = {}
     for key, value in table.items():
         setting = settings.get(key)
-        if setting is None:
-            raise ConfigError(_unknown(key, settings, where))
         try:
-            out[key] = setting.check(value)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {key}: {exc}") from None
+            if setting is None:
+                raise ConfigError(_unknown(key, settings, where))
+            try:
+                out[key] = setting.check(value)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {key}: {exc}") from None
+        except ConfigError as exc:
+            if problems is None:
+                raise
+            problems.append(str(exc))
     return out
+
+
+def _problems(problems):
+    """ConfigError with every problem found, if any."""
+    if problems:
+        more = len(problems) - 1
+        first = problems[0] + (f" (and {more} more: `udpmux check` lists them)"
+                               if more else "")
+        raise ConfigError(first, problems=problems)
 
 
 def _check_unique(tunnels, complain):
@@ -336,20 +352,24 @@ def load(path, log=None):
         raise ConfigError(f"{path}: [defaults] must be a table")
     if not isinstance(tunnels_table, dict) or not tunnels_table:
         raise ConfigError(f"{path}: no tunnels; add at least one [tunnels.NAME] table")
-    globals_ = _check_settings(data, GLOBAL, path)
-    defaults = _check_settings(defaults, TUNNEL, f"{path}: [defaults]")
+    problems = []
+    globals_ = _check_settings(data, GLOBAL, path, problems)
+    defaults = _check_settings(defaults, TUNNEL, f"{path}: [defaults]", problems)
     tunnels = {}
     for name, table in tunnels_table.items():
         where = f"{path}: [tunnels.{name}]"
         if not isinstance(table, dict):
-            raise ConfigError(f"{where}: must be a table")
-        values = {**defaults, **_check_settings(table, TUNNEL, where)}
+            problems.append(f"{where}: must be a table")
+            continue
+        before = len(problems)
+        values = {**defaults, **_check_settings(table, TUNNEL, where, problems)}
+        if len(problems) > before:
+            continue                    # a setting left out would only say "missing"
         try:
             tunnels[name] = _tunnel(name, values, where, log)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-        except Fatal as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+        except (ValueError, Fatal) as exc:
+            problems.append(f"{where}: {exc}")
+    _problems(problems)
     return _relay_config(tunnels, globals_, ConfigError, f"{path}: ", lambda name: name,
                          path=path)
 
@@ -620,7 +640,9 @@ def _destination(name, text, kind):
 def _load_agent(path, settings, build, log):
     """Read and check one agent's file of top-level keys, and build its config with
     build(values, path, log); ConfigError names the file and the key."""
-    values = _check_settings(_read_toml(path), settings, path)
+    problems = []
+    values = _check_settings(_read_toml(path), settings, path, problems)
+    _problems(problems)
     try:
         return build(values, path, log)
     except (ValueError, Fatal) as exc:
@@ -731,6 +753,30 @@ def _punch(values, where, log):
                                                   "probe_ports", "retry", "flow_idle",
                                                   "max_flows"))
     return PunchConfig(key=key, **endpoints, **rest)
+
+
+def check(path, mode=None, log=None):
+    """Read and check a configuration file of any mode (the relay's, expose's, punch's;
+    by its keys, unless `mode` says): a sentence saying what it holds, or ConfigError
+    with every problem found."""
+    if mode is None:
+        keys = _read_toml(path)
+        mode = "relay" if "tunnels" in keys else "expose" if "service" in keys else \
+            "punch" if {"rendezvous", "peer", "forward", "listen"} & set(keys) else None
+        if mode is None:
+            raise ConfigError(f"{path}: neither a relay's (no [tunnels.NAME]), an exposer's "
+                              "(no service) nor punch's file; give --mode")
+    if mode == "relay":
+        config = load(path, log)
+        return f"{path}: a relay with {len(config.tunnels)} " \
+               f"tunnel{'s' if len(config.tunnels) != 1 else ''}: " + \
+               ", ".join(sorted(config.tunnels))
+    if mode == "expose":
+        config = load_expose(path, log)
+        return f"{path}: expose {addr.format_endpoint(*config.service)} through the relay " \
+               f"at {config.relay}"
+    config = load_punch(path, log)
+    return f"{path}: punch {'with the relay at ' + str(config.relay) if config.relay else 'towards ' + str(config.peer)}"
 
 
 def load_punch(path, log=None):

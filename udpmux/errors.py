@@ -49,7 +49,14 @@ class UsageError(Fatal):
 
 
 class ConfigError(Fatal):
+    """A configuration with problems: the first is the message, `problems` has them
+    all (what `udpmux check` prints)."""
+
     status = EXIT_CONFIG
+
+    def __init__(self, message, status=None, problems=None):
+        super().__init__(message, status)
+        self.problems = problems or [message]
 
 
 class KeyFileError(Fatal):
