@@ -448,7 +448,8 @@ def test_units_run_hardened_as_the_udpmux_user(name):
 def test_the_relay_unit_is_a_notify_service_that_reloads_with_sighup():
     found = settings(unit("udpmux-relay.service"))
     assert found["Type"] == ["notify"] and found["KillMode"] == ["mixed"]
-    assert found["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert found["ExecReload"] == ["/usr/local/bin/udpmux check -c /etc/udpmux/relay.toml",
+                                   "/bin/kill -HUP $MAINPID"]
     assert found["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
     assert exec_start("udpmux-relay.service")[1] == "relay -c /etc/udpmux/relay.toml"
 
@@ -533,3 +534,46 @@ def test_the_sysusers_file_creates_the_udpmux_user(tmp_path):
                          capture_output=True, text=True, timeout=WAIT)
     assert out.returncode == 0, out.stderr
     assert re.search(r"^udpmux:x:\d+:\d+:", (tmp_path / "etc/passwd").read_text(), re.M)
+
+
+def run_exec_reload(conf, pid):
+    """The relay unit's ExecReload= lines, run as systemd runs them: in order, the first
+    that fails failing the reload.  Returns (status, standard error)."""
+    import shlex
+    for line in settings(unit("udpmux-relay.service"))["ExecReload"]:
+        argv = shlex.split(line.replace("/etc/udpmux/relay.toml", str(conf))
+                           .replace("$MAINPID", str(pid)))
+        if argv[0] == "/usr/local/bin/udpmux":
+            argv = udpmux_argv(*argv[1:])
+        out = subprocess.run(argv, env=env(), capture_output=True, text=True, timeout=WAIT)
+        if out.returncode != 0:
+            return out.returncode, out.stderr
+    return 0, ""
+
+
+def test_the_relay_units_reload_of_a_bad_file_fails_and_leaves_the_relay_alone(tmp_path):
+    key = tmp_path / "key"
+    subprocess.run(udpmux_argv("keygen", key), env=env(), check=True)
+    conf = tmp_path / "relay.toml"
+    head = f'control_socket = "{tmp_path}/control.sock"\n'
+    conf.write_text(head + f'[tunnels.a]\npublic = "127.0.0.1:0"\nkey_file = "{key}"\n')
+    notify = Notify(str(tmp_path))
+    relay = Daemon(["relay", "-c", conf], notify=notify)
+    try:
+        notify.wait_for("READY=1")
+        conf.write_text(head + f'[tunnels.a]\npublic = "127.0.0.1:0"\nkey_fle = "{key}"\n')
+        status, err = run_exec_reload(conf, relay.pid)
+        assert status == 78, err
+        assert "unknown setting 'key_fle'; did you mean 'key_file'?" in err
+        conf.write_text(head + f'[tunnels.a]\npublic = "127.0.0.1:0"\nkey_file = "{key}"\n'
+                        f'[tunnels.b]\npublic = "127.0.0.1:0"\nkey_file = "{key}"\n')
+        assert run_exec_reload(conf, relay.pid) == (0, "")
+        notify.wait_for("RELOADING=1")
+        notify.wait_for("READY=1")
+        relay.wait_log("reload done")
+        # The bad file never reached the relay: one reload, the good one.
+        assert sum("reloading the configuration" in line for line in relay.lines) == 1
+        assert "reload failed" not in relay.log()
+    finally:
+        relay.stop()
+        notify.close()
