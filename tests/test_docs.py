@@ -199,7 +199,7 @@ TYPES = {config._positive_int: {"integer"}, config._positive_number: {"number"},
          config._carrier: {"string"}, config._mode: {"string"}, config._port: {"integer"},
          config._rendezvous: {"string"},
          config._probe_count: {"integer"},
-         config._flow_count: {"integer"}}
+         config._flow_count: {"integer"}, config._networks: {"array"}}
 
 
 def default_text(value):

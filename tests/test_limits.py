@@ -154,3 +154,23 @@ def test_per_source_buckets_refill_at_the_rate(rate):
     table = PerSource(rate=rate, size=8)
     assert sum(table.take(b"a", 0.0) for _ in range(2 * rate)) == rate
     assert sum(table.take(b"a", 0.5) for _ in range(2 * rate)) == max(rate // 2, 0)
+
+
+def test_networks_admit_by_allow_and_deny_and_judge_mapped_ipv4_by_its_address():
+    import ipaddress
+    from udpmux.addr import peer_key
+    from udpmux.limits import Networks
+    nets = Networks([ipaddress.ip_network("203.0.113.0/24"),
+                     ipaddress.ip_network("2001:db8::/32")],
+                    [ipaddress.ip_network("203.0.113.66/32")])
+    v4 = lambda a: peer_key(socket.AF_INET, (a, 1))             # noqa: E731
+    v6 = lambda a: peer_key(socket.AF_INET6, (a, 1, 0, 0))      # noqa: E731
+    assert nets.admits(v4("203.0.113.5")) and nets.admits(v6("2001:db8::1"))
+    assert not nets.admits(v4("203.0.113.66"))                  # deny wins
+    assert not nets.admits(v4("198.51.100.1")) and not nets.admits(v6("2001:db9::1"))
+    assert nets.admits(v6("::ffff:203.0.113.5"))                # a dual-stack socket's
+    assert not nets.admits(v6("::ffff:203.0.113.66"))
+    anyone = Networks()
+    assert not anyone and anyone.admits(v4("198.51.100.1"))
+    only_deny = Networks((), [ipaddress.ip_network("10.0.0.0/8")])
+    assert only_deny.admits(v4("192.0.2.1")) and not only_deny.admits(v4("10.1.2.3"))

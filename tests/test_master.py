@@ -157,9 +157,15 @@ def bad_reload(relay):
     relay.master.signal(signal.SIGHUP)
     relay.notify.wait_for("RELOADING=1")
     fields = relay.notify.wait_for("READY=1")
-    status = [f for f in fields if f.startswith("STATUS=")]
-    assert status and status[0].startswith("STATUS=reload failed: "), fields
-    assert "the running configuration stays" in status[0], fields
+    said = [f for f in fields if f.startswith("STATUS=")]
+    assert said and said[0].startswith("STATUS=reload failed: "), fields
+    assert "the running configuration stays" in said[0], fields
+    # `udpmux status` says so too, as JSON and in its table.
+    reason = said[0].split("STATUS=reload failed: ")[1].split("; the running")[0]
+    assert status(relay.control)["reload_error"] == reason
+    table = subprocess.run(udpmux_argv("status", "--control-socket", relay.control),
+                           env=env(), capture_output=True, text=True, timeout=WAIT)
+    assert f"reload failed: {reason}; the running configuration stays" in table.stdout
     return fields
 
 

@@ -54,6 +54,11 @@ class Rig:
         daemon = self.start(args)
         if wait:
             daemon.wait_log("registered with the relay")
+            # The relay counts the session once the exposer's first message under it
+            # arrived, which may be after the exposer logged its WELCOME.
+            for _ in deadline_loop(what="the relay to see the exposer"):
+                if any(t.get("exposer") for t in status(self.control)["tunnels"]):
+                    break
         return daemon
 
     def tunnel(self):
@@ -596,3 +601,31 @@ def test_sighup_reads_the_key_file_of_the_one_tunnel_form_again(rig):
     rig.notify.wait_for("READY=1")
     rig.expose()                        # with the new key
     assert exchange(client, b"new key", (LOCAL, rig.public)) == b"new key"
+
+
+def test_only_allowed_networks_start_flows_and_the_rest_is_counted_as_denied(rig):
+    relay = rig.relay("--allow", "127.0.0.2/32,127.0.1.0/24", "--deny", "127.0.1.9")
+    rig.expose()
+    assert exchange(udp_client("127.0.0.2"), b"allowed", (LOCAL, rig.public)) == b"allowed"
+    assert exchange(udp_client("127.0.1.8"), b"allowed", (LOCAL, rig.public)) == b"allowed"
+    for source in ("127.0.0.1", "127.0.1.9"):          # not allowed; allowed but denied
+        client = udp_client(source, timeout=0.3)
+        client.sendto(b"let me in", (LOCAL, rig.public))
+        with pytest.raises(socket.timeout):
+            client.recv(100)
+    rig.wait_tunnel("denied drops", lambda t: t["drops"].get("denied") == 2)
+    line = relay.lines[relay.wait_log("may not start flows")]
+    assert f"{LOCAL}:" in line and "(allow, deny)" in line, line
+    assert len(rig.echo.sources) == 2
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--allow", "10.0.0.0/33", "'10.0.0.0/33' is not an IP network"),
+    ("--deny", "example.net", "'example.net' is not an IP network"),
+])
+def test_a_bad_network_is_refused_with_the_option_named(rig, option, value, message):
+    out = subprocess.run(udpmux_argv("relay", "--public", f"{LOCAL}:0", "--insecure",
+                                     option, value), env=env(), capture_output=True,
+                         text=True, timeout=WAIT)
+    assert out.returncode == 64, out.stderr
+    assert f"{option}: {message}" in out.stderr

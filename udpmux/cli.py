@@ -74,6 +74,9 @@ Options:
                               [default: {_d("new_flows_per_source")}].
   --max-sources N             Client IP addresses whose rate is tracked at once
                               [default: {_d("max_sources")}].
+  --allow NETS                Only clients in these networks start flows, comma-separated,
+                              e.g. 203.0.113.0/24,2001:db8::/32 (default: any client).
+  --deny NETS                 Clients in these networks may not start flows.
   --control-socket PATH       Where `udpmux status` finds the relay (default: see
                               udpmux(8)).
   --metrics-listen ADDR       Serve Prometheus metrics over HTTP here, e.g.

@@ -19,6 +19,7 @@ when the relay starts or reloads, not when the first datagram arrives.
 """
 
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -129,6 +130,23 @@ def _keepalive(nat):
                    f"seconds between keepalives; below the {nat} UDP timeout")
 
 
+def _networks(value):
+    """IP networks, as a TOML array of strings or a comma-separated string (an option):
+    "203.0.113.0/24", "2001:db8::/32", or one address."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ValueError(f"expected a list of networks such as [\"203.0.113.0/24\"], got "
+                         f"{shown(value)}")
+    networks = []
+    for item in items:
+        try:
+            networks.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{shown(item)} is not an IP network such as 203.0.113.0/24"
+                             ) from None
+    return tuple(networks)
+
+
 def _mode(value):
     if value not in ("expose", "rendezvous"):
         raise ValueError(f"expected \"expose\" or \"rendezvous\", got {shown(value)}")
@@ -153,6 +171,8 @@ TUNNEL_SETTINGS = [
             "new flows accepted per second from one client IP address"),
     Setting("max_sources", _positive_int, 4096,
             "client IP addresses whose new-flow rate is tracked at once"),
+    Setting("allow", _networks, None, "client networks that may start flows (none: any)"),
+    Setting("deny", _networks, None, "client networks that may not start flows"),
 ]
 GLOBAL_SETTINGS = [
     Setting("control_socket", _text, None, "where `udpmux status` finds the relay"),
@@ -191,6 +211,8 @@ class TunnelConfig:
     new_flows_rate: float
     new_flows_per_source: float
     max_sources: int
+    allow: tuple | None         # ipaddress networks; None: any client
+    deny: tuple | None
     source: str = field(default="", compare=False)     # where it was defined, for messages
 
     def endpoints(self):

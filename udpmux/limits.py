@@ -2,11 +2,13 @@
 admission of a new flow (its source's rate first, then the tunnel's), room for
 newcomers among connections not yet authenticated, and the process's open-files limit."""
 
+import ipaddress
 import random
 import resource
 from collections import OrderedDict
 
-from udpmux.reasons import R_FLOW_RATE, R_SOURCE_RATE
+from udpmux.addr import from_peer_key
+from udpmux.reasons import R_DENIED, R_FLOW_RATE, R_SOURCE_RATE
 
 GRACE = 1.0                     # seconds a new connection has to say HELLO before it may go
 
@@ -58,18 +60,45 @@ class PerSource:
         return len(self.buckets)
 
 
-class FlowAdmission:
-    """Whether a new flow may start: at most `per_source` a second from one source (of
-    the `max_sources` seen last) and `rate` a second in all.  The source's own limit is
-    asked first, so that a source over it does not spend the tunnel's allowance."""
+class Networks:
+    """Who may start a flow: an address in none of `deny` and, when `allow` is not
+    empty, in one of `allow` (ipaddress networks).  An IPv4 client of a dual-stack
+    socket (::ffff:a.b.c.d) is judged by a.b.c.d."""
 
-    def __init__(self, rate, per_source, max_sources, now=0.0):
+    def __init__(self, allow=(), deny=()):
+        self.allow = tuple(allow)
+        self.deny = tuple(deny)
+
+    def __bool__(self):
+        return bool(self.allow or self.deny)
+
+    def admits(self, peer):
+        _family, sockaddr = from_peer_key(peer)
+        address = ipaddress.ip_address(sockaddr[0].partition("%")[0])
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if any(address in net for net in self.deny if net.version == address.version):
+            return False
+        return not self.allow or any(address in net for net in self.allow
+                                     if net.version == address.version)
+
+
+class FlowAdmission:
+    """Whether a new flow may start: from an address `networks` admit, at most
+    `per_source` a second from one source (of the `max_sources` seen last) and `rate` a
+    second in all.  The source's own limit is asked first, so that a source over it
+    does not spend the tunnel's allowance."""
+
+    def __init__(self, rate, per_source, max_sources, now=0.0, networks=None):
         self.tunnel = TokenBucket(rate, now=now)
         self.sources = PerSource(per_source, max_sources)
+        self.networks = networks or Networks()
 
     def refused(self, peer, now):
         """None when a new flow from peer key `peer` may start now, else the reason to
-        count: R_SOURCE_RATE or R_FLOW_RATE."""
+        count: R_DENIED, R_SOURCE_RATE or R_FLOW_RATE."""
+        if self.networks and not self.networks.admits(peer):
+            return R_DENIED
         if not self.sources.take(source_of(peer), now):
             return R_SOURCE_RATE
         if not self.tunnel.take(now):

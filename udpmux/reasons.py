@@ -36,6 +36,7 @@ R_SERVICE = "service"           # the local service refused a datagram, or no so
 R_NO_EXPOSER = "no-exposer"     # a client datagram while no exposer is registered
 R_FLOW_RATE = "flow-rate"       # a new flow over the tunnel's new_flows_rate
 R_SOURCE_RATE = "source-rate"   # a new flow over new_flows_per_source for its IP address
+R_DENIED = "denied"             # a new flow from an address the tunnel's allow/deny refuse
 R_TCP_FULL = "tcp-full"         # an unauthenticated TCP connection closed for a newer one
 R_TCP_SILENT = "tcp-silent"     # a TCP connection that did not register in time
 

@@ -53,11 +53,11 @@ from udpmux.config import from_options, load
 from udpmux.datapath import BATCH, DROP_LOG_EVERY, Drops, Sender, batches
 from udpmux.endpoint import ENDED, MOVED, NEW, Responder
 from udpmux.flows import ClientFlows
-from udpmux.limits import FlowAdmission, source_of, to_make_room
+from udpmux.limits import FlowAdmission, Networks, source_of, to_make_room
 from udpmux.log import Every, setup as setup_log
 from udpmux.master import Master
 from udpmux.reasons import (
-    R_FLOW_RATE, R_NO_EXPOSER, R_SOURCE_RATE, R_TCP_FULL, R_TCP_SILENT, R_TOO_LARGE,
+    R_DENIED, R_FLOW_RATE, R_NO_EXPOSER, R_SOURCE_RATE, R_TCP_FULL, R_TCP_SILENT, R_TOO_LARGE,
     R_UNKNOWN_TAG,
 )
 from udpmux.rendezvous import RendezvousWorker, report_size
@@ -230,7 +230,8 @@ class RelayWorker(Worker):
         self.heard = 0.0                # when the exposer last sent an authentic message
         self.registered = 0.0
         self.admission = FlowAdmission(config.new_flows_rate, config.new_flows_per_source,
-                                       config.max_sources, now)
+                                       config.max_sources, now,
+                                       Networks(config.allow or (), config.deny or ()))
         self.counters = dict.fromkeys(
             ("datagrams_in", "bytes_in", "datagrams_out", "bytes_out", "flows", "evicted",
              "expired", "closed", "sessions", "roams"), 0)
@@ -414,6 +415,10 @@ class RelayWorker(Worker):
                 self.log.warning("tunnel %s: %s opens new flows faster than "
                                  "new_flows_per_source (%g/s); refusing the excess",
                                  self.name, format_peer(key), self.config.new_flows_per_source)
+            elif refused == R_DENIED and self.limit_log(refused, now):
+                self.log.warning("tunnel %s: %s may not start flows (allow, deny); refused, "
+                                 "and others this minute only counted", self.name,
+                                 format_peer(key))
             elif refused == R_FLOW_RATE and self.limit_log(refused, now):
                 self.log.warning("tunnel %s: new flows arrive faster than new_flows_rate "
                                  "(%g/s); refusing the excess", self.name,

@@ -289,6 +289,7 @@ class StatusServer(Connections):
             "pid": os.getpid(),
             "uptime": round(time.monotonic() - self.started, 3),
             "config": getattr(master.config, "path", None),
+            "reload_error": getattr(master, "reload_error", None),
             "tunnels": [tunnel_status(t, master.kind) for t in master.tunnels.values()],
         }
 
@@ -380,6 +381,9 @@ def _size(n):
 
 def format_status(reply):
     lines = [f"udpmux {reply['version']}, master {reply['pid']}, up {reply['uptime']:.0f} s"]
+    if reply.get("reload_error"):
+        lines.append(f"reload failed: {reply['reload_error']}; the running configuration "
+                     "stays until a reload works")
     header = ("TUNNEL", "STATE", "WORKER", "CPU", "MEM", "FLOWS", "IN", "OUT", "DROPS",
               "AGENTS")
     rows = [header]
