@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from procs import env, free_port, udp_client, udpmux_argv
+from procs import Daemon, env, free_port, udp_client, udpmux_argv
 from test_relay import LOCAL, Rig
 
 
@@ -91,3 +91,31 @@ def test_punch_says_when_its_peer_does_not_answer(rig):
                        "--key-file", rig.key, "--listen", f"{LOCAL}:0"])
     line = punch.lines[punch.wait_log(f"no answer from the peer at {LOCAL}:{peer}")]
     assert "the other side is not running" in line and "still trying" in line, line
+
+
+def test_an_exposer_out_of_descriptors_closes_the_flows_it_cannot_serve(rig):
+    """Under a hard limit of 40 open files the exposer cannot open a socket for every
+    one of 60 clients: it says so once, not once a datagram, and tells the relay to
+    close each flow it cannot serve, so that no client is left with a flow that goes
+    nowhere."""
+    rig.relay()
+    expose = Daemon(["expose", "--relay", f"{LOCAL}:{rig.register}", "--service",
+                     f"{LOCAL}:{rig.echo.port}", "--key-file", rig.key],
+                    prefix=["prlimit", "--nofile=40:40", "--"])
+    rig.daemons.append(expose)
+    expose.wait_log("registered with the relay")
+    clients = [udp_client(timeout=0.3) for _ in range(60)]
+    for client in clients:
+        client.sendto(b"serve me", (LOCAL, rig.public))
+    t = rig.wait_tunnel("flows the exposer closed", lambda t: t["counters"]["closed"] >= 20)
+    served = sum(1 for client in clients if _answered(client))
+    assert served + t["counters"]["closed"] >= 60, (served, t["counters"])
+    assert 0 < served < 60
+    assert sum("cannot open a socket to" in line for line in expose.lines) == 1, expose.log()
+
+
+def _answered(client):
+    try:
+        return client.recv(100) == b"serve me"
+    except OSError:
+        return False

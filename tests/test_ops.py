@@ -422,7 +422,9 @@ def test_units_pass_systemd_analyze_verify(tmp_path, name):
     # The units run udpmux where tools/install links it (tests/test_install.py checks
     # that place); here the checkout's bin/udpmux stands in for it.
     program, _ = exec_start(name)
-    text = unit(name).replace(f"ExecStart={program} ", f"ExecStart={ROOT}/bin/udpmux ")
+    text = unit(name)
+    for key in ("ExecStart", "ExecReload"):
+        text = text.replace(f"{key}={program} ", f"{key}={ROOT}/bin/udpmux ")
     (tmp_path / name).write_text(text)
     instance = name.replace("@.", "@test.")
     if instance != name:

@@ -38,7 +38,7 @@ from udpmux.reasons import R_NO_SESSION, R_SERVICE, R_TOO_LARGE
 from udpmux.watch import PeerWatch, refusal
 from udpmux.worker import Worker
 from udpmux.wire import (
-    CLOSE_NAMES, CLOSE_SHUTDOWN, HEADER_SIZE, MAC_SIZE, MAX_DATAGRAM, REASON, T_BYE, T_CLOSE, T_DATA,
+    CLOSE_NAMES, CLOSE_REFUSED, CLOSE_SHUTDOWN, HEADER_SIZE, MAC_SIZE, MAX_DATAGRAM, REASON, T_BYE, T_CLOSE, T_DATA,
 )
 
 CONNECT_TIMEOUT = 10.0          # seconds for a TCP connection to be welcomed
@@ -149,7 +149,7 @@ class ExposeWorker(Worker):
                     return
             elif tag >= 0:
                 self.endpoint.heard = now
-                flow = get(tag) or flows.open(tag, tag, now)
+                flow = get(tag) or self.open_flow(tag, now)
                 if flow is not None:
                     start = starts[i] + HEADER_SIZE
                     send(flow, view[start:start + lengths[i] - trailer], now)
@@ -183,7 +183,7 @@ class ExposeWorker(Worker):
             return
         if got.mtype == T_DATA:
             body = msg[HEADER_SIZE:len(msg) - (MAC_SIZE if self.keyed else 0)]
-            flow = self.flows.get(got.tag) or self.flows.open(got.tag, got.tag, now)
+            flow = self.flows.get(got.tag) or self.open_flow(got.tag, now)
             if flow is not None:
                 self.flows.send(flow, body, now)
         elif got.mtype == T_CLOSE:
@@ -233,6 +233,15 @@ class ExposeWorker(Worker):
             return
         length = session.seal_into(buf, 0, size, T_DATA, flow.tag)
         self.send_relay(self.flows.view[:length], flow.tag)
+
+    def open_flow(self, tag, now):
+        """A service socket for a new flow; when none can be opened (out of descriptors,
+        logged once a minute), the relay is told to close the flow, so that its client
+        is not black-holed."""
+        flow = self.flows.open(tag, tag, now)
+        if flow is None:
+            self.tell_relay(T_CLOSE, tag, REASON.pack(CLOSE_REFUSED))
+        return flow
 
     def flow_closed(self, flow, reason):
         """A flow ended here (idle, or evicted for a new one): the relay ends it too."""

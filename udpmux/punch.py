@@ -78,7 +78,7 @@ from udpmux.log import Every
 from udpmux.watch import QUIET_MOST, PeerWatch, resolved
 from udpmux.worker import Worker
 from udpmux.wire import (
-    CLOSE_SHUTDOWN, HEADER_SIZE, MAC_SIZE, MAX_DATAGRAM, PATH, PATH_DIRECT,
+    CLOSE_REFUSED, CLOSE_SHUTDOWN, HEADER_SIZE, MAC_SIZE, MAX_DATAGRAM, PATH, PATH_DIRECT,
     PATH_RELAYED, PEER, REASON, SIDE_FORWARD, SIDE_LISTEN, T_BYE, T_CLOSE, T_DATA, T_HELLO,
     T_KEEPALIVE, T_PATH, T_PEER, T_PUNCH, T_RENDEZVOUS, T_WELCOME,
 )
@@ -533,6 +533,8 @@ class PunchWorker(Worker):
                 flow = self.flows.get(tag) or self.flows.open(tag, tag, now)
                 if flow is not None:
                     self.flows.send(flow, body, now)
+                else:                   # no socket (logged): the other side closes it
+                    self.send_data(T_CLOSE, tag, REASON.pack(CLOSE_REFUSED))
         elif mtype == T_CLOSE:
             if self.side == SIDE_LISTEN:
                 self.flows.forget(tag)

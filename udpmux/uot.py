@@ -55,8 +55,8 @@ from udpmux.tagtable import TagTable
 from udpmux.watch import UNAUTHENTIC
 from udpmux.worker import Worker
 from udpmux.wire import (
-    CLOSE_SHUTDOWN, HEADER_SIZE, MAC_SIZE, MAX_UDP_PAYLOAD, REASON, T_BYE, T_CLOSE, T_DATA,
-    T_HELLO, Malformed, parse_header,
+    CLOSE_REFUSED, CLOSE_SHUTDOWN, HEADER_SIZE, MAC_SIZE, MAX_UDP_PAYLOAD, REASON, T_BYE,
+    T_CLOSE, T_DATA, T_HELLO, Malformed, parse_header,
 )
 
 HANDSHAKE_TIMEOUT = 5.0         # seconds a new connection has to finish its handshake
@@ -227,7 +227,10 @@ class UotServer(Worker):
         flow = self.flows.get(key)
         if flow is None:
             flow = self.flows.open(key, tag, now, owner=client)
-            if flow is None:
+            if flow is None:            # no socket (logged): the client closes the flow
+                if client.session is not None:
+                    client.carrier.send(client.session.seal(T_CLOSE, tag,
+                                                            REASON.pack(CLOSE_REFUSED)), tag)
                 return
             client.tags.add(tag)
             self.log.debug("client %s: flow %d opened", client.name, tag)
