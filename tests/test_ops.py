@@ -380,7 +380,7 @@ def test_a_metrics_address_in_use_is_a_clear_error(tmp_path):
                                          "--metrics-listen", f"{LOCAL}:{port}"),
                              env=env(), capture_output=True, text=True, timeout=WAIT)
     assert out.returncode == 71
-    assert f"metrics_listen: cannot listen on {LOCAL}:{port}" in out.stderr
+    assert f"--metrics-listen: cannot listen on {LOCAL}:{port}" in out.stderr
 
 
 # -- systemd units

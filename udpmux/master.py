@@ -195,8 +195,10 @@ class Master:
         endpoint = getattr(self.config, "metrics_listen", None)
         if endpoint is not None:
             from udpmux.metrics import MetricsServer
+            what = "metrics_listen" if getattr(self.config, "path", None) else \
+                "--metrics-listen"
             self.metrics = MetricsServer(self.selector, endpoint, self.status_server.status,
-                                         self.log)
+                                         self.log, what)
             self.metrics.open()
 
     def cleanup(self):

@@ -98,14 +98,15 @@ def exposition(status):
 class MetricsServer(Connections):
     """The master's HTTP endpoint; `answer()` returns the current status dict."""
 
-    def __init__(self, selector, endpoint, answer, log):
+    def __init__(self, selector, endpoint, answer, log, what="metrics_listen"):
         super().__init__(selector, log, max_request=MAX_REQUEST)
         self.endpoint = endpoint
         self.answer = answer
+        self.what = what                # the setting or option the address came from
 
     def open(self):
         family, sockaddr = self.endpoint
-        sock = sockets.tcp_listener(family, sockaddr, "metrics_listen", backlog=16)
+        sock = sockets.tcp_listener(family, sockaddr, self.what, backlog=16)
         self.listen(sock)
         self.log.info("metrics at http://%s/metrics",
                       format_endpoint(family, sock.getsockname()))
