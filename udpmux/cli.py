@@ -14,6 +14,7 @@ import sys
 from docopt import DocoptExit, docopt
 
 from udpmux import __version__
+from udpmux.addr import format_endpoint
 from udpmux.config import (
     EXPOSE as _EXPOSE, GLOBAL as _GLOBAL, LINK as _LINK, PUNCH as _PUNCH, TUNNEL as _TUNNEL,
     UOT as _UOT, control_socket_path, default_text,
@@ -558,8 +559,32 @@ def _main(argv):
         return EXIT_SOFTWARE
 
 
+def check_file(path, mode=None):
+    """Read and check a configuration file of any mode (the relay's, expose's, punch's;
+    by its keys, unless `mode` says): a sentence saying what it holds, or ConfigError
+    with every problem found."""
+    from udpmux import config
+    if mode is None:
+        keys = config.read_toml(path)
+        mode = "relay" if "tunnels" in keys else "expose" if "service" in keys else \
+            "punch" if {"rendezvous", "peer", "forward", "listen"} & set(keys) else None
+        if mode is None:
+            raise ConfigError(f"{path}: neither a relay's (no [tunnels.NAME]), an exposer's "
+                              "(no service) nor punch's file; give --mode")
+    if mode == "relay":
+        tunnels = sorted(config.load(path).tunnels)
+        return f"{path}: a relay with {len(tunnels)} tunnel" \
+               f"{'s' if len(tunnels) != 1 else ''}: {', '.join(tunnels)}"
+    if mode == "expose":
+        expose = config.load_expose(path)
+        return f"{path}: expose {format_endpoint(*expose.service)} through the relay at " \
+               f"{expose.relay}"
+    punch = config.load_punch(path)
+    return f"{path}: punch " + (f"with the relay at {punch.relay}" if punch.relay
+                                else f"towards {punch.peer}")
+
+
 def check(args):
-    from udpmux.config import check as check_file
     mode = args["--mode"]
     if mode not in (None, "relay", "expose", "punch"):
         raise UsageError(f"--mode: expected relay, expose or punch, got {mode!r}")

@@ -333,7 +333,7 @@ def _check_unique(tunnels, complain):
             seen[key] = f"tunnel {tunnel.name}'s {label} address"
 
 
-def _read_toml(path):
+def read_toml(path):
     """The table a TOML file holds; ConfigError names the file and what is wrong with it.
 
     Only a regular file is read (a FIFO would block the reader for ever, /dev/zero
@@ -367,7 +367,7 @@ def _read_toml(path):
 
 def load(path, log=None):
     """Read and check a configuration file; ConfigError names the file and the key."""
-    data = _read_toml(path)
+    data = read_toml(path)
     defaults = data.pop("defaults", {})
     tunnels_table = data.pop("tunnels", None)
     if not isinstance(defaults, dict):
@@ -663,7 +663,7 @@ def _load_agent(path, settings, build, log):
     """Read and check one agent's file of top-level keys, and build its config with
     build(values, path, log); ConfigError names the file and the key."""
     problems = []
-    values = _check_settings(_read_toml(path), settings, path, problems)
+    values = _check_settings(read_toml(path), settings, path, problems)
     _problems(problems)
     try:
         return build(values, path, log)
@@ -775,30 +775,6 @@ def _punch(values, where, log):
                                                   "probe_ports", "retry", "flow_idle",
                                                   "max_flows"))
     return PunchConfig(key=key, **endpoints, **rest)
-
-
-def check(path, mode=None, log=None):
-    """Read and check a configuration file of any mode (the relay's, expose's, punch's;
-    by its keys, unless `mode` says): a sentence saying what it holds, or ConfigError
-    with every problem found."""
-    if mode is None:
-        keys = _read_toml(path)
-        mode = "relay" if "tunnels" in keys else "expose" if "service" in keys else \
-            "punch" if {"rendezvous", "peer", "forward", "listen"} & set(keys) else None
-        if mode is None:
-            raise ConfigError(f"{path}: neither a relay's (no [tunnels.NAME]), an exposer's "
-                              "(no service) nor punch's file; give --mode")
-    if mode == "relay":
-        config = load(path, log)
-        return f"{path}: a relay with {len(config.tunnels)} " \
-               f"tunnel{'s' if len(config.tunnels) != 1 else ''}: " + \
-               ", ".join(sorted(config.tunnels))
-    if mode == "expose":
-        config = load_expose(path, log)
-        return f"{path}: expose {addr.format_endpoint(*config.service)} through the relay " \
-               f"at {config.relay}"
-    config = load_punch(path, log)
-    return f"{path}: punch {'with the relay at ' + str(config.relay) if config.relay else 'towards ' + str(config.peer)}"
 
 
 def load_punch(path, log=None):
