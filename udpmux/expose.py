@@ -35,7 +35,7 @@ from udpmux.flows import ServiceFlows
 from udpmux.limits import raise_open_files
 from udpmux.log import setup as setup_log
 from udpmux.reasons import R_NO_SESSION, R_SERVICE, R_TOO_LARGE
-from udpmux.watch import PeerWatch, refusal
+from udpmux.watch import RESOLVE_FIRST, RESOLVE_MOST, PeerWatch
 from udpmux.worker import Worker
 from udpmux.wire import (
     CLOSE_NAMES, CLOSE_REFUSED, CLOSE_SHUTDOWN, HEADER_SIZE, MAC_SIZE, MAX_DATAGRAM, REASON, T_BYE, T_CLOSE, T_DATA,
@@ -43,7 +43,6 @@ from udpmux.wire import (
 
 CONNECT_TIMEOUT = 10.0          # seconds for a TCP connection to be welcomed
 TRY_NEXT_AFTER = 2              # unanswered HELLOs to one address before the next
-RESOLVE_FIRST, RESOLVE_MOST = 0.5, 30.0     # back-off while the relay's name cannot resolve
 UDP_HINTS = ("the relay is down, it has another key (or runs without one where we have "
              "one), or UDP to it is blocked; where UDP is blocked, try --carrier tcp")
 
@@ -122,10 +121,8 @@ class ExposeWorker(Worker):
 
     def receive_errors(self, errors):
         """An ICMP error from the relay's address, reported on the connected socket."""
-        for code in errors:
-            why = refusal(code)
-            if why is not None and self.endpoint.state != UP:
-                self.watch.refused(time.monotonic(), why)
+        if self.endpoint.state != UP:
+            self.watch.errors(time.monotonic(), errors)
 
     def relay_batch(self, n, now):
         """DATA of the current session is opened in place and its body goes to its flow's
@@ -334,9 +331,7 @@ class ExposeWorker(Worker):
             # The relay is unreachable from here just now (ICMP), or our address went
             # away: say so, start over with a fresh socket and keep trying.
             self.log.debug("sending HELLO: %s", exc.strerror)
-            why = refusal(exc.errno)
-            if why is not None:
-                self.watch.refused(now, why)
+            self.watch.errors(now, [exc.errno])
             if exc.errno not in (errno.ECONNREFUSED,):
                 self.open_relay_socket()
 

@@ -50,7 +50,7 @@ from udpmux.stream import (
     EV_ACKED, EV_NEW, EV_READABLE, EV_RESET, EV_WRITABLE, RESET_REFUSED, Connection,
     ProtocolError, StreamClosed,
 )
-from udpmux.watch import PeerWatch, refusal
+from udpmux.watch import PeerWatch
 from udpmux.worker import Worker
 from udpmux.wire import CLOSE_SHUTDOWN, HEADER, REASON, T_BYE, T_KEEPALIVE
 
@@ -676,10 +676,7 @@ class LinkClient(LinkEnd):
 
     def receive_errors(self, errors):
         if self.session is None:
-            for code in errors:
-                why = refusal(code)
-                if why is not None:
-                    self.watch.refused(time.monotonic(), why)
+            self.watch.errors(time.monotonic(), errors)
 
     def send_hello(self, now):
         for msg, _to in self.endpoint.due(now).replies:
@@ -688,9 +685,7 @@ class LinkClient(LinkEnd):
                 self.sock.send(msg)
             except OSError as exc:
                 self.log.debug("sending HELLO: %s", exc.strerror)
-                why = refusal(exc.errno)
-                if why is not None:
-                    self.watch.refused(now, why)
+                self.watch.errors(now, [exc.errno])
                 if exc.errno != errno.ECONNREFUSED:
                     self.rebind(now)
 

@@ -7,6 +7,8 @@ shows what was wrong without a line for every attempt.
     hello_sent(now)      after each HELLO: at the WORD_AFTER-th unanswered one a
                          warning, then again each time the count doubles, or when
                          QUIET_MOST seconds went by without one
+    errors(now, codes)   errors sending or receiving (errno values): those that say
+                         something of the peer go to refused()
     refused(now, why)    the host said nobody listens there (ECONNREFUSED from an ICMP
                          port unreachable), or the network is unreachable: said at once,
                          and again only when the reason changes or after QUIET_MOST
@@ -72,6 +74,14 @@ class PeerWatch:
             self.said_at = now
             self.troubled = True
             self.log.warning("%s at %s: %s; trying again", self.what, self.where(), why)
+
+    def errors(self, now, codes):
+        """Errors (errno values) sending to or receiving from the peer: those that say
+        something of it (refusal()) are told, the rest (a full buffer) are not."""
+        for code in codes:
+            why = refusal(code)
+            if why is not None:
+                self.refused(now, why)
 
     def answered(self, now):
         if self.troubled:
