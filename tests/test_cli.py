@@ -267,3 +267,18 @@ def test_check_needs_to_be_told_the_mode_of_a_file_that_does_not_say(tmp_path):
     assert out.returncode == 78 and "relay: missing" in out.stderr
     out = check("-c", conf, "--mode", "uot")
     assert out.returncode == 64 and "--mode: expected relay, expose or punch" in out.stderr
+
+
+@pytest.mark.parametrize("mode, args, message", [
+    ("uot-client", ["--listen", "127.0.0.1:x", "--server", "127.0.0.1:5"],
+     "uot-client: --listen: '127.0.0.1:x': port must be a number"),
+    ("uot-client", ["--listen", "127.0.0.1:0", "--server", "host.invalid:5"],
+     "uot-client: --server: cannot resolve 'host.invalid'"),
+    ("uot-server", ["--listen", "127.0.0.1:0", "--target", "127.0.0.1:0"],
+     "uot-server: --target: '127.0.0.1:0': port 0 is not a destination"),
+])
+def test_a_bad_uot_address_is_named_by_its_option_once(mode, args, message):
+    out = subprocess.run(udpmux_argv(mode, *args, "--insecure"), env=env(),
+                         capture_output=True, text=True, timeout=WAIT)
+    assert out.returncode == 64, out.stderr
+    assert f"udpmux: {message}" in out.stderr, out.stderr

@@ -528,24 +528,20 @@ class UotConfig:
 def uot_from_options(args, server, log=None):
     """uot-server's (server true) or uot-client's command line as a UotConfig."""
     values = option_values(args, UOT_SETTINGS)
-    listen_kind = socket.SOCK_STREAM if server else socket.SOCK_DGRAM
+    name = "--listen"
     try:
-        listen = addr.parse_endpoint(args["--listen"], listen_kind, passive=True)
-    except ValueError as exc:
-        raise UsageError(f"--listen: {exc}") from None
-    try:
+        listen = addr.parse_endpoint(args[name], socket.SOCK_STREAM if server
+                                     else socket.SOCK_DGRAM, passive=True)
         if server:
-            try:
-                peer = addr.parse_endpoint(args["--target"])
-            except ValueError as exc:
-                raise ValueError(f"--target: {exc}") from None
+            name = "--target"
+            peer = addr.parse_endpoint(args[name])
         else:
+            name = ""   # _destination() names the option itself
             peer = _destination("--server", args["--server"], socket.SOCK_STREAM)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    endpoints = [listen, peer]
+        raise UsageError(f"{name}: {exc}" if name else str(exc)) from None
     key = None if args.get("--insecure") else auth.read_key(args["--key-file"], log)
-    return UotConfig(*endpoints, key, **_settled(UOT_SETTINGS, values))
+    return UotConfig(listen, peer, key, **_settled(UOT_SETTINGS, values))
 
 
 def _port_range(value):
