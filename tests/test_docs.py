@@ -32,7 +32,7 @@ except ModuleNotFoundError:            # Python 3.10
 
 from udpmux import (
     addr, auth, carrier, cli, config, endpoint, errors, link, linkstart, probes, punch, relay,
-    session, stream, uot, wire,
+    session, settings, stream, uot, wire,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -194,8 +194,8 @@ def test_synopsis_has_every_usage_line_in_order():
 
 # -- (c) every configuration key, its type and its default
 
-TYPES = {config._positive_int: {"integer"}, config._positive_number: {"number"},
-         config._flag: {"boolean"}, config._text: {"string", "address"},
+TYPES = {settings.positive_int: {"integer"}, settings.positive_number: {"number"},
+         settings.boolean: {"boolean"}, settings.nonempty_text: {"string", "address"},
          config._carrier: {"string"}, config._mode: {"string"}, config._port: {"integer"},
          config._rendezvous: {"string"},
          config._probe_count: {"integer"},

@@ -17,11 +17,12 @@ from udpmux import __version__
 from udpmux.addr import format_endpoint
 from udpmux.config import (
     EXPOSE as _EXPOSE, GLOBAL as _GLOBAL, LINK as _LINK, PUNCH as _PUNCH, TUNNEL as _TUNNEL,
-    UOT as _UOT, control_socket_path, default_text,
+    UOT as _UOT, control_socket_path,
 )
 from udpmux.errors import (
     EXIT_OK, EXIT_OSERR, EXIT_SOFTWARE, EXIT_USAGE, ConfigError, Fatal, UsageError,
 )
+from udpmux.settings import default_text
 
 
 def _d(name):
@@ -326,9 +327,9 @@ MODES = {m.name: m for m in [
     Mode("expose", EXPOSE, "make a UDP service behind NAT reachable through a relay",
          "udpmux.expose:main"),
     Mode("link", LINK, "a reliable stream over UDP for ssh's ProxyCommand and local TCP listeners",
-         "udpmux.link:main"),
+         "udpmux.linkstart:main"),
     Mode("link-server", LINK_SERVER, "the server end of link, started by link over ssh",
-         "udpmux.link:server_main"),
+         "udpmux.linkstart:server_main"),
     Mode("punch", PUNCH, "punch a direct UDP path through NAT between two hosts",
          "udpmux.punch:main"),
     Mode("uot-server", UOT_SERVER, "carry UDP over TCP: the end next to the UDP service",

@@ -13,14 +13,13 @@ options; uot's and link's from options.  Each becomes a frozen dataclass
 
 Every setting is declared once below, in a table per mode, with its default and its
 check; nowhere else holds a default.  The command line's defaults, the man page and
-the example file are tested against these tables.
+the example file are tested against these tables.  What a Setting is, the checks the
+tables share and the reading of options and TOML tables are in settings.py.
 Loading reads the key files and resolves the addresses, so every mistake is found
 when the relay starts or reloads, not when the first datagram arrives.
 """
 
-import difflib
 import ipaddress
-import math
 import os
 import re
 import socket
@@ -30,6 +29,10 @@ from udpmux import addr, auth, wire
 from udpmux.addr import shown
 from udpmux.endpoint import KEEPALIVE_EVERY
 from udpmux.errors import ConfigError, Fatal, UsageError
+from udpmux.settings import (
+    Setting, boolean, check_settings, in_option_words, nonempty_text, option_values,
+    positive_int, positive_number, raise_problems, settled, whole_numbers,
+)
 from udpmux.tagtable import CAPACITY_MAX
 
 try:
@@ -45,45 +48,8 @@ RENDEZVOUS_MAX_FLOWS = 65536    # agents a rendezvous tunnel holds at most (its 
 PROBE_PORTS_MAX = 4096          # punch's birthday sockets and guesses at most
 
 
-def _whole_number(low, high=None, unit=""):
-    """A check of whole numbers from low, to high when given (unit: words after it)."""
-    def check(value):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"expected a whole number of at least {low}, got {shown(value)}")
-        if high is not None and value > high:
-            raise ValueError(f"expected at most {high}{unit}, got {value}")
-        return value
-    return check
-
-
-_positive_int = _whole_number(1)
-_flow_count = _whole_number(1, CAPACITY_MAX, " flows")
-_probe_count = _whole_number(0, PROBE_PORTS_MAX)
-
-
-def _positive_number(value):
-    """A finite number above 0, as a float: TOML has inf and nan, and an integer past
-    what a float holds (10**400) does not turn into one."""
-    if not isinstance(value, bool) and isinstance(value, (int, float)):
-        try:
-            number = float(value)
-        except OverflowError:
-            number = math.inf
-        if math.isfinite(number) and number > 0:
-            return number
-    raise ValueError(f"expected a number above 0, got {shown(value)}")
-
-
-def _text(value):
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"expected a non-empty string, got {shown(value)}")
-    return value
-
-
-def _flag(value):
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {shown(value)}")
-    return value
+_flow_count = whole_numbers(1, CAPACITY_MAX, " flows")
+_probe_count = whole_numbers(0, PROBE_PORTS_MAX)
 
 
 def control_socket_path(value):
@@ -91,7 +57,7 @@ def control_socket_path(value):
 
     The kernel takes at most 108 bytes and Python says only "AF_UNIX path too long"
     when the socket is bound, long after the configuration was read."""
-    value = _text(value)
+    value = nonempty_text(value)
     size = len(os.fsencode(value))
     if "\0" in value:
         raise ValueError(f"{shown(value)}: a path holds no NUL character")
@@ -103,30 +69,18 @@ def control_socket_path(value):
 
 def _udp_listen(name, value):
     try:
-        return addr.parse_endpoint(_text(value), socket.SOCK_DGRAM, passive=True)
+        return addr.parse_endpoint(nonempty_text(value), socket.SOCK_DGRAM, passive=True)
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}") from None
 
 
-@dataclass(frozen=True)
-class Setting:
-    name: str           # the key in the file; the option is --name-with-dashes
-    check: object       # value from TOML (or option text, converted) -> value; ValueError
-    default: object
-    help: str
-
-    @property
-    def option(self):
-        return "--" + self.name.replace("_", "-")
-
-
 # Settings more than one mode has.
-FLOW_IDLE = Setting("flow_idle", _positive_number, 180.0,
+FLOW_IDLE = Setting("flow_idle", positive_number, 180.0,
                     "seconds without datagrams before a flow ends")
 
 
 def _keepalive(nat):
-    return Setting("keepalive", _positive_number, float(KEEPALIVE_EVERY),
+    return Setting("keepalive", positive_number, float(KEEPALIVE_EVERY),
                    f"seconds between keepalives; below the {nat} UDP timeout")
 
 
@@ -156,45 +110,47 @@ def _mode(value):
 TUNNEL_SETTINGS = [
     Setting("mode", _mode, "expose",
             "expose: clients reach an exposer's service; rendezvous: punch peers meet"),
-    Setting("public", _text, None, "the UDP address clients send to"),
-    Setting("register", _text, None, "where the exposer registers (default: the public socket)"),
-    Setting("key_file", _text, None, "the tunnel's key file"),
-    Setting("insecure", _flag, False, "run without a key"),
-    Setting("tcp", _flag, True,
+    Setting("public", nonempty_text, None, "the UDP address clients send to"),
+    Setting("register", nonempty_text, None, "where the exposer registers (default: the public socket)"),
+    Setting("key_file", nonempty_text, None, "the tunnel's key file"),
+    Setting("insecure", boolean, False, "run without a key"),
+    Setting("tcp", boolean, True,
             "also accept exposers over TCP at the register address (for networks that drop UDP)"),
     Setting("max_flows", _flow_count, 1024, "flows kept at once; the idlest goes first"),
     FLOW_IDLE,
-    Setting("exposer_timeout", _positive_number, 90.0,
+    Setting("exposer_timeout", positive_number, 90.0,
             "seconds without a word from the exposer before the tunnel is down"),
-    Setting("new_flows_rate", _positive_number, 1000.0, "new flows accepted per second"),
-    Setting("new_flows_per_source", _positive_number, 200.0,
+    Setting("new_flows_rate", positive_number, 1000.0, "new flows accepted per second"),
+    Setting("new_flows_per_source", positive_number, 200.0,
             "new flows accepted per second from one client IP address"),
-    Setting("max_sources", _positive_int, 4096,
+    Setting("max_sources", positive_int, 4096,
             "client IP addresses whose new-flow rate is tracked at once"),
     Setting("allow", _networks, None, "client networks that may start flows (none: any)"),
     Setting("deny", _networks, None, "client networks that may not start flows"),
 ]
 GLOBAL_SETTINGS = [
-    Setting("control_socket", _text, None, "where `udpmux status` finds the relay"),
-    Setting("metrics_listen", _text, None,
+    Setting("control_socket", nonempty_text, None, "where `udpmux status` finds the relay"),
+    Setting("metrics_listen", nonempty_text, None,
             "a TCP address to serve Prometheus metrics on, e.g. 127.0.0.1:9478"),
-    Setting("stop_timeout", _positive_number, 10.0,
+    Setting("stop_timeout", positive_number, 10.0,
             "seconds a worker has to stop before it is killed"),
 ]
 TUNNEL = {s.name: s for s in TUNNEL_SETTINGS}
 GLOBAL = {s.name: s for s in GLOBAL_SETTINGS}
 
 
-def default_control_socket():
-    """$RUNTIME_DIRECTORY (systemd's RuntimeDirectory=) or /run/udpmux as root,
-    else $XDG_RUNTIME_DIR or /tmp, per user."""
+def default_control_socket(mode="relay"):
+    """Where a mode's daemon serves `udpmux status` unless told: in $RUNTIME_DIRECTORY
+    (systemd's RuntimeDirectory=) or /run/udpmux as root, else in $XDG_RUNTIME_DIR or
+    /tmp, per user; the relay's is control.sock, an agent's is named after its mode."""
+    name = "control" if mode == "relay" else mode
     runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
     if runtime:
-        return os.path.join(runtime, "control.sock")
+        return os.path.join(runtime, f"{name}.sock")
     if os.geteuid() == 0:
-        return "/run/udpmux/control.sock"
+        return f"/run/udpmux/{name}.sock"
     base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/udpmux-{os.geteuid()}"
-    return os.path.join(base, "udpmux-control.sock")
+    return os.path.join(base, f"udpmux-{name}.sock")
 
 
 @dataclass(frozen=True)
@@ -238,13 +194,7 @@ class RelayConfig:
 
 def _metrics_endpoint(text):
     """A TCP listening address for metrics; ValueError names the problem."""
-    return addr.parse_endpoint(_text(text), socket.SOCK_STREAM, passive=True)
-
-
-def _unknown(key, known, where):
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{where}: unknown setting {shown(key)}{hint}"
+    return addr.parse_endpoint(nonempty_text(text), socket.SOCK_STREAM, passive=True)
 
 
 def _tunnel(name, values, where, log):
@@ -265,17 +215,10 @@ def _tunnel(name, values, where, log):
         raise ValueError(f"max_flows: a rendezvous tunnel holds at most {RENDEZVOUS_MAX_FLOWS} "
                          f"agents, not {values['max_flows']}")
     key = _key(values, where, log)
-    numbers = _settled(TUNNEL_SETTINGS, values, exclude=("public", "register", "key_file",
+    numbers = settled(TUNNEL_SETTINGS, values, exclude=("public", "register", "key_file",
                                                          "insecure"))
     return TunnelConfig(name=name, public=public, register=register, key=key, source=where,
                         **numbers)
-
-
-def _settled(settings, values, only=None, exclude=()):
-    """Every setting's value: the one given, else the table's default (the only place a
-    default is written).  only: these names alone; exclude: all but these."""
-    return {s.name: values.get(s.name, s.default) for s in settings
-            if s.name not in exclude and (only is None or s.name in only)}
 
 
 def _key(values, where, log):
@@ -289,35 +232,6 @@ def _key(values, where, log):
     if values.get("key_file"):
         return auth.read_key(values["key_file"], log)
     raise ValueError("key_file: missing (or set insecure = true to run without a key)")
-
-
-def _check_settings(table, settings, where, problems=None):
-    """The table's values, checked.  The first problem raises ConfigError, or, given a
-    list of problems, every one is added to it and its key left out."""
-    out = {}
-    for key, value in table.items():
-        setting = settings.get(key)
-        try:
-            if setting is None:
-                raise ConfigError(_unknown(key, settings, where))
-            try:
-                out[key] = setting.check(value)
-            except ValueError as exc:
-                raise ConfigError(f"{where}: {key}: {exc}") from None
-        except ConfigError as exc:
-            if problems is None:
-                raise
-            problems.append(str(exc))
-    return out
-
-
-def _problems(problems):
-    """ConfigError with every problem found, if any."""
-    if problems:
-        more = len(problems) - 1
-        first = problems[0] + (f" (and {more} more: `udpmux check` lists them)"
-                               if more else "")
-        raise ConfigError(first, problems=problems)
 
 
 def _check_unique(tunnels, complain):
@@ -375,8 +289,8 @@ def load(path, log=None):
     if not isinstance(tunnels_table, dict) or not tunnels_table:
         raise ConfigError(f"{path}: no tunnels; add at least one [tunnels.NAME] table")
     problems = []
-    globals_ = _check_settings(data, GLOBAL, path, problems)
-    defaults = _check_settings(defaults, TUNNEL, f"{path}: [defaults]", problems)
+    globals_ = check_settings(data, GLOBAL, path, problems)
+    defaults = check_settings(defaults, TUNNEL, f"{path}: [defaults]", problems)
     tunnels = {}
     for name, table in tunnels_table.items():
         where = f"{path}: [tunnels.{name}]"
@@ -384,14 +298,14 @@ def load(path, log=None):
             problems.append(f"{where}: must be a table")
             continue
         before = len(problems)
-        values = {**defaults, **_check_settings(table, TUNNEL, where, problems)}
+        values = {**defaults, **check_settings(table, TUNNEL, where, problems)}
         if len(problems) > before:
             continue                    # a setting left out would only say "missing"
         try:
             tunnels[name] = _tunnel(name, values, where, log)
         except (ValueError, Fatal) as exc:
             problems.append(f"{where}: {exc}")
-    _problems(problems)
+    raise_problems(problems)
     return _relay_config(tunnels, globals_, ConfigError, f"{path}: ", lambda name: name,
                          path=path)
 
@@ -403,7 +317,7 @@ def _relay_config(tunnels, given, error, where, words, path=None):
     def complain(message):
         raise error(f"{where}{message}")
     _check_unique(tunnels, complain)
-    values = _settled(GLOBAL_SETTINGS, given)
+    values = settled(GLOBAL_SETTINGS, given)
     for name, check in (("metrics_listen", _metrics_endpoint),
                         ("control_socket", control_socket_path)):
         if values[name]:
@@ -425,68 +339,6 @@ def _default_socket(name, error, where=""):
         raise error(f"{where}the default {exc} (set {name})") from None
 
 
-def default_text(setting):
-    """A setting's default as the command line's help shows it."""
-    value = setting.default
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def option_values(args, settings):
-    """Checked values of the settings given on a command line; UsageError names the option."""
-    values = {}
-    for setting in settings:
-        raw = args.get(setting.option)
-        if raw is None or raw is False:
-            continue
-        try:
-            values[setting.name] = setting.check(_from_text(setting, raw))
-        except ValueError as exc:
-            raise UsageError(f"{setting.option}: {exc}") from None
-    return values
-
-
-_WHOLE_TEXT = re.compile(r"[0-9]{1,30}")
-_NUMBER_TEXT = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
-
-
-def whole_number(text):
-    """A whole number written in ASCII digits; ValueError for anything else (int() also
-    takes "+5", " 5", "1_000" and other scripts' digits)."""
-    if not _WHOLE_TEXT.fullmatch(text):
-        raise ValueError(f"expected a whole number, got {text!r}")
-    return int(text)
-
-
-def _from_text(setting, raw):
-    """Option text as the type its setting checks (the check then words any error).
-
-    Only plain decimals are converted: ASCII digits and, for a number that may have a
-    fraction, one decimal point.  int() and float() also take "+5", " 5", "1_000",
-    "٥", "inf", "nan" and "1e999"; those stay text, which the check refuses."""
-    if not isinstance(raw, str):
-        return raw
-    convert = {_positive_int: int, _positive_number: float}.get(setting.check)
-    if convert is None and type(setting.default) in (int, float):
-        convert = type(setting.default)
-    if convert is int and _WHOLE_TEXT.fullmatch(raw):
-        return int(raw)
-    if convert is float and _NUMBER_TEXT.fullmatch(raw) and math.isfinite(float(raw)):
-        return float(raw)
-    return raw
-
-
-def _in_option_words(message, settings):
-    """A message that starts with setting names ("key_file and insecure: ...") in the
-    command line's words ("--key-file and --insecure: ..."); the rest, which may quote
-    what the user wrote, stays as it is."""
-    head, sep, rest = message.partition(": ")
-    options = {s.name: s.option for s in settings}
-    names = head.split(" and ")
-    if not sep or not all(name in options for name in names):
-        return message
-    return " and ".join(options[name] for name in names) + sep + rest
-
-
 def from_options(args, log=None):
     """The one-tunnel form of `udpmux relay`; UsageError names the option."""
     values = option_values(args, TUNNEL_SETTINGS)
@@ -495,7 +347,7 @@ def from_options(args, log=None):
     try:
         tunnel = _tunnel(name, values, "options", log)
     except ValueError as exc:
-        raise UsageError(_in_option_words(str(exc), TUNNEL_SETTINGS)) from None
+        raise UsageError(in_option_words(str(exc), TUNNEL_SETTINGS)) from None
     given = {name: args.get(GLOBAL[name].option) for name in ("metrics_listen",
                                                               "control_socket")}
     return _relay_config({name: tunnel}, given, UsageError, "",
@@ -507,7 +359,7 @@ def from_options(args, log=None):
 UOT_SETTINGS = [
     FLOW_IDLE,
     Setting("max_flows", _flow_count, 1024, "flows (UDP sockets at the server) kept at once"),
-    Setting("max_clients", _positive_int, 64, "uot-client connections served at once"),
+    Setting("max_clients", positive_int, 64, "uot-client connections served at once"),
 ]
 UOT = {s.name: s for s in UOT_SETTINGS}
 
@@ -541,24 +393,24 @@ def uot_from_options(args, server, log=None):
     except ValueError as exc:
         raise UsageError(f"{name}: {exc}" if name else str(exc)) from None
     key = None if args.get("--insecure") else auth.read_key(args["--key-file"], log)
-    return UotConfig(listen, peer, key, **_settled(UOT_SETTINGS, values))
+    return UotConfig(listen, peer, key, **settled(UOT_SETTINGS, values))
 
 
 def _port_range(value):
-    low, high = addr.parse_port_range(_text(value))
+    low, high = addr.parse_port_range(nonempty_text(value))
     return f"{low}-{high}" if low != high else str(low)
 
 
 def _hostport(value):
     """A HOST:PORT to connect to: port 0 is nobody's."""
-    _host, port = addr.split_hostport(_text(value))
+    _host, port = addr.split_hostport(nonempty_text(value))
     if port == 0:
         raise ValueError(f"{shown(value)}: port 0 is not a destination; give the port to reach")
     return value
 
 
 def _packet_size(value):
-    value = _positive_int(value)
+    value = positive_int(value)
     if not 576 <= value <= wire.MAX_UDP_PAYLOAD:
         raise ValueError(f"expected 576 to {wire.MAX_UDP_PAYLOAD} bytes, got {value}")
     return value
@@ -569,9 +421,9 @@ LINK_SETTINGS = [
     Setting("bind", _port_range, "40000-40999", "the server's UDP port or MIN-MAX range"),
     Setting("packet_size", _packet_size, 1232,
             "largest UDP payload sent; 1232 fits a 1,280-byte IPv6 path"),
-    Setting("idle_limit", _positive_number, 43200.0,
+    Setting("idle_limit", positive_number, 43200.0,
             "seconds without a word from the other end before giving up"),
-    Setting("linger", _positive_number, 30.0,
+    Setting("linger", positive_number, 30.0,
             "seconds to wait, once the local side closed, for the rest to be acknowledged"),
 ]
 LINK = {s.name: s for s in LINK_SETTINGS}
@@ -589,7 +441,7 @@ class LinkConfig:
 
 def link_from_options(args):
     """link's or link-server's options as a LinkConfig; UsageError names the option."""
-    return LinkConfig(**_settled(LINK_SETTINGS, option_values(args, LINK_SETTINGS)))
+    return LinkConfig(**settled(LINK_SETTINGS, option_values(args, LINK_SETTINGS)))
 
 
 # `udpmux expose` (one exposer per file or command line)
@@ -601,10 +453,10 @@ def _carrier(value):
 
 
 EXPOSE_SETTINGS = [
-    Setting("relay", _text, None, "the relay's register address, HOST:PORT"),
-    Setting("service", _text, None, "the UDP service to expose, HOST:PORT"),
-    Setting("key_file", _text, None, "the tunnel's key file"),
-    Setting("insecure", _flag, False, "run without a key"),
+    Setting("relay", nonempty_text, None, "the relay's register address, HOST:PORT"),
+    Setting("service", nonempty_text, None, "the UDP service to expose, HOST:PORT"),
+    Setting("key_file", nonempty_text, None, "the tunnel's key file"),
+    Setting("insecure", boolean, False, "run without a key"),
     Setting("carrier", _carrier, "udp", "udp, or tcp where UDP to the relay is blocked"),
     _keepalive("NAT's"),
     FLOW_IDLE,
@@ -633,7 +485,7 @@ def _expose(values, where, log):
         service = addr.parse_endpoint(values["service"])
     except ValueError as exc:
         raise ValueError(f"service: {exc}") from None
-    rest = _settled(EXPOSE_SETTINGS, values, only=("carrier", "keepalive", "flow_idle",
+    rest = settled(EXPOSE_SETTINGS, values, only=("carrier", "keepalive", "flow_idle",
                                                    "max_flows"))
     kind = socket.SOCK_STREAM if rest["carrier"] == "tcp" else socket.SOCK_DGRAM
     relay = _destination("relay", values["relay"], kind)
@@ -659,8 +511,8 @@ def _load_agent(path, settings, build, log):
     """Read and check one agent's file of top-level keys, and build its config with
     build(values, path, log); ConfigError names the file and the key."""
     problems = []
-    values = _check_settings(read_toml(path), settings, path, problems)
-    _problems(problems)
+    values = check_settings(read_toml(path), settings, path, problems)
+    raise_problems(problems)
     try:
         return build(values, path, log)
     except (ValueError, Fatal) as exc:
@@ -678,7 +530,7 @@ def _agent_from_options(args, settings, build, log):
     try:
         return build(option_values(args, settings), "options", log)
     except ValueError as exc:
-        raise UsageError(_in_option_words(str(exc), settings)) from None
+        raise UsageError(in_option_words(str(exc), settings)) from None
 
 
 def expose_from_options(args, log=None):
@@ -694,25 +546,25 @@ def _port(value):
 
 
 def _rendezvous(value):
-    value = _text(value)
+    value = nonempty_text(value)
     if len(value.encode()) > wire.RENDEZVOUS_NAME_MAX:
         raise ValueError(f"expected at most {wire.RENDEZVOUS_NAME_MAX} bytes, got {shown(value)}")
     return value
 
 
 PUNCH_SETTINGS = [
-    Setting("peer", _text, None, "the other side's public address, HOST:PORT (direct mode)"),
+    Setting("peer", nonempty_text, None, "the other side's public address, HOST:PORT (direct mode)"),
     Setting("port", _port, 0, "the local UDP port to punch from (0: any)"),
-    Setting("relay", _text, None, "a relay's rendezvous tunnel, HOST:PORT (brokered mode)"),
+    Setting("relay", nonempty_text, None, "a relay's rendezvous tunnel, HOST:PORT (brokered mode)"),
     Setting("rendezvous", _rendezvous, None, "the name both sides give the relay"),
-    Setting("key_file", _text, None, "the key both sides (and the relay's tunnel) share"),
-    Setting("insecure", _flag, False, "run without a key (direct mode only)"),
-    Setting("forward", _text, None, "the local UDP service datagrams go to, HOST:PORT"),
-    Setting("listen", _text, None, "where local UDP clients send, ADDR"),
+    Setting("key_file", nonempty_text, None, "the key both sides (and the relay's tunnel) share"),
+    Setting("insecure", boolean, False, "run without a key (direct mode only)"),
+    Setting("forward", nonempty_text, None, "the local UDP service datagrams go to, HOST:PORT"),
+    Setting("listen", nonempty_text, None, "where local UDP clients send, ADDR"),
     _keepalive("NATs'"),
     Setting("probe_ports", _probe_count, 256,
             "extra sockets and guessed ports against a symmetric NAT (0: none)"),
-    Setting("retry", _positive_number, 30.0, "seconds between direct attempts while relayed"),
+    Setting("retry", positive_number, 30.0, "seconds between direct attempts while relayed"),
     FLOW_IDLE,
     Setting("max_flows", _flow_count, 1024, "flows kept at once"),
 ]
@@ -767,7 +619,7 @@ def _punch(values, where, log):
     except ValueError as exc:
         raise ValueError(str(exc).replace("key_file", n("key_file"))
                          .replace("insecure", n("insecure"))) from None
-    rest = _settled(PUNCH_SETTINGS, values, only=("port", "rendezvous", "keepalive",
+    rest = settled(PUNCH_SETTINGS, values, only=("port", "rendezvous", "keepalive",
                                                   "probe_ports", "retry", "flow_idle",
                                                   "max_flows"))
     return PunchConfig(key=key, **endpoints, **rest)

@@ -19,7 +19,7 @@ import threading
 import time
 
 from udpmux.auth import write_key_file
-from udpmux.config import whole_number
+from udpmux.settings import whole_number
 from udpmux.errors import EXIT_FAILURE, EXIT_OK, Fatal, UsageError
 from udpmux.status import ask, format_flows, format_status
 
