@@ -82,10 +82,11 @@ class Notify:
 class Daemon:
     """A udpmux process whose stderr is collected and searchable."""
 
-    def __init__(self, args, notify=None, stdin=None, argv=None, prefix=()):
+    def __init__(self, args, notify=None, stdin=None, argv=None, prefix=(), extra_env=None):
         """`prefix` goes before the argv, e.g. ["ip", "netns", "exec", NS]: it must exec
-        the program, so that self.pid is the program's own PID."""
-        e = env()
+        the program, so that self.pid is the program's own PID; `extra_env` is added to
+        its environment."""
+        e = {**env(), **(extra_env or {})}
         if notify is not None:
             e["NOTIFY_SOCKET"] = notify.path
             notify.daemons.append(self)

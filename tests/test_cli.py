@@ -266,7 +266,7 @@ def test_check_needs_to_be_told_the_mode_of_a_file_that_does_not_say(tmp_path):
     out = check("-c", conf, "--mode", "expose")
     assert out.returncode == 78 and "relay: missing" in out.stderr
     out = check("-c", conf, "--mode", "uot")
-    assert out.returncode == 64 and "--mode: expected relay, expose or punch" in out.stderr
+    assert out.returncode == 64 and "--mode: expected relay, expose, punch, uot-server or uot-client" in out.stderr
 
 
 @pytest.mark.parametrize("mode, args, message", [

@@ -112,6 +112,10 @@ Options:
                               [default: {_e("flow_idle")}].
   --max-flows N               Flows (service sockets) kept at once
                               [default: {_e("max_flows")}].
+  --control-socket PATH       Where `udpmux status` finds this one (default: see
+                              udpmux(8)).
+  --metrics-listen ADDR       Serve Prometheus metrics over HTTP here, e.g.
+                              127.0.0.1:9479.
   --debug                     Log every flow and session event.
   -h, --help                  Show this text.
 """
@@ -143,6 +147,8 @@ Options:
                               [default: {_l("idle_limit")}].
   --linger SECONDS            After the local side closed, how long to wait for the rest
                               to be acknowledged [default: {_l("linger")}].
+  --control-socket PATH       Where `udpmux status` finds this link (default: see
+                              udpmux(8)).
   --debug                     Log both ends' session events.
   -h, --help                  Show this text.
 """
@@ -204,6 +210,10 @@ Options:
   --flow-idle SECONDS         A flow without datagrams this long ends
                               [default: {_p("flow_idle")}].
   --max-flows N               Flows kept at once [default: {_p("max_flows")}].
+  --control-socket PATH       Where `udpmux status` finds this one (default: see
+                              udpmux(8)).
+  --metrics-listen ADDR       Serve Prometheus metrics over HTTP here, e.g.
+                              127.0.0.1:9479.
   --debug                     Log every punch attempt.
   -h, --help                  Show this text.
 """
@@ -216,10 +226,12 @@ UOT_SERVER = f"""\
 udpmux uot-server: carry UDP datagrams over TCP, the end next to the UDP service.
 
 Usage:
-  udpmux uot-server --listen ADDR --target HOST:PORT (--key-file FILE | --insecure) [options]
+  udpmux uot-server -c FILE [--debug]
+  udpmux uot-server --listen ADDR --target HOST:PORT (--key-file FILE | --insecure) [--debug] [options]
   udpmux uot-server -h | --help
 
 Options:
+  -c FILE, --config FILE      Settings from a TOML file (see udpmux.conf(5)).
   --listen ADDR               The TCP address uot-clients connect to.
   --target HOST:PORT          The UDP service.
   --key-file FILE             The key shared with clients ("-": standard input).
@@ -229,6 +241,10 @@ Options:
   --max-flows N               Flows (UDP sockets towards the target) kept at once, all
                               connections together [default: {_u("max_flows")}].
   --max-clients N             Connections served at once [default: {_u("max_clients")}].
+  --control-socket PATH       Where `udpmux status` finds this one (default: see
+                              udpmux(8)).
+  --metrics-listen ADDR       Serve Prometheus metrics over HTTP here, e.g.
+                              127.0.0.1:9479.
   --debug                     Log every connection and flow event.
   -h, --help                  Show this text.
 """
@@ -237,10 +253,12 @@ UOT_CLIENT = f"""\
 udpmux uot-client: carry UDP datagrams over TCP, the end next to the UDP clients.
 
 Usage:
-  udpmux uot-client --listen ADDR --server HOST:PORT (--key-file FILE | --insecure) [options]
+  udpmux uot-client -c FILE [--debug]
+  udpmux uot-client --listen ADDR --server HOST:PORT (--key-file FILE | --insecure) [--debug] [options]
   udpmux uot-client -h | --help
 
 Options:
+  -c FILE, --config FILE      Settings from a TOML file (see udpmux.conf(5)).
   --listen ADDR               The UDP address local clients send to.
   --server HOST:PORT          The uot-server's TCP address.
   --key-file FILE             The key shared with the server ("-": standard input).
@@ -249,12 +267,17 @@ Options:
                               [default: {_u("flow_idle")}].
   --max-flows N               Flows (local client addresses) kept at once; the idlest
                               goes first [default: {_u("max_flows")}].
+  --control-socket PATH       Where `udpmux status` finds this one (default: see
+                              udpmux(8)).
+  --metrics-listen ADDR       Serve Prometheus metrics over HTTP here, e.g.
+                              127.0.0.1:9479.
   --debug                     Log every connection and flow event.
   -h, --help                  Show this text.
 """
 
 STATUS = """\
-udpmux status: show a running relay's tunnels, flows and counters.
+udpmux status: show a running relay's tunnels, flows and counters, or an agent's
+peers, flows and counters (expose, punch, uot-server, uot-client, link).
 
 Usage:
   udpmux status [--json] [--flows TUNNEL] [--control-socket PATH]
@@ -263,7 +286,8 @@ Usage:
 Options:
   --json                      Print JSON instead of a table.
   --flows TUNNEL              List one tunnel's flows.
-  --control-socket PATH       The relay's control socket (default: see udpmux(8)).
+  --control-socket PATH       The daemon's control socket (default: the relay's if one
+                              answers, else the one agent's that does; see udpmux(8)).
   -h, --help                  Show this text.
 """
 
@@ -275,8 +299,10 @@ Usage:
   udpmux check -h | --help
 
 Options:
-  -c FILE, --config FILE      A relay's file (udpmux.conf(5)), an exposer's or punch's.
-  --mode MODE                 relay, expose or punch, when the file's keys do not tell.
+  -c FILE, --config FILE      A relay's file (udpmux.conf(5)), an exposer's, punch's,
+                              a uot-server's or a uot-client's.
+  --mode MODE                 relay, expose, punch, uot-server or uot-client, when the
+                              file's keys do not tell.
   -h, --help                  Show this text.
 
 The file is read as the mode would read it at start or on SIGHUP: its key files
@@ -336,7 +362,8 @@ MODES = {m.name: m for m in [
          "udpmux.uot:server_main"),
     Mode("uot-client", UOT_CLIENT, "carry UDP over TCP: the end next to the UDP clients",
          "udpmux.uot:client_main"),
-    Mode("status", STATUS, "show a running relay's tunnels and flows", "udpmux.status:main"),
+    Mode("status", STATUS, "show a running relay or agent: peers, flows, counters",
+         "udpmux.status:main"),
     Mode("check", CHECK, "check a configuration file before using it",
          "udpmux.cli:check"),
     Mode("keygen", KEYGEN, "write a new random key file", "udpmux.cli:keygen"),
@@ -377,7 +404,8 @@ OPTION_WORD = r"(?<![\w-])--?[\w-]+"      # an option in a usage line, not a hyp
 
 # The settings that a mode's -c FILE holds: an option given with -c is named, with the
 # key to set in the file instead.
-FILE_SETTINGS = {"relay": [_TUNNEL, _GLOBAL], "expose": [_EXPOSE], "punch": [_PUNCH]}
+FILE_SETTINGS = {"relay": [_TUNNEL, _GLOBAL], "expose": [_EXPOSE], "punch": [_PUNCH],
+                 "uot-server": [_UOT], "uot-client": [_UOT]}
 
 
 def takes_value(doc):
@@ -561,17 +589,19 @@ def _main(argv):
 
 
 def check_file(path, mode=None):
-    """Read and check a configuration file of any mode (the relay's, expose's, punch's;
-    by its keys, unless `mode` says): a sentence saying what it holds, or ConfigError
-    with every problem found."""
+    """Read and check a configuration file of any mode (the relay's, expose's, punch's,
+    uot-server's or uot-client's; by its keys, unless `mode` says): a sentence saying
+    what it holds, or ConfigError with every problem found."""
     from udpmux import config
     if mode is None:
-        keys = config.read_toml(path)
+        keys = set(config.read_toml(path))
         mode = "relay" if "tunnels" in keys else "expose" if "service" in keys else \
-            "punch" if {"rendezvous", "peer", "forward", "listen"} & set(keys) else None
+            "uot-server" if "target" in keys else "uot-client" if "server" in keys else \
+            "punch" if {"rendezvous", "peer", "forward", "listen"} & keys else None
         if mode is None:
             raise ConfigError(f"{path}: neither a relay's (no [tunnels.NAME]), an exposer's "
-                              "(no service) nor punch's file; give --mode")
+                              "(no service), a uot-server's (no target), a uot-client's (no "
+                              "server) nor punch's file; give --mode")
     if mode == "relay":
         tunnels = sorted(config.load(path).tunnels)
         return f"{path}: a relay with {len(tunnels)} tunnel" \
@@ -580,15 +610,22 @@ def check_file(path, mode=None):
         expose = config.load_expose(path)
         return f"{path}: expose {format_endpoint(*expose.service)} through the relay at " \
                f"{expose.relay}"
+    if mode in ("uot-server", "uot-client"):
+        uot = config.load_uot(path, mode == "uot-server")
+        peer = format_endpoint(*uot.peer) if mode == "uot-server" else uot.peer
+        return f"{path}: {mode} at {format_endpoint(*uot.listen)} for {peer}"
     punch = config.load_punch(path)
     return f"{path}: punch " + (f"with the relay at {punch.relay}" if punch.relay
                                 else f"towards {punch.peer}")
 
 
+CHECK_MODES = ("relay", "expose", "punch", "uot-server", "uot-client")
+
+
 def check(args):
     mode = args["--mode"]
-    if mode not in (None, "relay", "expose", "punch"):
-        raise UsageError(f"--mode: expected relay, expose or punch, got {mode!r}")
+    if mode not in (None, *CHECK_MODES):
+        raise UsageError(f"--mode: expected {_or(CHECK_MODES)}, got {mode!r}")
     try:
         print(check_file(args["--config"], mode))
     except ConfigError as exc:
@@ -596,6 +633,10 @@ def check(args):
             error(f"check: {problem}", exc.status)
         return exc.status
     return EXIT_OK
+
+
+def _or(words):
+    return ", ".join(words[:-1]) + " or " + words[-1]
 
 
 def keygen(args):

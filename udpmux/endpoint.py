@@ -247,6 +247,8 @@ class Initiator:
         self.hello_wait = hello_first
         self.heard = self.sent = 0.0
         self.tries = 0                  # HELLOs sent since the last session
+        self.handshake_at = None        # when the last WELCOME came, for status
+        self.sessions = 0               # sessions begun, for status
 
     def change_state(self, new, now):
         self.state = new
@@ -305,7 +307,8 @@ class Initiator:
                 new.peer = self.peer
                 out.event, out.old = NEW, self.session
                 self.session, self.state, self.hello_at = new, UP, None
-                self.heard = self.sent = now
+                self.heard = self.sent = self.handshake_at = now
+                self.sessions += 1
                 # The first message under the session confirms it at the responder.
                 out.replies.append((new.seal(T_KEEPALIVE, 0, keepalive_body(now)), None))
                 out.session = new

@@ -25,7 +25,7 @@ How we name things:
 import errno
 import time
 
-from udpmux import addr, sockets, wire
+from udpmux import addr, agentstatus, sockets, wire
 from udpmux.batchio import Batch
 from udpmux.carrier import Dialer, TcpCarrier
 from udpmux.config import expose_from_options, load_expose
@@ -376,6 +376,24 @@ class ExposeWorker(Worker):
         self.flows.close_all()
         self.log.info("stopped")
 
+    # -- status
+
+    def report(self, now):
+        relay = agentstatus.peer_report(
+            "relay", self.relay.text, self.endpoint, now,
+            address=agentstatus.endpoint_text(self.relay.address),
+            carrier="tcp" if self.tcp else "udp", path="relayed", watch=self.watch)
+        if self.tcp and self.carrier is None:
+            agentstatus.dialing(relay, self.dialer)
+        return {"peers": [relay], "flows": len(self.flows), "max_flows": self.max_flows,
+                "counters": {**self.flows.totals(), "sessions": self.endpoint.sessions},
+                "drops": dict(self.drops.counts),
+                "flow_list": agentstatus.service_flows_report(self.flows, now,
+                                                               agentstatus.STATUS_FLOWS)}
+
+    def flow_list(self, now):
+        return agentstatus.service_flows_report(self.flows, now)
+
 
 def main(args):
     log = setup_log(args.get("--debug"))
@@ -387,4 +405,5 @@ def main(args):
     worker = ExposeWorker(config.relay, config.service, config.key, carrier=config.carrier,
                           keepalive=config.keepalive, flow_idle=config.flow_idle,
                           max_flows=config.max_flows, log=log)
-    return worker.serve()
+    return worker.serve(agentstatus.Inspector("expose", config.control_socket,
+                                              config.metrics_listen, log, config.path))

@@ -40,10 +40,12 @@ class ClientFlows:
     def __init__(self, table, closed):
         self.table = table
         self.closed = closed
+        self.created = 0                # flows since the start
 
     def insert(self, key, now):
         """The slot of a new flow for key; the idlest flow ends if the table is full."""
         slot, _tag, evicted = self.table.insert(key, now)
+        self.created += 1
         if evicted is not None:
             self.closed(evicted[1], CLOSE_EVICTED)
         return slot
@@ -75,15 +77,18 @@ class ClientFlows:
 
 
 class ServiceFlow:
-    __slots__ = ("key", "tag", "sock", "seen", "queue", "owner")
+    __slots__ = ("key", "tag", "sock", "opened", "seen", "queue", "owner",
+                 "n_in", "b_in", "n_out", "b_out")
 
     def __init__(self, key, tag, sock, seen, owner):
         self.key = key
         self.tag = tag
         self.sock = sock
-        self.seen = seen
+        self.opened = self.seen = seen
         self.queue = None               # datagrams waiting for room in the socket
         self.owner = owner              # what the mode keeps with the flow
+        self.n_in = self.b_in = 0       # datagrams and bytes to the service ("in")
+        self.n_out = self.b_out = 0     # and from it, back to the client ("out")
 
 
 class ServiceFlows:
@@ -107,6 +112,8 @@ class ServiceFlows:
         self.refused = refused
         self.max_datagram = max_datagram
         self.flows = OrderedDict()      # key -> ServiceFlow, idlest first
+        self.created = 0                # flows since the start
+        self.retired = [0, 0, 0, 0]     # counters of flows gone: n_in, b_in, n_out, b_out
         self.buf = bytearray(HEADER_SIZE + max_datagram + 1 + MAC_SIZE)
         self.view = memoryview(self.buf)
         self.every = Every()
@@ -137,6 +144,7 @@ class ServiceFlows:
             return None
         sock.setblocking(False)
         flow = self.flows[key] = ServiceFlow(key, tag, sock, now, owner)
+        self.created += 1
         self.poller.register(sock, lambda: self.readable(flow), lambda: self.writable(flow))
         return flow
 
@@ -157,6 +165,8 @@ class ServiceFlows:
     def send(self, flow, body, now):
         """One datagram to the service on the flow's socket."""
         flow.seen = now
+        flow.n_in += 1
+        flow.b_in += len(body)
         self.flows.move_to_end(flow.key)
         if flow.queue:
             self._queue(flow, body)
@@ -212,6 +222,8 @@ class ServiceFlows:
             if size > limit:
                 self.drops(R_TOO_LARGE)
                 continue
+            flow.n_out += 1
+            flow.b_out += size
             received(flow, buf, size)
         if flow.key in self.flows:
             self.flows.move_to_end(flow.key)
@@ -238,6 +250,23 @@ class ServiceFlows:
             self._close(flow)
         self.flows.clear()
 
+    def totals(self):
+        """{"datagrams_in", "bytes_in", "datagrams_out", "bytes_out", "flows"} since the
+        start, live flows and gone ones together."""
+        n_in, b_in, n_out, b_out = self.retired
+        for flow in self.flows.values():
+            n_in += flow.n_in
+            b_in += flow.b_in
+            n_out += flow.n_out
+            b_out += flow.b_out
+        return {"datagrams_in": n_in, "bytes_in": b_in, "datagrams_out": n_out,
+                "bytes_out": b_out, "flows": self.created}
+
     def _close(self, flow):
+        retired = self.retired
+        retired[0] += flow.n_in
+        retired[1] += flow.b_in
+        retired[2] += flow.n_out
+        retired[3] += flow.b_out
         self.poller.unregister(flow.sock)
         flow.sock.close()

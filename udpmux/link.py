@@ -35,16 +35,15 @@ import socket
 import sys
 import time
 
-from udpmux import addr, auth, sockets, wire
+from udpmux import addr, agentstatus, sockets, wire
 from udpmux.batchio import Batch
-from udpmux.config import link_from_options
 from udpmux.datapath import BATCH, Drops, Sender, each_message
 from udpmux.endpoint import (
     ENDED, LOST, MOVED, NEW, UP, Initiator, Responder, keepalive_body,
 )
-from udpmux.errors import EXIT_FAILURE, EXIT_OK, UsageError
-from udpmux.linkstart import BOOT_TIMEOUT, bind_in_range, detach, listen_tcp, start_server
-from udpmux.log import Every, setup as setup_log
+from udpmux.errors import EXIT_FAILURE, EXIT_OK
+from udpmux.linkstart import BOOT_TIMEOUT
+from udpmux.log import Every
 from udpmux.reasons import R_PROTOCOL, R_SESSION
 from udpmux.stream import (
     EV_ACKED, EV_NEW, EV_READABLE, EV_RESET, EV_WRITABLE, RESET_REFUSED, Connection,
@@ -755,40 +754,22 @@ class LinkClient(LinkEnd):
             self.log.error("%s", self.failure)
         self.log.debug("session over: %s", self.summary())
 
+    # -- status
 
-# -- the commands
+    def report(self, now):
+        server = agentstatus.peer_report(
+            "link-server", addr.format_endpoint(*self.server), self.endpoint, now,
+            carrier="udp", path="direct", watch=self.watch)
+        st = self.conn.stats()
+        return {"peers": [server], "flows": len(self.endpoints), "max_flows": None,
+                "counters": {"datagrams_in": st["messages_received"],
+                             "bytes_in": st["stream_bytes_received"],
+                             "datagrams_out": st["messages_sent"],
+                             "bytes_out": st["stream_bytes_sent"]},
+                "stream": {"srtt_ms": round(st["srtt"] * 1000, 1), "cwnd": st["cwnd"],
+                           "bytes_in_flight": st["bytes_in_flight"],
+                           "messages_lost": st["messages_lost"]},
+                "drops": dict(self.drops.counts), "flow_list": []}
 
-def main(args):
-    """`udpmux link`."""
-    log = setup_log(args["--debug"])
-    cfg = link_from_options(args)
-    listener = listen_tcp(args["--listen-tcp"]) if args["--listen-tcp"] else None
-    key = auth.generate_key()
-    server, ssh = start_server(args, cfg, key, log)
-    log.debug("the server listens at %s", addr.format_endpoint(*server))
-    client = LinkClient(server, key, cfg.packet_size, cfg.idle_limit, cfg.linger, listener,
-                        log)
-    try:
-        client.serve()
-    finally:
-        if ssh is not None and ssh.poll() is None:
-            ssh.terminate()
-    return client.status
-
-
-def server_main(args):
-    """`udpmux link-server`: read the key, bind, detach (the process that stays tells
-    its port and PID), serve."""
-    debug = args["--debug"]
-    log = setup_log(debug)
-    cfg = link_from_options(args)
-    try:
-        host, port = addr.split_hostport(cfg.target)
-    except ValueError as exc:
-        raise UsageError(f"--target: {exc}") from None
-    key = auth.read_key("-")
-    sock = bind_in_range(*addr.parse_port_range(cfg.bind))
-    detach(sock.getsockname()[1], debug)
-    server = LinkServer(sock, (host, port), key, cfg.packet_size, cfg.idle_limit, log)
-    server.serve()
-    return server.status
+    def flow_list(self, now):
+        return []

@@ -35,7 +35,7 @@ import socket
 import subprocess
 import time
 
-from udpmux import addr, sockets
+from udpmux import addr, auth, sockets
 from udpmux.errors import EXIT_FAILURE, EXIT_OK, EXIT_OSERR, Fatal, UsageError
 
 BANNER = "UDPMUX-LINK 1"            # then: address port pid
@@ -286,3 +286,48 @@ def _child_tells(port, debug, told):
         logging.raiseExceptions = False     # a log line to a closed ssh is lost, no more
     os.write(told, b"1")
     os.close(told)
+
+
+# -- the commands
+
+def main(args):
+    """`udpmux link`."""
+    from udpmux.agentstatus import Inspector
+    from udpmux.config import link_from_options
+    from udpmux.link import LinkClient
+    from udpmux.log import setup as setup_log
+    log = setup_log(args["--debug"])
+    cfg = link_from_options(args)
+    listener = listen_tcp(args["--listen-tcp"]) if args["--listen-tcp"] else None
+    key = auth.generate_key()
+    server, ssh = start_server(args, cfg, key, log)
+    log.debug("the server listens at %s", addr.format_endpoint(*server))
+    client = LinkClient(server, key, cfg.packet_size, cfg.idle_limit, cfg.linger, listener,
+                        log)
+    try:
+        client.serve(Inspector("link", args.get("--control-socket"), None, log))
+    finally:
+        if ssh is not None and ssh.poll() is None:
+            ssh.terminate()
+    return client.status
+
+
+def server_main(args):
+    """`udpmux link-server`: read the key, bind, detach (the process that stays tells
+    its port and PID), serve."""
+    from udpmux.config import link_from_options
+    from udpmux.link import LinkServer
+    from udpmux.log import setup as setup_log
+    debug = args["--debug"]
+    log = setup_log(debug)
+    cfg = link_from_options(args)
+    try:
+        host, port = addr.split_hostport(cfg.target)
+    except ValueError as exc:
+        raise UsageError(f"--target: {exc}") from None
+    key = auth.read_key("-")
+    sock = bind_in_range(*addr.parse_port_range(cfg.bind))
+    detach(sock.getsockname()[1], debug)
+    server = LinkServer(sock, (host, port), key, cfg.packet_size, cfg.idle_limit, log)
+    server.serve()
+    return server.status

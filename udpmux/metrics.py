@@ -1,4 +1,5 @@
-"""Prometheus metrics: the figures of `udpmux status`, served over HTTP by the master.
+"""Prometheus metrics: the figures of `udpmux status`, served over HTTP by the relay's
+master (and by every agent: agentstatus.py).
 
 Set `metrics_listen` (udpmux.conf(5)) or --metrics-listen to a local address, and
 GET /metrics returns the text exposition format (version 0.0.4).  The server lives
@@ -59,11 +60,16 @@ def _label(value):
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def exposition(status):
-    """The text exposition of a status reply (status.StatusServer.status())."""
-    lines = []
+class Families:
+    """Lines of the text exposition, a metric family at a time."""
 
-    def family(name, kind, text, samples):
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, name, kind, text, samples):
+        """One family: samples are (((label, value), ...), value); a None value is left
+        out."""
+        lines = self.lines
         lines.append(f"# HELP {name} {text}")
         lines.append(f"# TYPE {name} {kind}")
         for labels, value in samples:
@@ -72,6 +78,13 @@ def exposition(status):
             inner = ",".join(f'{k}="{_label(v)}"' for k, v in labels)
             lines.append(f"{name}{{{inner}}} {value}")
 
+    def text(self):
+        return "\n".join(self.lines) + "\n"
+
+
+def exposition(status):
+    """The text exposition of a relay's status reply (status.StatusServer.status())."""
+    family = Families()
     tunnels = status["tunnels"]
     for name, kind, text, get in TUNNEL_METRICS:
         family(name, kind, text, [((("tunnel", t["name"]),), get(t)) for t in tunnels])
@@ -92,16 +105,20 @@ def exposition(status):
             for t in tunnels if t.get("pairs") is not None for path in PAIR_PATHS])
     family("udpmux_uptime_seconds", "gauge", "Seconds since the relay started.",
            [((), status["uptime"])])
-    return "\n".join(lines) + "\n"
+    return family.text()
 
 
 class MetricsServer(Connections):
-    """The master's HTTP endpoint; `answer()` returns the current status dict."""
+    """The HTTP endpoint of the relay's master or of an agent; `answer()` returns the
+    current status dict, `text(status)` its exposition."""
 
-    def __init__(self, selector, endpoint, answer, log, what="metrics_listen"):
+    def __init__(self, selector, endpoint, answer, log, what="metrics_listen",
+                 text=None):
         super().__init__(selector, log, max_request=MAX_REQUEST)
         self.endpoint = endpoint
         self.answer = answer
+        self.text = text or exposition  # a status reply's exposition: the relay's, or
+                                        # an agent's (agentstatus.exposition)
         self.what = what                # the setting or option the address came from
 
     def open(self):
@@ -124,7 +141,7 @@ class MetricsServer(Connections):
             return _http("405 Method Not Allowed", "GET /metrics\n")
         if parts[1].split(b"?")[0] != b"/metrics":
             return _http("404 Not Found", "the metrics are at /metrics\n")
-        body = exposition(self.answer())
+        body = self.text(self.answer())
         return _http("200 OK", body if parts[0] == b"GET" else "",
                      "text/plain; version=0.0.4; charset=utf-8", len(body.encode()))
 

@@ -57,7 +57,7 @@ import random
 import socket
 import time
 
-from udpmux import addr, config, sockets, wire
+from udpmux import addr, agentstatus, config, sockets, wire
 from udpmux.batchio import Batch
 from udpmux.datapath import BATCH, Drops, Sender, batches, each_message
 from udpmux.endpoint import (
@@ -73,6 +73,7 @@ from udpmux.reasons import (
     R_NO_PATH, R_SEND, R_SERVICE, R_SESSION, R_TOO_LARGE, R_UNKNOWN_TAG, R_UNPROVEN,
 )
 from udpmux.session import Drop
+from udpmux.settings import whole_number
 from udpmux.tagtable import TagTable
 from udpmux.log import Every
 from udpmux.watch import QUIET_MOST, PeerWatch, resolved
@@ -133,6 +134,7 @@ class PunchWorker(Worker):
         self.peer_key = None                # the peer's address that works (or to try)
         self.peer_told = None               # where the relay saw the peer while direct
         self.heard = self.sent = now        # the direct session's, at the forward side
+        self.direct_at = None               # when the direct session last began
         self.attempt_until = None
         self.next_probe = now
         self.next_attempt = now
@@ -393,7 +395,7 @@ class PunchWorker(Worker):
     def direct_up(self, now):
         first = self.path != PATH_DIRECT
         self.peer_key = self.direct.peer
-        self.heard = self.sent = now
+        self.heard = self.sent = self.direct_at = now
         self.attempt_until = None
         self.close_probes()
         self.peer_watch.answered(now)
@@ -668,10 +670,50 @@ class PunchWorker(Worker):
             self.flows.close_all()
         self.log.info("stopped")
 
+    # -- status
+
+    def report(self, now):
+        direct = self.direct
+        heard = (self.direct_end.heard if self.side == SIDE_LISTEN else self.heard) \
+            if direct is not None else None
+        peer = {
+            "role": "peer",
+            "name": addr.format_endpoint(*self.peer_endpoint) if self.peer_endpoint
+            else addr.format_peer(self.peer_key) if self.peer_key else "(from the relay)",
+            "address": addr.format_peer(self.peer_key) if self.peer_key else None,
+            "state": "up" if direct is not None else "punching"
+            if self.attempt_until is not None else "waiting",
+            "carrier": "udp", "path": "direct" if direct is not None else None,
+            "handshake_ago": agentstatus.ago(now, self.direct_at) if direct else None,
+            "heard_ago": agentstatus.ago(now, heard), "seen_as": None,
+            "trouble": None if direct is not None else self.peer_watch.refusal,
+        }
+        peers = [peer]
+        if self.relay_end is not None:
+            peers.append(agentstatus.peer_report(
+                "relay", self.relay_name.text if self.relay_name else
+                addr.format_peer(self.relay_key), self.relay_end, now,
+                address=addr.format_peer(self.relay_key), carrier="udp",
+                path="relayed" if self.path == PATH_RELAYED else None,
+                watch=self.relay_watch))
+        listen = self.side == SIDE_LISTEN
+        return {"peers": peers, "flows": len(self.table if listen else self.flows),
+                "max_flows": self.max_flows,
+                "counters": agentstatus.table_totals(self.flows) if listen
+                else self.flows.totals(),
+                "drops": dict(self.drops.counts),
+                "flow_list": self.flow_list(now, agentstatus.STATUS_FLOWS)}
+
+    def flow_list(self, now, limit=None):
+        if self.side == SIDE_LISTEN:
+            return agentstatus.table_flows_report(self.table, now, limit)
+        return agentstatus.service_flows_report(self.flows, now, limit)
+
+
 
 def _port(args, name):
     try:
-        value = config.whole_number(args[name])
+        value = whole_number(args[name])
     except ValueError:
         raise UsageError(f"{name}: expected a port, 0 to 65535, got {args[name]!r}") from None
     if value > 65535:
@@ -684,7 +726,6 @@ def _endpoint(args, name, passive=False):
         return addr.parse_endpoint(args[name], passive=passive)
     except ValueError as exc:
         raise UsageError(f"{name}: {exc}") from None
-
 
 def once(peer, port, log):
     """mosh-nat's workflow: a few probes from port to peer, then the port is free for
@@ -722,4 +763,5 @@ def main(args):
                          probe_ports=settings.probe_ports, flow_idle=settings.flow_idle,
                          max_flows=settings.max_flows, retry=settings.retry, log=log)
     worker.relay_name = settings.relay
-    return worker.serve()
+    return worker.serve(agentstatus.Inspector("punch", settings.control_socket,
+                                              settings.metrics_listen, log, settings.path))

@@ -19,6 +19,7 @@ EVENT_WRITE, for as long as the client keeps reading.
 """
 
 import functools
+import glob
 import json
 import os
 import selectors
@@ -30,7 +31,7 @@ import psutil
 
 from udpmux import __version__, sockets
 from udpmux.config import default_control_socket
-from udpmux.errors import EXIT_FAILURE, EXIT_NOINPUT, Fatal
+from udpmux.errors import EXIT_FAILURE, EXIT_NOINPUT, EXIT_USAGE, Fatal
 
 MAX_REQUEST = 4096
 MAX_CLIENTS = 16                # control connections held at once; a newcomer closes the oldest
@@ -200,17 +201,18 @@ class Connections:
             self.sock = None
 
 
-class StatusServer(Connections):
-    """The master's end of the control socket, served from the master's selector."""
+class ControlServer(Connections):
+    """A control socket: one line of JSON in, one JSON document out (answer()).  The
+    relay's master serves one (StatusServer), and so does every agent (agentstatus.py)."""
 
-    def __init__(self, selector, master, path, log):
+    def __init__(self, selector, path, log):
         super().__init__(selector, log)
-        self.master = master
         self.path = path
         self.started = time.monotonic()
 
-    def open(self):
-        """Listen on the path; on failure log why and serve no status (never fatal)."""
+    def open(self, quiet=False):
+        """Listen on the path; on failure log why (quiet: not when another daemon holds
+        the path) and serve no status (never fatal).  Returns the socket or None."""
         path = self.path
         directory = os.path.dirname(path) or "."
         try:
@@ -223,8 +225,9 @@ class StatusServer(Connections):
                                  "serving no status", path, directory, owner)
                 return None
             if _in_use(path):
-                self.log.warning("control socket %s is in use by another relay; "
-                                 "`udpmux status` will not reach this one", path)
+                if not quiet:
+                    self.log.warning("control socket %s is in use by another udpmux; "
+                                     "`udpmux status` will not reach this one", path)
                 return None
             if os.path.lexists(path):
                 if not stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -282,12 +285,29 @@ class StatusServer(Connections):
             return self.flows(name)
         return {"error": f"unknown request {kind!r}"}
 
+    def head(self, mode):
+        """What every status reply starts with."""
+        return {"mode": mode, "version": __version__, "pid": os.getpid(),
+                "uptime": round(time.monotonic() - self.started, 3)}
+
+    def status(self):
+        raise NotImplementedError
+
+    def flows(self, name):
+        raise NotImplementedError
+
+
+class StatusServer(ControlServer):
+    """The relay master's control socket, served from the master's selector."""
+
+    def __init__(self, selector, master, path, log):
+        super().__init__(selector, path, log)
+        self.master = master
+
     def status(self):
         master = self.master
         return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime": round(time.monotonic() - self.started, 3),
+            **self.head("relay"),
             "config": getattr(master.config, "path", None),
             "reload_error": getattr(master, "reload_error", None),
             "tunnels": [tunnel_status(t, master.kind) for t in master.tunnels.values()],
@@ -341,16 +361,16 @@ def _error(text):
 # -- the client: `udpmux status`
 
 def ask(path, request, timeout=5.0):
-    """Send one request to a relay's control socket and return the decoded reply."""
+    """Send one request to a daemon's control socket and return the decoded reply."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(path)
     except FileNotFoundError:
-        raise Fatal(f"{path}: no such control socket; is the relay running? "
+        raise Fatal(f"{path}: no such control socket; is the daemon running? "
                     "(--control-socket names another)", status=EXIT_NOINPUT) from None
     except OSError as exc:
-        raise Fatal(f"{path}: {exc.strerror or exc}; is the relay running?") from None
+        raise Fatal(f"{path}: {exc.strerror or exc}; is the daemon running?") from None
     try:
         sock.sendall(json.dumps(request).encode() + b"\n")
         data = b""
@@ -366,7 +386,7 @@ def ask(path, request, timeout=5.0):
     try:
         reply = json.loads(data)
     except ValueError:
-        raise Fatal(f"{path}: the relay's answer is not JSON") from None
+        raise Fatal(f"{path}: the answer is not JSON") from None
     if "error" in reply:
         raise Fatal(reply["error"])
     return reply
@@ -434,14 +454,103 @@ def format_flows(reply):
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
+STATE_WORDS = {"hello": "handshaking (sending HELLO)", "up": "up", "idle": "idle",
+               "connecting": "connecting", "waiting": "waiting to connect again",
+               "punching": "punching", "waiting-peer": "waiting for the peer"}
+
+
+def format_agent(reply):
+    """An agent's status (agentstatus.py) as `udpmux status` prints it, the way `wg show`
+    shows a peer: where it is, when it was last heard, what passed and what was dropped."""
+    def ago(seconds):
+        return "never" if seconds is None else f"{seconds:.0f} s ago"
+    lines = [f"udpmux {reply['version']} {reply['mode']}, pid {reply['pid']}, "
+             f"up {reply['uptime']:.0f} s"]
+    if reply.get("reload_error"):
+        lines.append(f"reload failed: {reply['reload_error']}; the running configuration "
+                     "stays until a reload works")
+    for peer in reply["peers"]:
+        where = peer["name"]
+        if peer.get("address") and peer["address"] != where:
+            where += f" ({peer['address']})"
+        lines.append(f"{peer['role']}: {where}")
+        state = "  " + STATE_WORDS.get(peer["state"], peer["state"])
+        if peer.get("carrier"):
+            state += f" over {peer['carrier'].upper()}"
+        if peer.get("path") and peer["state"] == "up":
+            state += f", {peer['path']}"
+        lines.append(state)
+        lines.append(f"  latest handshake: {ago(peer.get('handshake_ago'))}, "
+                     f"last heard: {ago(peer.get('heard_ago'))}")
+        if peer.get("seen_as"):
+            lines.append(f"  it sees us as {peer['seen_as']}")
+        if peer.get("trouble"):
+            lines.append(f"  trouble: {peer['trouble']}")
+    c = reply["counters"]
+    flows = f"flows: {reply['flows']}"
+    if reply.get("max_flows") is not None:
+        flows += f"/{reply['max_flows']}"
+    if "flows" in c:
+        flows += f", {c['flows']} since start"
+    lines.append(flows)
+    if reply.get("stream"):
+        lines.append("stream: " + ", ".join(f"{k} {v}" for k, v in reply["stream"].items()))
+    lines.append(f"transfer: {c.get('datagrams_in', 0)} datagrams "
+                 f"({_size(c.get('bytes_in', 0))}) in, {c.get('datagrams_out', 0)} "
+                 f"({_size(c.get('bytes_out', 0))}) out")
+    if reply["drops"]:
+        lines.append("drops: " + ", ".join(f"{k} {v}" for k, v in
+                                           sorted(reply["drops"].items())))
+    if reply.get("flow_list"):
+        lines += ["", format_flows({"flows": reply["flow_list"]})]
+        more = reply["flows"] - len(reply["flow_list"])
+        if more > 0:
+            lines.append(f"(and {more} more: `udpmux status --flows {reply['mode']}` "
+                         "lists them all)")
+    return "\n".join(lines)
+
+
+# -- finding a daemon
+
+def control_sockets():
+    """The control sockets in the default places that a daemon answers on, sorted."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime:
+        patterns = [os.path.join(runtime, "*.sock")]
+    elif os.geteuid() == 0:
+        patterns = ["/run/udpmux/*.sock", "/run/udpmux-*/*.sock"]
+    else:
+        base = os.path.dirname(default_control_socket())
+        patterns = [os.path.join(base, "udpmux-*.sock")]
+    found = sorted({path for pattern in patterns for path in glob.glob(pattern)})
+    return [path for path in found if _in_use(path)]
+
+
+def find_control_socket():
+    """The relay's default control socket if a relay answers there, else the one agent's
+    that answers; Fatal when none does, or when several do."""
+    relay = default_control_socket()
+    if _in_use(relay):
+        return relay
+    live = control_sockets()
+    if len(live) == 1:
+        return live[0]
+    if not live:
+        raise Fatal(f"no udpmux daemon answers here (the relay's control socket is "
+                    f"{relay}); is it running? (--control-socket names another)",
+                    status=EXIT_NOINPUT)
+    raise Fatal("several udpmux daemons answer here; name one with --control-socket: "
+                + ", ".join(live), status=EXIT_USAGE)
+
+
 def main(args):
-    path = args["--control-socket"] or default_control_socket()
+    path = args["--control-socket"] or find_control_socket()
     if args["--flows"]:
         reply = ask(path, {"request": "flows", "tunnel": args["--flows"]})
         text = format_flows(reply)
     else:
         reply = ask(path, {"request": "status"})
-        text = format_status(reply)
+        text = format_status(reply) if "tunnels" in reply else format_agent(reply)
     print(json.dumps(reply, indent=2) if args["--json"] else text)
     return 0 if not any(t.get("state") == "failed" for t in reply.get("tunnels", [])) \
         else EXIT_FAILURE

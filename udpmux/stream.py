@@ -181,7 +181,7 @@ class Connection(StreamTable):
     """
 
     COUNTS = (
-        "messages_sent", "stream_bytes_sent", "bytes_retransmitted",
+        "messages_sent", "messages_received", "stream_bytes_sent", "bytes_retransmitted",
         "messages_retransmitted", "messages_lost", "acks_sent", "acks_received",
         "ptos", "probes_sent", "congestion_events", "persistent_congestion",
         "resets_sent", "resets_received", "streams_refused", "stream_bytes_received",
@@ -253,6 +253,7 @@ class Connection(StreamTable):
     def on_message(self, nonce, mtype, tag, body, now):
         """An authenticated message from the peer.  Raises ProtocolError."""
         self.last_received = now
+        self.counts["messages_received"] += 1
         order = self._rr.add(nonce, now)
         if mtype == T_STREAM:
             urgent = self._on_stream(tag, body)

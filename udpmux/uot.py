@@ -36,7 +36,7 @@ How we name things:
 
 import time
 
-from udpmux import addr, config, sockets, wire
+from udpmux import addr, agentstatus, config, sockets, wire
 from udpmux.batchio import Batch
 from udpmux.carrier import Dialer, TcpCarrier
 from udpmux.datapath import BATCH, Drops, Sender, batches
@@ -282,6 +282,22 @@ class UotServer(Worker):
         self.listener.close()
         self.log.info("stopped")
 
+    # -- status
+
+    def report(self, now):
+        peers = [{"role": "client", "name": c.name, "address": c.name,
+                  "state": "up" if c.session is not None else "hello", "carrier": "tcp",
+                  "path": None, "handshake_ago": None, "seen_as": None, "trouble": None,
+                  "heard_ago": agentstatus.ago(now, c.heard) if c.session else None}
+                 for c in self.clients.values()]
+        return {"peers": peers, "flows": len(self.flows), "max_flows": self.max_flows,
+                "counters": self.flows.totals(), "drops": dict(self.drops.counts),
+                "flow_list": agentstatus.service_flows_report(self.flows, now,
+                                                               agentstatus.STATUS_FLOWS)}
+
+    def flow_list(self, now):
+        return agentstatus.service_flows_report(self.flows, now)
+
 
 # -- the client
 
@@ -436,23 +452,53 @@ class UotClient(Worker):
         self.udp.close()
         self.log.info("stopped")
 
+    # -- status
+
+    def report(self, now):
+        server = agentstatus.peer_report(
+            "server", self.server.text, self.endpoint, now,
+            address=agentstatus.endpoint_text(self.server.address), carrier="tcp")
+        if self.carrier is None:
+            agentstatus.dialing(server, self.dialer)
+        return {"peers": [server], "flows": len(self.table), "max_flows": self.max_flows,
+                "counters": agentstatus.table_totals(self.flows),
+                "drops": dict(self.drops.counts),
+                "flow_list": agentstatus.table_flows_report(self.table, now,
+                                                             agentstatus.STATUS_FLOWS)}
+
+    def flow_list(self, now):
+        return agentstatus.table_flows_report(self.table, now)
+
 
 # -- command lines
 
+def _settings(args, server, log):
+    if args.get("--config"):
+        return config.load_uot(args["--config"], server, log)
+    return config.uot_from_options(args, server, log)
+
+
+def _inspector(mode, settings, log):
+    return agentstatus.Inspector(mode, settings.control_socket, settings.metrics_listen, log,
+                                 settings.path)
+
+
 def server_main(args):
     log = setup_log(args.get("--debug"))
-    settings = config.uot_from_options(args, server=True, log=log)
+    settings = _settings(args, True, log)
     raise_open_files(settings.max_flows + settings.max_clients + 64, log,
-                     "--max-flows and --max-clients")
-    listener = sockets.tcp_listener(*settings.listen, "--listen")
+                     "max_flows and max_clients")
+    listener = sockets.tcp_listener(*settings.listen, "listen" if settings.path
+                                    else "--listen")
     return UotServer(listener, settings.peer, settings.key, flow_idle=settings.flow_idle,
                      max_flows=settings.max_flows, max_clients=settings.max_clients,
-                     log=log).serve()
+                     log=log).serve(_inspector("uot-server", settings, log))
 
 
 def client_main(args):
     log = setup_log(args.get("--debug"))
-    settings = config.uot_from_options(args, server=False, log=log)
-    udp = sockets.udp(*settings.listen, "--listen")
+    settings = _settings(args, False, log)
+    udp = sockets.udp(*settings.listen, "listen" if settings.path else "--listen")
     return UotClient(udp, settings.peer, settings.key, flow_idle=settings.flow_idle,
-                     max_flows=settings.max_flows, log=log).serve()
+                     max_flows=settings.max_flows, log=log).serve(
+                         _inspector("uot-client", settings, log))

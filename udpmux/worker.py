@@ -48,6 +48,8 @@ class Worker:
         self.alive = True
         self.stopping_until = None
         self._wake_r = self._wake_w = None
+        self.inspector = None           # standalone: its control socket and metrics
+        self.reload_error = None        # standalone: why the last reload failed, if it did
 
     # -- the child's life
 
@@ -77,10 +79,19 @@ class Worker:
         finally:
             os._exit(status)
 
-    def serve(self):
-        """Run in this process, without a master; returns the exit status."""
+    def serve(self, inspector=None):
+        """Run in this process, without a master; returns the exit status.  The
+        inspector (agentstatus.Inspector) serves `udpmux status` and metrics from the
+        loop once the worker is set up."""
         self.init_process(standalone=True)
-        self.loop()
+        self.inspector = inspector
+        try:
+            if inspector is not None:
+                inspector.open(self)
+            self.loop()
+        finally:
+            if inspector is not None:
+                inspector.close()
         return EXIT_OK
 
     def init_process(self, standalone=False):
@@ -133,6 +144,8 @@ class Worker:
             if wake is not None and now >= wake:
                 self.on_wake(now)
             if now >= next_tick:
+                if self.inspector is not None:
+                    self.inspector.expire(now)
                 self.tick(now)
                 next_tick = now + self.TICK
                 if self.stopping_until is not None and now >= self.stopping_until:
@@ -205,6 +218,15 @@ class Worker:
 
     def on_exit(self):
         """The loop ended: flush what must survive into shared memory."""
+
+    def report(self, now):
+        """Standalone: what `udpmux status` shows (agentstatus.py): peers, flows,
+        max_flows, counters and drops."""
+        raise NotImplementedError
+
+    def flow_list(self, now):
+        """Standalone: every flow, for `udpmux status --flows`."""
+        raise NotImplementedError
 
 
 _EPOLL = hasattr(select, "epoll")
