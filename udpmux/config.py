@@ -116,12 +116,12 @@ TUNNEL_SETTINGS = [
     Setting("insecure", boolean, False, "run without a key"),
     Setting("tcp", boolean, True,
             "also accept exposers over TCP at the register address (for networks that drop UDP)"),
-    Setting("max_flows", _flow_count, 1024, "flows kept at once; the idlest goes first"),
+    Setting("max_flows", _flow_count, 65536, "flows kept at once; the idlest goes first"),
     FLOW_IDLE,
     Setting("exposer_timeout", positive_number, 90.0,
             "seconds without a word from the exposer before the tunnel is down"),
-    Setting("new_flows_rate", positive_number, 1000.0, "new flows accepted per second"),
-    Setting("new_flows_per_source", positive_number, 200.0,
+    Setting("new_flows_rate", positive_number, 10000.0, "new flows accepted per second"),
+    Setting("new_flows_per_source", positive_number, 5000.0,
             "new flows accepted per second from one client IP address"),
     Setting("max_sources", positive_int, 4096,
             "client IP addresses whose new-flow rate is tracked at once"),
@@ -356,10 +356,26 @@ def from_options(args, log=None):
 
 # -- single-host agents
 
+# What every agent serves of itself: `udpmux status` and metrics (agentstatus.py).
+INSPECT_SETTINGS = [
+    Setting("control_socket", control_socket_path, None,
+            "where `udpmux status` finds this agent (default: named after its mode)"),
+    Setting("metrics_listen", _metrics_endpoint, None,
+            "a TCP address to serve Prometheus metrics on, e.g. 127.0.0.1:9479"),
+]
+INSPECT = tuple(s.name for s in INSPECT_SETTINGS)
+
 UOT_SETTINGS = [
+    Setting("listen", nonempty_text, None, "uot-server: the TCP address clients connect to; "
+            "uot-client: the UDP address local clients send to"),
+    Setting("target", nonempty_text, None, "uot-server: the UDP service, HOST:PORT"),
+    Setting("server", nonempty_text, None, "uot-client: the uot-server's address, HOST:PORT"),
+    Setting("key_file", nonempty_text, None, "the key both ends share"),
+    Setting("insecure", boolean, False, "run without a key"),
     FLOW_IDLE,
-    Setting("max_flows", _flow_count, 1024, "flows (UDP sockets at the server) kept at once"),
+    Setting("max_flows", _flow_count, 16384, "flows (UDP sockets at the server) kept at once"),
     Setting("max_clients", positive_int, 64, "uot-client connections served at once"),
+    *INSPECT_SETTINGS,
 ]
 UOT = {s.name: s for s in UOT_SETTINGS}
 
@@ -372,28 +388,56 @@ class UotConfig:
     peer: object                # the server's target (family, sockaddr); the client's
                                 # server, an addr.Destination
     key: bytes | None
+    path: str | None            # the file read, None from options
     flow_idle: float            # the rest as UOT_SETTINGS says (and defaults)
     max_flows: int
     max_clients: int
+    control_socket: str | None
+    metrics_listen: tuple | None
+
+
+def _uot(values, where, log, server):
+    """uot-server's (server true) or uot-client's UotConfig from checked values;
+    ValueError in the words of the file's keys or of the options."""
+    def n(name):
+        return UOT[name].option if where == "options" else name
+    mine, other = ("target", "server") if server else ("server", "target")
+    for required in ("listen", mine):
+        if values.get(required) is None:
+            raise ValueError(f"{n(required)}: missing ({UOT[required].help})")
+    if values.get(other) is not None:
+        raise ValueError(f"{n(other)}: not a uot-{'server' if server else 'client'}'s "
+                         f"setting ({UOT[other].help})")
+    name = "listen"
+    try:
+        listen = addr.parse_endpoint(values[name], socket.SOCK_STREAM if server
+                                     else socket.SOCK_DGRAM, passive=True)
+        if server:
+            name = "target"
+            peer = addr.parse_endpoint(values[name])
+    except ValueError as exc:
+        raise ValueError(f"{n(name)}: {exc}") from None
+    if not server:          # resolved again when the client connects
+        peer = _destination(n("server"), values["server"], socket.SOCK_STREAM)
+    return UotConfig(listen, peer, _key(values, where, log), _path(where),
+                     **settled(UOT_SETTINGS, values, only=("flow_idle", "max_flows",
+                                                           "max_clients") + INSPECT))
+
+
+def _path(where):
+    return None if where == "options" else where
+
+
+def load_uot(path, server, log=None):
+    """Read and check a uot-server's or uot-client's file (uot-server-NAME.toml)."""
+    return _load_agent(path, UOT, lambda values, where, log: _uot(values, where, log, server),
+                       log)
 
 
 def uot_from_options(args, server, log=None):
     """uot-server's (server true) or uot-client's command line as a UotConfig."""
-    values = option_values(args, UOT_SETTINGS)
-    name = "--listen"
-    try:
-        listen = addr.parse_endpoint(args[name], socket.SOCK_STREAM if server
-                                     else socket.SOCK_DGRAM, passive=True)
-        if server:
-            name = "--target"
-            peer = addr.parse_endpoint(args[name])
-        else:
-            name = ""   # _destination() names the option itself
-            peer = _destination("--server", args["--server"], socket.SOCK_STREAM)
-    except ValueError as exc:
-        raise UsageError(f"{name}: {exc}" if name else str(exc)) from None
-    key = None if args.get("--insecure") else auth.read_key(args["--key-file"], log)
-    return UotConfig(listen, peer, key, **settled(UOT_SETTINGS, values))
+    return _agent_from_options(
+        args, UOT_SETTINGS, lambda values, where, log: _uot(values, where, log, server), log)
 
 
 def _port_range(value):
@@ -460,7 +504,8 @@ EXPOSE_SETTINGS = [
     Setting("carrier", _carrier, "udp", "udp, or tcp where UDP to the relay is blocked"),
     _keepalive("NAT's"),
     FLOW_IDLE,
-    Setting("max_flows", _flow_count, 1024, "flows (service sockets) kept at once"),
+    Setting("max_flows", _flow_count, 16384, "flows (service sockets) kept at once"),
+    *INSPECT_SETTINGS,
 ]
 EXPOSE = {s.name: s for s in EXPOSE_SETTINGS}
 
@@ -470,10 +515,13 @@ class ExposeConfig:
     relay: object               # an addr.Destination
     service: tuple
     key: bytes | None
+    path: str | None            # the file read, None from options
     carrier: str                # the rest as EXPOSE_SETTINGS says (and defaults)
     keepalive: float
     flow_idle: float
     max_flows: int
+    control_socket: str | None
+    metrics_listen: tuple | None
 
 
 def _expose(values, where, log):
@@ -486,11 +534,11 @@ def _expose(values, where, log):
     except ValueError as exc:
         raise ValueError(f"service: {exc}") from None
     rest = settled(EXPOSE_SETTINGS, values, only=("carrier", "keepalive", "flow_idle",
-                                                   "max_flows"))
+                                                  "max_flows") + INSPECT)
     kind = socket.SOCK_STREAM if rest["carrier"] == "tcp" else socket.SOCK_DGRAM
     relay = _destination("relay", values["relay"], kind)
     key = _key(values, where, log)
-    return ExposeConfig(relay=relay, service=service, key=key, **rest)
+    return ExposeConfig(relay=relay, service=service, key=key, path=_path(where), **rest)
 
 
 def _destination(name, text, kind):
@@ -566,7 +614,8 @@ PUNCH_SETTINGS = [
             "extra sockets and guessed ports against a symmetric NAT (0: none)"),
     Setting("retry", positive_number, 30.0, "seconds between direct attempts while relayed"),
     FLOW_IDLE,
-    Setting("max_flows", _flow_count, 1024, "flows kept at once"),
+    Setting("max_flows", _flow_count, 16384, "flows kept at once"),
+    *INSPECT_SETTINGS,
 ]
 PUNCH = {s.name: s for s in PUNCH_SETTINGS}
 
@@ -581,6 +630,9 @@ class PunchConfig:
     retry: float
     flow_idle: float
     max_flows: int
+    control_socket: str | None
+    metrics_listen: tuple | None
+    path: str | None = None             # the file read, None from options
     peer: object = None                 # an addr.Destination; None: not this side's way
     relay: object = None
     forward: tuple | None = None
@@ -620,9 +672,9 @@ def _punch(values, where, log):
         raise ValueError(str(exc).replace("key_file", n("key_file"))
                          .replace("insecure", n("insecure"))) from None
     rest = settled(PUNCH_SETTINGS, values, only=("port", "rendezvous", "keepalive",
-                                                  "probe_ports", "retry", "flow_idle",
-                                                  "max_flows"))
-    return PunchConfig(key=key, **endpoints, **rest)
+                                                 "probe_ports", "retry", "flow_idle",
+                                                 "max_flows") + INSPECT)
+    return PunchConfig(key=key, path=_path(where), **endpoints, **rest)
 
 
 def load_punch(path, log=None):
