@@ -257,13 +257,55 @@ def test_unknown_sessions_get_a_stale_no_larger_and_rate_limited_per_source():
     acceptor = Acceptor(KEY, [wire.ROLE_EXPOSE], responder_name(KEY, "tunnel"))
     mine, _ = pair(KEY)
     msg = mine.seal(wire.T_KEEPALIVE, 0, wire.KEEPALIVE.pack(0, 0, 0))
-    stale = acceptor.answer_unknown(msg, mine.peer_id, mine.send_nonce, PEER, 0.0)
-    assert stale is not None and len(stale) <= len(msg)
-    assert acceptor.answer_unknown(msg[:-1], 7, 1, ELSEWHERE, 0.0) is None      # smaller
-    assert acceptor.answer_unknown(msg, 0, 1, ELSEWHERE, 0.0) is None           # session 0
-    answered = sum(acceptor.answer_unknown(msg, 7, 1, PEER, 0.0) is not None for _ in range(50))
+    (stale,) = acceptor.answer_unknown(msg, mine.peer_id, mine.send_nonce, PEER, 0.0)
+    assert len(stale) <= len(msg)
+    assert acceptor.answer_unknown(msg[:-1], 7, 1, ELSEWHERE, 0.0) == []        # smaller
+    assert acceptor.answer_unknown(msg, 0, 1, ELSEWHERE, 0.0) == []             # session 0
+    answered = sum(acceptor.answer_unknown(msg, 7, 1, PEER, 0.0) != [] for _ in range(50))
     assert answered < 5                     # one source gets a few a second
-    assert acceptor.answer_unknown(msg, 7, 1, ELSEWHERE, 0.0) is not None
+    assert acceptor.answer_unknown(msg, 7, 1, ELSEWHERE, 0.0) != []
+
+
+NEW_KEY = auth.generate_key()
+
+
+def rotating(name="tunnel"):
+    """A tunnel's acceptor half-way through a key rotation: NEW_KEY, and KEY before it."""
+    return Acceptor(NEW_KEY, [wire.ROLE_EXPOSE], responder_name(NEW_KEY, name),
+                    previous=KEY, previous_responder=responder_name(KEY, name))
+
+
+def test_a_previous_key_is_still_answered_under_itself_during_a_rotation():
+    acceptor = rotating()
+    for key in (KEY, NEW_KEY):              # an initiator with either key gets a session
+        initiator = Initiator(key, wire.ROLE_EXPOSE)
+        welcome, pending = acceptor.hello(initiator.hello(), PEER, 1.0)
+        mine = initiator.welcome(welcome)
+        confirm = mine.seal(wire.T_KEEPALIVE, 0, wire.KEEPALIVE.pack(0, 0, 0))
+        theirs = acceptor.confirm(pending.local_id, confirm, 1)
+        reply = theirs.seal(wire.T_DATA, 3, b"both ways")
+        assert mine.open(reply, 1) is not None
+    with pytest.raises(Drop, match="mac"):  # a third key is still nobody's
+        acceptor.hello(Initiator(auth.generate_key(), wire.ROLE_EXPOSE).hello(), PEER, 1.0)
+
+
+def test_an_initiator_with_the_previous_key_believes_the_stale_it_is_sent():
+    before = Acceptor(KEY, [wire.ROLE_EXPOSE], responder_name(KEY, "tunnel"))
+    initiator = Initiator(KEY, wire.ROLE_EXPOSE)
+    welcome, _pending = before.hello(initiator.hello(), PEER, 0.0)
+    mine = initiator.welcome(welcome)
+    msg = mine.seal(wire.T_KEEPALIVE, 0, wire.KEEPALIVE.pack(0, 0, 0))
+    # The tunnel restarted with the new key and the old one as previous: of the two
+    # STALEs, the old key's is the one this initiator can check, and it does.
+    stales = rotating().answer_unknown(msg, mine.peer_id, mine.send_nonce, PEER, 0.0)
+    assert len(stales) == 2 and all(len(stale) <= len(msg) for stale in stales)
+    believed = []
+    for stale in stales:
+        try:
+            believed.append(initiator.stale(stale, mine))
+        except Drop:
+            pass
+    assert believed == [True]
 
 
 def test_pending_sessions_of_one_source_do_not_push_out_anothers():

@@ -119,7 +119,7 @@ def tunnel(mode="expose", key=KEY, **settings):
     values = {name: s.default for name, s in TUNNEL.items()
               if name in TunnelConfig.__dataclass_fields__}
     values.update(name="t", public=(socket.AF_INET, ("192.0.2.100", 7000)), register=None,
-                  mode=mode, key=key, tcp=False, **settings)
+                  mode=mode, key=key, previous_key=None, tcp=False, **settings)
     config = TunnelConfig(**values)
     return SimpleNamespace(name="t", config=config, sockets={"public": Sock()},
                            shared=RelayShared(config))

@@ -59,6 +59,8 @@ Options:
   --key-file FILE             The tunnel's key, shared with the exposer ("-": standard
                               input).
   --insecure                  No key: any host may register as the exposer.
+  --previous-key-file FILE    A key being rotated out: exposers that still have it are
+                              welcomed under it (see KEYS in udpmux(8)).
   --mode MODE                 expose, or rendezvous: where punch peers meet
                               [default: {_d("mode")}].
   --no-tcp                    Accept exposers over UDP only, not also over TCP at the
@@ -236,6 +238,8 @@ Options:
   --target HOST:PORT          The UDP service.
   --key-file FILE             The key shared with clients ("-": standard input).
   --insecure                  No key.
+  --previous-key-file FILE    A key being rotated out: clients that still have it are
+                              welcomed under it (see KEYS in udpmux(8)).
   --flow-idle SECONDS         A flow without datagrams this long ends
                               [default: {_u("flow_idle")}].
   --max-flows N               Flows (UDP sockets towards the target) kept at once, all

@@ -75,6 +75,9 @@ def _udp_listen(name, value):
 
 
 # Settings more than one mode has.
+PREVIOUS_KEY = Setting("previous_key_file", nonempty_text, None,
+                       "a key being rotated out: still accepted from agents that have it, "
+                       "never used to send anything else")
 FLOW_IDLE = Setting("flow_idle", positive_number, 180.0,
                     "seconds without datagrams before a flow ends")
 
@@ -114,6 +117,7 @@ TUNNEL_SETTINGS = [
     Setting("register", nonempty_text, None, "where the exposer registers (default: the public socket)"),
     Setting("key_file", nonempty_text, None, "the tunnel's key file"),
     Setting("insecure", boolean, False, "run without a key"),
+    PREVIOUS_KEY,
     Setting("tcp", boolean, True,
             "also accept exposers over TCP at the register address (for networks that drop UDP)"),
     Setting("max_flows", _flow_count, 65536, "flows kept at once; the idlest goes first"),
@@ -159,6 +163,7 @@ class TunnelConfig:
     public: tuple               # (family, sockaddr)
     register: tuple | None      # None: the public socket
     key: bytes | None           # None: --insecure
+    previous_key: bytes | None  # a key being rotated out
     mode: str                   # the rest as TUNNEL_SETTINGS says (and defaults)
     tcp: bool
     max_flows: int
@@ -216,8 +221,9 @@ def _tunnel(name, values, where, log):
                          f"agents, not {values['max_flows']}")
     key = _key(values, where, log)
     numbers = settled(TUNNEL_SETTINGS, values, exclude=("public", "register", "key_file",
-                                                         "insecure"))
-    return TunnelConfig(name=name, public=public, register=register, key=key, source=where,
+                                                         "insecure", "previous_key_file"))
+    return TunnelConfig(name=name, public=public, register=register, key=key,
+                        previous_key=_previous_key(values, key, where, log), source=where,
                         **numbers)
 
 
@@ -232,6 +238,23 @@ def _key(values, where, log):
     if values.get("key_file"):
         return auth.read_key(values["key_file"], log)
     raise ValueError("key_file: missing (or set insecure = true to run without a key)")
+
+
+def _previous_key(values, key, where, log):
+    """The key that previous_key_file names, or None; ValueError when it cannot be one."""
+    path = values.get("previous_key_file")
+    if path is None:
+        return None
+    if key is None:
+        raise ValueError("previous_key_file: without a key there is no key to rotate")
+    if path == "-" and where != "options":
+        raise ValueError("previous_key_file: \"-\" (standard input) works on the command "
+                         "line only")
+    previous = auth.read_key(path, log)
+    if previous == key:
+        raise ValueError("previous_key_file: the same key as key_file; a rotation's previous "
+                         "key is the one being replaced")
+    return previous
 
 
 def _check_unique(tunnels, complain):
@@ -372,6 +395,7 @@ UOT_SETTINGS = [
     Setting("server", nonempty_text, None, "uot-client: the uot-server's address, HOST:PORT"),
     Setting("key_file", nonempty_text, None, "the key both ends share"),
     Setting("insecure", boolean, False, "run without a key"),
+    PREVIOUS_KEY,
     FLOW_IDLE,
     Setting("max_flows", _flow_count, 16384, "flows (UDP sockets at the server) kept at once"),
     Setting("max_clients", positive_int, 64, "uot-client connections served at once"),
@@ -388,6 +412,7 @@ class UotConfig:
     peer: object                # the server's target (family, sockaddr); the client's
                                 # server, an addr.Destination
     key: bytes | None
+    previous_key: bytes | None  # uot-server: a key being rotated out
     path: str | None            # the file read, None from options
     flow_idle: float            # the rest as UOT_SETTINGS says (and defaults)
     max_flows: int
@@ -405,9 +430,10 @@ def _uot(values, where, log, server):
     for required in ("listen", mine):
         if values.get(required) is None:
             raise ValueError(f"{n(required)}: missing ({UOT[required].help})")
-    if values.get(other) is not None:
-        raise ValueError(f"{n(other)}: not a uot-{'server' if server else 'client'}'s "
-                         f"setting ({UOT[other].help})")
+    for name in (other,) if server else (other, "previous_key_file"):
+        if values.get(name) is not None:
+            raise ValueError(f"{n(name)}: not a uot-{'server' if server else 'client'}'s "
+                             f"setting ({UOT[name].help})")
     name = "listen"
     try:
         listen = addr.parse_endpoint(values[name], socket.SOCK_STREAM if server
@@ -419,7 +445,8 @@ def _uot(values, where, log, server):
         raise ValueError(f"{n(name)}: {exc}") from None
     if not server:          # resolved again when the client connects
         peer = _destination(n("server"), values["server"], socket.SOCK_STREAM)
-    return UotConfig(listen, peer, _key(values, where, log), _path(where),
+    key = _key(values, where, log)
+    return UotConfig(listen, peer, key, _previous_key(values, key, where, log), _path(where),
                      **settled(UOT_SETTINGS, values, only=("flow_idle", "max_flows",
                                                            "max_clients") + INSPECT))
 

@@ -128,16 +128,18 @@ class Responder:
     link-server, punch's forward side), or any number (a rendezvous tunnel).  `name`
     (a relay tunnel's) gives WELCOME a responder field that stays the same across
     restarts, so this responder may answer STALE for sessions it does not know
-    (`stale`).  `acceptor` lets several responders share one (a uot-server's
+    (`stale`).  `previous` is a key being rotated out (session.Acceptor).  `acceptor`
+    lets several responders share one (a uot-server's
     connections), with its bounds and HELLO memory.  A session belongs to the carrier
     its handshake came on (`where`: a TCP connection, or None for the UDP socket); its
     messages on another are refused."""
 
     def __init__(self, psk, roles, name=None, single=True, stale=False, epoch=0,
-                 acceptor=None):
+                 acceptor=None, previous=None):
         self.keyed = psk is not None
-        self.acceptor = acceptor or Acceptor(psk, roles,
-                                             responder_name(psk, name) if name else None)
+        self.acceptor = acceptor or Acceptor(
+            psk, roles, responder_name(psk, name) if name else None, previous=previous,
+            previous_responder=responder_name(previous, name) if name and previous else None)
         self.single = single
         self.stale = stale
         self.epoch = epoch
@@ -183,8 +185,7 @@ class Responder:
                     self.carriers[sid] = where
             else:
                 if self.stale and where is None:
-                    stale = self.acceptor.answer_unknown(msg, sid, nonce, key, now)
-                    if stale is not None:
+                    for stale in self.acceptor.answer_unknown(msg, sid, nonce, key, now):
                         out.replies.append((stale, key))
                 return out.drop(R_SESSION)
         except Drop as exc:

@@ -26,6 +26,7 @@ import errno
 import time
 
 from udpmux import addr, agentstatus, sockets, wire
+from udpmux.agentreload import Reloader
 from udpmux.batchio import Batch
 from udpmux.carrier import Dialer, TcpCarrier
 from udpmux.config import expose_from_options, load_expose
@@ -376,6 +377,40 @@ class ExposeWorker(Worker):
         self.flows.close_all()
         self.log.info("stopped")
 
+    # -- reload (agentreload.py)
+
+    FIXED = ("carrier",)                # the rest changes in place
+
+    def apply(self, config, changed):
+        self.keepalive, self.flow_idle = config.keepalive, config.flow_idle
+        self.max_flows = self.flows.max_flows = config.max_flows
+        if "max_flows" in changed:
+            raise_open_files(config.max_flows + 64, self.log, "max_flows service sockets")
+        if "service" in changed:        # every flow's next datagram opens a new socket
+            self.service = self.flows.endpoint = config.service
+            self.flows.close_all()
+        if "relay" in changed:
+            self.relay = config.relay
+            if self.tcp:
+                self.dialer.destination = config.relay
+        if {"key", "relay", "keepalive"} & set(changed):
+            self.key, self.keyed = config.key, config.key is not None
+            self.register_again(time.monotonic())
+
+    def register_again(self, now):
+        """A new handshake, under the key and with the relay of the configuration."""
+        self.endpoint = Initiator(self.key, wire.ROLE_EXPOSE, keepalive=self.keepalive,
+                                  repeat=not self.tcp)
+        self.registered = False
+        if self.tcp:
+            if self.carrier is not None:
+                self.carrier.close("the configuration changed")
+        elif self.relay.address is None or self.resolve_at is not None:
+            self.resolve_at = now       # the next tick resolves and says hello
+        else:
+            self.open_relay_socket()
+            self.endpoint.start(now)
+
     # -- status
 
     def report(self, now):
@@ -405,5 +440,10 @@ def main(args):
     worker = ExposeWorker(config.relay, config.service, config.key, carrier=config.carrier,
                           keepalive=config.keepalive, flow_idle=config.flow_idle,
                           max_flows=config.max_flows, log=log)
+    path = args.get("--config")
+    reloader = Reloader.factory(
+        (lambda: load_expose(path, log)) if path else (lambda: expose_from_options(args, log)),
+        config, ExposeWorker.FIXED, log)
     return worker.serve(agentstatus.Inspector("expose", config.control_socket,
-                                              config.metrics_listen, log, config.path))
+                                              config.metrics_listen, log, config.path),
+                        reloader)

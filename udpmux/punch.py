@@ -53,11 +53,13 @@ How we name things:
   attempt   a round of punching: PUNCH_TIMEOUT seconds of probes
 """
 
+import dataclasses
 import random
 import socket
 import time
 
 from udpmux import addr, agentstatus, config, sockets, wire
+from udpmux.agentreload import Reloader
 from udpmux.batchio import Batch
 from udpmux.datapath import BATCH, Drops, Sender, batches, each_message
 from udpmux.endpoint import (
@@ -670,6 +672,15 @@ class PunchWorker(Worker):
             self.flows.close_all()
         self.log.info("stopped")
 
+    # -- reload (agentreload.py): the timers change in place; the rest (the key, the
+    # peer, the relay, the ports) with a restart, which punches afresh.
+
+    FIXED = tuple(f.name for f in dataclasses.fields(config.PunchConfig)
+                  if f.name not in ("flow_idle", "retry", "path", *config.INSPECT))
+
+    def apply(self, settings, changed):
+        self.flow_idle, self.retry = settings.flow_idle, settings.retry
+
     # -- status
 
     def report(self, now):
@@ -763,5 +774,10 @@ def main(args):
                          probe_ports=settings.probe_ports, flow_idle=settings.flow_idle,
                          max_flows=settings.max_flows, retry=settings.retry, log=log)
     worker.relay_name = settings.relay
+    path = args["--config"]
+    reloader = Reloader.factory(
+        (lambda: config.load_punch(path, log)) if path else
+        (lambda: config.punch_from_options(args, log)), settings, PunchWorker.FIXED, log)
     return worker.serve(agentstatus.Inspector("punch", settings.control_socket,
-                                              settings.metrics_listen, log, settings.path))
+                                              settings.metrics_listen, log, settings.path),
+                        reloader)

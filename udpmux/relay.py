@@ -106,7 +106,10 @@ class RelayShared:
             self.table = TagTable(config.max_flows)
             self.epoch = int.from_bytes(os.urandom(8), "big") or 1
         size = report_size(config.max_flows) if config.mode == "rendezvous" else DEFAULT_SIZE
-        if old is not None and old.config.key == config.key and old.shared.report.size == size:
+        # The exposer's session goes on with a successor that still takes its key: the
+        # same, or the one a rotation keeps as previous (restore() checks which it was).
+        if old is not None and old.config.key in (config.key, config.previous_key) \
+                and old.shared.report.size == size:
             self.report, self.record = old.shared.report, old.shared.record
         else:
             self.report, self.record = SharedBlock(size), SessionRecord()
@@ -221,7 +224,7 @@ class RelayWorker(Worker):
         self.table.attach()
         self.drops = self.drop = Drops(self.log, f"tunnel {self.name}")
         self.endpoint = Responder(config.key, [wire.ROLE_EXPOSE], name=self.name, stale=True,
-                                  epoch=self.epoch)
+                                  epoch=self.epoch, previous=config.previous_key)
         self.flows = ClientFlows(self.table, self.flow_closed)
         self.carrier = None             # the exposer's TCP connection, when it came over TCP
         self.tcp_peers = {}             # TcpCarrier -> Waiting, oldest first
@@ -269,6 +272,7 @@ class RelayWorker(Worker):
         # A session over TCP died with its connection: the exposer connects again.
         if not saved or saved.get("keyed") != self.keyed or saved.get("carrier") == "tcp":
             return
+        responder = bytes.fromhex(saved.get("responder") or "") or self.acceptor_names()[0]
         session = Session(saved["local_id"], saved["peer_id"],
                           bytes.fromhex(saved["send_key"]) if self.keyed else None,
                           bytes.fromhex(saved["recv_key"]) if self.keyed else None,
@@ -284,6 +288,14 @@ class RelayWorker(Worker):
             reserved = max(reserved, recorded_reserve)
         session.resume(reserved, received)
         session.confirmed = True
+        session.responder = responder
+        if responder not in self.acceptor_names():
+            # Its key was rotated out: a last BYE under the session, so that the exposer
+            # registers again now, with the key it has been given or to hear nothing.
+            self.log.info("tunnel %s: the exposer at %s had a key no longer accepted; "
+                          "its session ends", self.name, format_peer(session.peer))
+            self.send_to(session.seal(T_BYE, 0, REASON.pack(CLOSE_SHUTDOWN)), session.peer)
+            return
         self.endpoint.restore(session)
         self.restored = True
         self.note_nonces()
@@ -291,6 +303,13 @@ class RelayWorker(Worker):
         self.registered = now - saved.get("age", 0.0)
         self.log.info("tunnel %s: worker %d carries on with the exposer at %s",
                       self.name, os.getpid(), format_peer(session.peer))
+
+    def acceptor_names(self):
+        """The responder names of the keys this tunnel takes: its key's, then the
+        previous key's during a rotation."""
+        acceptor = self.endpoint.acceptor
+        return [acceptor.responder] + ([acceptor.previous.responder]
+                                       if acceptor.previous is not None else [])
 
     # -- from clients
 
@@ -534,7 +553,7 @@ class RelayWorker(Worker):
             # A restored session lives on memory a dead process left: ask the exposer
             # for a new handshake.
             self.restored = False
-            self.send_to(self.endpoint.acceptor.stale(session.local_id, got.nonce),
+            self.send_to(self.endpoint.acceptor.stale(session.local_id, got.nonce, session),
                          session.peer)
         if got.mtype == T_DATA:
             self.to_client(msg, got.tag, now, start, carrier)
@@ -712,6 +731,7 @@ class RelayWorker(Worker):
                 "send_reserved": session.last_sent + NONCE_RESERVE,
                 "recv_top": session.received_top,
                 "peer": session.peer.hex(),
+                "responder": session.responder.hex() if session.responder else None,
                 "age": now - self.registered,
                 "carrier": "tcp" if self.carrier is not None else "udp",
             }

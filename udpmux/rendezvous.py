@@ -99,7 +99,7 @@ class RendezvousWorker(Worker):
 
     def setup(self):
         self.endpoint = Responder(self.config.key, [wire.ROLE_PUNCH], name=self.name,
-                                  single=False, stale=True)
+                                  single=False, stale=True, previous=self.config.previous_key)
         self.peers = {}                 # our session id -> Peer
         self.names = {}                 # (name, side) -> Peer
         self.pairs = 0

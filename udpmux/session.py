@@ -407,14 +407,26 @@ class Acceptor(_HandshakeKey):
     """The end that answers HELLO: keeps pending sessions, bounded, until confirmed.
 
     `responder` is the name this responder gives in WELCOME and keys its STALE with:
-    responder_name() for one that answers STALE after a restart, random otherwise."""
+    responder_name() for one that answers STALE after a restart, random otherwise.
+
+    `previous` is a key being rotated out: a HELLO under it is still answered, under it,
+    and its sessions keyed from it (with `previous_responder` as their responder's name),
+    and a STALE goes out under it as well as under the key, so that initiators that
+    still have it lose nothing while they are given the new one.  Nothing else is ever
+    sent with it."""
 
     def __init__(self, psk, roles, responder=None, pending_max=PENDING_MAX,
-                 pending_ttl=PENDING_TTL, hello_rate=HELLO_RATE):
+                 pending_ttl=PENDING_TTL, hello_rate=HELLO_RATE, previous=None,
+                 previous_responder=None):
         super().__init__(psk)
         self.roles = frozenset(roles)
         self.responder = responder or os.urandom(RESPONDER_SIZE)
         self.stale_key = _stale_key(psk, self.responder) if self.keyed else None
+        self.previous = None
+        if previous is not None and self.keyed:
+            self.previous = _HandshakeKey(previous)
+            self.previous.responder = previous_responder or self.responder
+            self.previous.stale_key = _stale_key(previous, self.previous.responder)
         self.answers = TokenBucket(hello_rate)
         self.answers_from = PerSource(min(hello_rate, HELLO_RATE_PER_SOURCE), SOURCES_TRACKED)
         self.stales = TokenBucket(STALE_RATE)
@@ -431,7 +443,14 @@ class Acceptor(_HandshakeKey):
         after the HELLO authenticated and proved new, so strangers cannot spend the
         allowance of the true initiator, and per source first, so that one source
         cannot spend the others'."""
-        body = self.open(msg, T_HELLO)
+        keys = self
+        try:
+            body = self.open(msg, T_HELLO)
+        except Drop as exc:
+            if exc.reason != R_MAC or self.previous is None:
+                raise
+            keys = self.previous
+            body = keys.open(msg, T_HELLO)
         id_i, random_i, role = HELLO.unpack(body)
         if role not in self.roles:
             raise Drop(R_ROLE)
@@ -452,15 +471,16 @@ class Acceptor(_HandshakeKey):
         id_r = new_id(set(taken) | self.pending.keys())
         random_r = os.urandom(RANDOM_SIZE)
         if self.keyed:
-            k_i2r, k_r2i = _keys(self.psk, id_i, id_r, random_i, random_r)
+            k_i2r, k_r2i = _keys(keys.psk, id_i, id_r, random_i, random_r)
         else:
             k_i2r = k_r2i = None
         session = Session(id_r, id_i, k_r2i, k_i2r, role, peer)
         session.epoch = epoch
+        session.responder = keys.responder
         self.pending[id_r] = (session, now)
         family, port, address = observed_fields(peer)
-        welcome = self.seal(T_WELCOME, id_i, WELCOME.pack(id_r, random_i, random_r, family,
-                                                          port, address, epoch, self.responder))
+        welcome = keys.seal(T_WELCOME, id_i, WELCOME.pack(id_r, random_i, random_r, family,
+                                                          port, address, epoch, keys.responder))
         return welcome, session
 
     def confirm(self, session_id, msg, nonce):
@@ -484,16 +504,26 @@ class Acceptor(_HandshakeKey):
                 break
             self.pending.popitem(last=False)
 
-    def stale(self, unknown_id, nonce):
-        """STALE for a message that named a session this responder does not know."""
+    def stale(self, unknown_id, nonce, session=None):
+        """STALE for a message that named a session this responder does not know (or no
+        longer trusts: `session`, under the key it was made with)."""
+        if session is not None and self.previous is not None \
+                and session.responder == self.previous.responder != self.responder:
+            return self.previous.seal(T_STALE, 0, STALE.pack(unknown_id, nonce),
+                                      self.previous.stale_key)
         return self.seal(T_STALE, 0, STALE.pack(unknown_id, nonce), self.stale_key)
 
     def answer_unknown(self, msg, sid, nonce, peer, now):
-        """The STALE to send to `peer` for a message that named a session id this responder
-        does not know, or None: never for session 0, never larger than what it answers,
-        and rate limited per source and in all."""
+        """The STALEs to send to `peer` for a message that named a session id this
+        responder does not know: one, and one more under a previous key; none for
+        session 0, none larger than what they answer, and rate limited per source and in
+        all."""
         if sid == 0 or len(msg) < HEADER_SIZE + STALE.size + (MAC_SIZE if self.keyed else 0):
-            return None
+            return []
         if not self.stales_to.take(source_of(peer), now) or not self.stales.take(now):
-            return None
-        return self.stale(sid, nonce)
+            return []
+        stale = STALE.pack(sid, nonce)
+        out = [self.seal(T_STALE, 0, stale, self.stale_key)]
+        if self.previous is not None:   # the session may have been under the previous key
+            out.append(self.previous.seal(T_STALE, 0, stale, self.previous.stale_key))
+        return out

@@ -37,6 +37,7 @@ How we name things:
 import time
 
 from udpmux import addr, agentstatus, config, sockets, wire
+from udpmux.agentreload import Reloader
 from udpmux.batchio import Batch
 from udpmux.carrier import Dialer, TcpCarrier
 from udpmux.datapath import BATCH, Drops, Sender, batches
@@ -98,8 +99,9 @@ class Client:
 
 class UotServer(Worker):
     def __init__(self, listener, target, key, flow_idle=180.0, max_flows=1024, max_clients=64,
-                 log=None):
+                 previous_key=None, log=None):
         super().__init__("uot-server", None, (), log)
+        self.previous_key = previous_key    # a key being rotated out, still welcomed
         self.listener = listener
         self.target = target            # (family, sockaddr)
         self.key = key
@@ -109,7 +111,7 @@ class UotServer(Worker):
         self.max_clients = max_clients
 
     def setup(self):
-        self.acceptor = Acceptor(self.key, [wire.ROLE_UOT])
+        self.acceptor = Acceptor(self.key, [wire.ROLE_UOT], previous=self.previous_key)
         self.clients = {}               # carrier -> Client
         self.drops = self.drop = Drops(self.log, "uot-server")
         self.every = Every(60.0)
@@ -282,6 +284,24 @@ class UotServer(Worker):
         self.listener.close()
         self.log.info("stopped")
 
+    # -- reload (agentreload.py)
+
+    FIXED = ("listen",)
+
+    def apply(self, config, changed):
+        self.flow_idle, self.max_clients = config.flow_idle, config.max_clients
+        self.max_flows = self.flows.max_flows = config.max_flows
+        if {"max_flows", "max_clients"} & set(changed):
+            raise_open_files(config.max_flows + config.max_clients + 64, self.log,
+                             "max_flows and max_clients")
+        if "peer" in changed:           # every flow's next datagram opens a new socket
+            self.target = self.flows.endpoint = config.peer
+            self.flows.close_all()
+        if {"key", "previous_key"} & set(changed):
+            # New connections are welcomed under the new keys; those that are up go on.
+            self.key, self.keyed = config.key, config.key is not None
+            self.acceptor = Acceptor(self.key, [wire.ROLE_UOT], previous=config.previous_key)
+
     # -- status
 
     def report(self, now):
@@ -452,6 +472,20 @@ class UotClient(Worker):
         self.udp.close()
         self.log.info("stopped")
 
+    # -- reload (agentreload.py)
+
+    FIXED = ("listen", "max_flows")     # max_flows: the flow table's size
+
+    def apply(self, config, changed):
+        self.flow_idle = config.flow_idle
+        if "peer" in changed:
+            self.server = self.dialer.destination = config.peer
+        if {"key", "peer"} & set(changed):
+            self.key, self.keyed = config.key, config.key is not None
+            self.endpoint = Initiator(self.key, wire.ROLE_UOT, repeat=False)
+            if self.carrier is not None:    # connect again, and say hello under it
+                self.carrier.close("the configuration changed")
+
     # -- status
 
     def report(self, now):
@@ -478,9 +512,12 @@ def _settings(args, server, log):
     return config.uot_from_options(args, server, log)
 
 
-def _inspector(mode, settings, log):
-    return agentstatus.Inspector(mode, settings.control_socket, settings.metrics_listen, log,
-                                 settings.path)
+def _serve(worker, mode, args, settings, log):
+    server = mode == "uot-server"
+    return worker.serve(
+        agentstatus.Inspector(mode, settings.control_socket, settings.metrics_listen, log,
+                              settings.path),
+        Reloader.factory(lambda: _settings(args, server, log), settings, worker.FIXED, log))
 
 
 def server_main(args):
@@ -490,15 +527,16 @@ def server_main(args):
                      "max_flows and max_clients")
     listener = sockets.tcp_listener(*settings.listen, "listen" if settings.path
                                     else "--listen")
-    return UotServer(listener, settings.peer, settings.key, flow_idle=settings.flow_idle,
-                     max_flows=settings.max_flows, max_clients=settings.max_clients,
-                     log=log).serve(_inspector("uot-server", settings, log))
+    worker = UotServer(listener, settings.peer, settings.key, flow_idle=settings.flow_idle,
+                       max_flows=settings.max_flows, max_clients=settings.max_clients,
+                       previous_key=settings.previous_key, log=log)
+    return _serve(worker, "uot-server", args, settings, log)
 
 
 def client_main(args):
     log = setup_log(args.get("--debug"))
     settings = _settings(args, False, log)
     udp = sockets.udp(*settings.listen, "listen" if settings.path else "--listen")
-    return UotClient(udp, settings.peer, settings.key, flow_idle=settings.flow_idle,
-                     max_flows=settings.max_flows, log=log).serve(
-                         _inspector("uot-client", settings, log))
+    worker = UotClient(udp, settings.peer, settings.key, flow_idle=settings.flow_idle,
+                       max_flows=settings.max_flows, log=log)
+    return _serve(worker, "uot-client", args, settings, log)

@@ -49,6 +49,7 @@ class Worker:
         self.stopping_until = None
         self._wake_r = self._wake_w = None
         self.inspector = None           # standalone: its control socket and metrics
+        self.reloader = None            # standalone: what SIGHUP does (agentreload.py)
         self.reload_error = None        # standalone: why the last reload failed, if it did
 
     # -- the child's life
@@ -79,10 +80,12 @@ class Worker:
         finally:
             os._exit(status)
 
-    def serve(self, inspector=None):
+    def serve(self, inspector=None, reloader=None):
         """Run in this process, without a master; returns the exit status.  The
         inspector (agentstatus.Inspector) serves `udpmux status` and metrics from the
-        loop once the worker is set up."""
+        loop once the worker is set up; the reloader, given the worker, is what SIGHUP
+        does (agentreload.Reloader)."""
+        self.reloader = reloader and reloader(self)
         self.init_process(standalone=True)
         self.inspector = inspector
         try:
@@ -104,8 +107,10 @@ class Worker:
         signal.signal(signal.SIGTERM, _ignore)      # handled in the loop: a graceful stop
         # Under a master, ^C reaches the whole process group: the master decides.
         signal.signal(signal.SIGINT, _ignore if standalone else signal.SIG_IGN)
-        # Reloads go through the master; alone, a hang-up may mean "stop".
-        signal.signal(signal.SIGHUP, _ignore if standalone and self.HUP_STOPS
+        # Reloads go through the master; alone, a hang-up means "reload" to an agent
+        # that reloads, and may mean "stop" (ssh's ProxyCommand).
+        signal.signal(signal.SIGHUP, _ignore if standalone and (self.HUP_STOPS or
+                                                                self.reloader is not None)
                       else signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
@@ -181,8 +186,11 @@ class Worker:
             data = self._wake_r.recv(64)
         except BlockingIOError:
             return
-        if signal.SIGTERM in data or signal.SIGINT in data or signal.SIGHUP in data:
+        if signal.SIGTERM in data or signal.SIGINT in data or \
+                (signal.SIGHUP in data and self.HUP_STOPS):
             self.stop(5.0, final=True)
+        elif signal.SIGHUP in data and self.reloader is not None:
+            self.reloader()
 
     def stop(self, deadline, final=True):
         """Begin a graceful stop: subclasses say goodbye in on_stop(), then the loop
@@ -226,6 +234,11 @@ class Worker:
 
     def flow_list(self, now):
         """Standalone: every flow, for `udpmux status --flows`."""
+        raise NotImplementedError
+
+    def apply(self, config, changed):
+        """Standalone: a reloaded configuration whose `changed` settings (names of its
+        fields) differ from the running ones, all of which this agent can change."""
         raise NotImplementedError
 
 
