@@ -1,6 +1,7 @@
 """Running udpmux as a service: status and metrics agree with the traffic, systemd units
 verify, sd_notify reports the traffic."""
 
+import functools
 import json
 import os
 import re
@@ -456,46 +457,20 @@ def test_the_relay_unit_is_a_notify_service_that_reloads_with_sighup():
     assert exec_start("udpmux-relay.service")[1] == "relay -c /etc/udpmux/relay.toml"
 
 
-@pytest.mark.parametrize("mode", ["expose", "punch"])
-def test_the_templates_pick_their_file_by_instance_name(mode):
-    found = settings(unit(f"udpmux-{mode}@.service"))
-    assert exec_start(f"udpmux-{mode}@.service")[1] == f"{mode} -c /etc/udpmux/{mode}-%i.toml"
+@pytest.mark.parametrize("mode", AGENTS)
+def test_the_templates_pick_their_file_by_instance_name_and_reload_it(mode):
+    name = f"udpmux-{mode}@.service"
+    found = settings(unit(name))
+    assert exec_start(name)[1] == f"{mode} -c /etc/udpmux/{mode}-%i.toml"
+    assert found["ExecReload"] == [
+        f"/usr/local/bin/udpmux check -c /etc/udpmux/{mode}-%i.toml --mode {mode}",
+        "/bin/kill -HUP $MAINPID"]
+    assert found["RuntimeDirectory"] == [f"udpmux-{mode}-%i"]
     assert found.get("AmbientCapabilities") is None
 
 
-@pytest.mark.parametrize("mode", ["uot-server", "uot-client"])
-def test_the_uot_templates_take_their_options_from_the_instance_env_file(mode):
-    found = settings(unit(f"udpmux-{mode}@.service"))
-    assert found["EnvironmentFile"] == [f"/etc/udpmux/{mode}-%i.env"]   # required: no "-"
-    assert exec_start(f"udpmux-{mode}@.service")[1] == f"{mode} $UOT_OPTIONS"
-    assert found.get("AmbientCapabilities") is None
-
-
-def environment_file(path):
-    """The variables of a systemd EnvironmentFile= (KEY=VALUE lines, # comments)."""
-    variables = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith(("#", ";")):
-                key, _, value = line.partition("=")
-                variables[key.strip()] = value.strip()
-    return variables
-
-
-def expand(name, instance, variables, program):
-    """The unit's ExecStart= as systemd runs it (systemd.service(5)): %i is the instance,
-    a word $NAME the variable split at white space; `program` (a list) in place of the
-    unit's."""
-    _, rest = exec_start(name)
-    argv = list(program)
-    for word in rest.replace("%i", instance).split():
-        argv += variables[word[1:]].split() if word.startswith("$") else [word]
-    return argv
-
-
-def test_the_uot_units_carry_datagrams_with_the_example_env_files(tmp_path):
-    """conf/uot-server-dns.env and conf/uot-client-dns.env, installed as the units read
+def test_the_uot_units_carry_datagrams_with_the_example_files(tmp_path):
+    """conf/uot-server-dns.toml and conf/uot-client-dns.toml, installed as the units read
     them, with loopback addresses and a key of the test's in place of the examples'."""
     key = tmp_path / "dns.key"
     subprocess.run(udpmux_argv("keygen", key), env=env(), check=True)
@@ -504,22 +479,21 @@ def test_the_uot_units_carry_datagrams_with_the_example_env_files(tmp_path):
     local = {"0.0.0.0:8053": f"{LOCAL}:{tcp}", "gateway.example.net:8053": f"{LOCAL}:{tcp}",
              "127.0.0.1:53": f"{LOCAL}:{echo.port}", "127.0.0.1:5353": f"{LOCAL}:{udp}",
              "/etc/udpmux/dns.key": str(key)}
-    argv, used = {}, set()
-    for mode in ("uot-server", "uot-client"):
-        variables = environment_file(os.path.join(ROOT, "conf", f"{mode}-dns.env"))
-        for name, value in variables.items():
-            words = value.split()
-            used |= set(words) & set(local)
-            variables[name] = " ".join(local.get(word, word) for word in words)
-        argv[mode] = expand(f"udpmux-{mode}@.service", "dns", variables, udpmux_argv())
-    assert used == set(local), f"the examples no longer use {set(local) - used}"
     daemons = []
     try:
-        daemons.append(Daemon(None, argv=argv["uot-server"]))
-        daemons[-1].wait_log("carrying UDP for")
-        daemons.append(Daemon(None, argv=argv["uot-client"]))
-        daemons[-1].wait_log("connected to")
+        for mode, ready in (("uot-server", "carrying UDP for"), ("uot-client", "connected to")):
+            text = open(os.path.join(ROOT, "conf", f"{mode}-dns.toml")).read()
+            for example, mine in local.items():
+                text = text.replace(f'"{example}"', f'"{mine}"')
+            installed = tmp_path / f"{mode}-dns.toml"
+            installed.write_text(text)
+            _program, rest = exec_start(f"udpmux-{mode}@.service")
+            argv = rest.replace("%i", "dns").replace(f"/etc/udpmux/{mode}-dns.toml",
+                                                     str(installed)).split()
+            daemons.append(Daemon(argv, extra_env={"RUNTIME_DIRECTORY": str(tmp_path)}))
+            daemons[-1].wait_log(ready)
         assert exchange(udp_client(), b"example.org?", (LOCAL, udp)) == b"example.org?"
+        assert (tmp_path / "uot-client.sock").exists()
     finally:
         stopped = [(daemon.stop(), daemon) for daemon in reversed(daemons)]
         echo.close()
@@ -538,13 +512,12 @@ def test_the_sysusers_file_creates_the_udpmux_user(tmp_path):
     assert re.search(r"^udpmux:x:\d+:\d+:", (tmp_path / "etc/passwd").read_text(), re.M)
 
 
-def run_exec_reload(conf, pid):
-    """The relay unit's ExecReload= lines, run as systemd runs them: in order, the first
-    that fails failing the reload.  Returns (status, standard error)."""
+def run_exec_reload(conf, pid, name="udpmux-relay.service", installed="/etc/udpmux/relay.toml"):
+    """A unit's ExecReload= lines, run as systemd runs them: in order, the first that
+    fails failing the reload.  Returns (status, standard error)."""
     import shlex
-    for line in settings(unit("udpmux-relay.service"))["ExecReload"]:
-        argv = shlex.split(line.replace("/etc/udpmux/relay.toml", str(conf))
-                           .replace("$MAINPID", str(pid)))
+    for line in settings(unit(name))["ExecReload"]:
+        argv = shlex.split(line.replace(installed, str(conf)).replace("$MAINPID", str(pid)))
         if argv[0] == "/usr/local/bin/udpmux":
             argv = udpmux_argv(*argv[1:])
         out = subprocess.run(argv, env=env(), capture_output=True, text=True, timeout=WAIT)
@@ -579,3 +552,31 @@ def test_the_relay_units_reload_of_a_bad_file_fails_and_leaves_the_relay_alone(t
     finally:
         relay.stop()
         notify.close()
+
+
+def test_an_agent_units_reload_of_a_bad_file_fails_and_a_good_one_applies(tmp_path):
+    key = tmp_path / "key"
+    subprocess.run(udpmux_argv("keygen", key), env=env(), check=True)
+    echo = Echo()
+    tcp = free_port()
+    conf = tmp_path / "uot-server-dns.toml"
+    good = f'listen = "{LOCAL}:{tcp}"\ntarget = "{LOCAL}:{echo.port}"\nkey_file = "{key}"\n'
+    conf.write_text(good)
+    server = Daemon(["uot-server", "-c", conf])
+    try:
+        server.wait_log("carrying UDP for")
+        reload = functools.partial(run_exec_reload, conf, server.pid,
+                                   "udpmux-uot-server@.service",
+                                   "/etc/udpmux/uot-server-%i.toml")
+        conf.write_text(good + "max_client = 5\n")
+        status, err = reload()
+        assert status == 78 and "did you mean 'max_clients'?" in err, err
+        conf.write_text(good + "max_clients = 5\n")
+        assert reload() == (0, "")
+        line = server.lines[server.wait_log("reloaded:")]
+        assert "max_clients changed" in line, line
+        # The bad file never reached the server: one reload, the good one.
+        assert sum("reloading the configuration" in line for line in server.lines) == 1
+    finally:
+        server.stop()
+        echo.close()
