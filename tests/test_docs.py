@@ -199,7 +199,8 @@ TYPES = {settings.positive_int: {"integer"}, settings.positive_number: {"number"
          config._carrier: {"string"}, config._mode: {"string"}, config._port: {"integer"},
          config._rendezvous: {"string"},
          config._probe_count: {"integer"},
-         config._flow_count: {"integer"}, config._networks: {"array"}}
+         config._flow_count: {"integer"}, config._networks: {"array"},
+         config.control_socket_path: {"string"}, config._metrics_endpoint: {"address"}}
 
 
 def default_text(value):
@@ -213,7 +214,8 @@ def default_text(value):
 @pytest.mark.parametrize("group,settings", [("Global settings", config.GLOBAL_SETTINGS),
                                             ("Tunnel settings", config.TUNNEL_SETTINGS),
                                             ("Exposer settings", config.EXPOSE_SETTINGS),
-                                            ("Punch settings", config.PUNCH_SETTINGS)])
+                                            ("Punch settings", config.PUNCH_SETTINGS),
+                                            ("uot settings", config.UOT_SETTINGS)])
 def test_every_config_key_and_default_is_in_the_conf_page(group, settings):
     lines = blocks(page("udpmux.conf.5"), ".Ss").get(group)
     assert lines is not None, f"man/udpmux.conf.5 has no `.Ss {group}`"
@@ -338,11 +340,14 @@ def test_relay_option_defaults_match_config():
 
 
 def test_uot_option_defaults_match_config():
+    # One table for both ends' files; each end's options are its own part of it.
     server = option_defaults(cli.UOT_SERVER)
-    check_option_defaults("uot-server", server, config.UOT_SETTINGS)
+    mine = [s for s in config.UOT_SETTINGS if s.name != "server"]
+    check_option_defaults("uot-server", server, mine)
     client = option_defaults(cli.UOT_CLIENT)
     shared = [s for s in config.UOT_SETTINGS if s.option in client]
-    assert {s.name for s in shared} >= {"flow_idle", "max_flows"}
+    assert {s.name for s in config.UOT_SETTINGS} - {s.name for s in shared} == \
+        {"target", "previous_key_file", "max_clients"}
     check_option_defaults("uot-client", client, shared)
 
 
@@ -430,7 +435,7 @@ def test_example_exposer_file_loads_and_shows_every_key(tmp_path):
     path.write_text(text.replace('"relay.example.net:5566"', '"127.0.0.1:5566"'))
     loaded = config.load_expose(str(path))
     assert loaded.key is not None and loaded.service[1] == ("127.0.0.1", 51820)
-    assert_shows_every_key(text, config.EXPOSE)
+    assert_shows_every_key(text, config.EXPOSE, examples=set(config.INSPECT))
 
 
 PUNCH_EXAMPLE = REPO / "conf" / "punch-mosh.toml"
@@ -444,7 +449,20 @@ def test_example_punch_file_loads_and_shows_every_key(tmp_path):
     assert loaded.key is not None and loaded.rendezvous == "mosh"
     assert loaded.forward[1] == ("127.0.0.1", 60001) and loaded.listen is None
     # peer and listen are the other form's keys, shown commented out as examples.
-    assert_shows_every_key(text, config.PUNCH, examples={"peer", "listen"})
+    assert_shows_every_key(text, config.PUNCH, examples={"peer", "listen", *config.INSPECT})
+
+
+@pytest.mark.parametrize("mode", ["uot-server", "uot-client"])
+def test_example_uot_files_load_and_show_every_key(tmp_path, mode):
+    text = with_temp_keys((REPO / "conf" / f"{mode}-dns.toml").read_text(), tmp_path)
+    path = tmp_path / f"{mode}-dns.toml"
+    path.write_text(text.replace('"gateway.example.net:8053"', '"127.0.0.1:8053"'))
+    loaded = config.load_uot(str(path), mode == "uot-server")
+    assert loaded.key is not None and loaded.path == str(path)
+    own = {name: s for name, s in config.UOT.items()
+           if name not in (("server",) if mode == "uot-server"
+                           else ("target", "previous_key_file", "max_clients"))}
+    assert_shows_every_key(text, own, examples={"previous_key_file", *config.INSPECT})
 
 
 def literal_blocks(lines):
