@@ -1,5 +1,6 @@
 """The shared tag table: a dict model, real forks, a reader racing a writer, crash repair."""
 
+import ctypes
 import json
 import mmap
 import os
@@ -101,6 +102,29 @@ def tagged_key(tag):
     return struct.pack("<I", tag) * 4
 
 
+def resident_pages(table):
+    """Pages of the table's shared memory resident now, by mincore(2); None without it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    vec = ctypes.create_string_buffer(table.size // mmap.PAGESIZE)
+    anchor = ctypes.c_char.from_buffer(table._mm)
+    try:
+        if libc.mincore(ctypes.addressof(anchor), table.size, vec) != 0:
+            return None
+    finally:
+        del anchor
+    return sum(b & 1 for b in vec.raw)
+
+
+def overhead_pages(table):
+    """The pages the header and the used map lie in: resident in any table."""
+    first = table.used_offset // mmap.PAGESIZE
+    last = (table.used_offset + table.nblocks - 1) // mmap.PAGESIZE
+    return 1 + last - first + 1
+
+
 # ------------------------------------------------------------------ basics
 
 
@@ -124,7 +148,8 @@ def test_memory_is_anonymous_and_sized_by_capacity():
     after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     assert after == before
     assert table.ncells == 2048 and table.cell_size == 96
-    pages = -(-(tagtable.HEADER_SIZE + 2048 * 96) // mmap.PAGESIZE)
+    assert table.used_offset == tagtable.HEADER_SIZE + 2048 * 96 and table.nblocks == 64
+    pages = -(-(tagtable.HEADER_SIZE + 2048 * 96 + 64) // mmap.PAGESIZE)
     assert table.size == pages * mmap.PAGESIZE
     for capacity in (1, 2, 3, 5, 6, 7, 100, 1000):   # fewest cells with load <= 3/4
         ncells = TagTable(capacity).ncells
@@ -481,6 +506,85 @@ def test_expiry_removes_only_idle_flows_oldest_first():
     assert table.lru_keys() == [b"\x09", b"\x02", b"\x07"]
 
 
+# ------------------------------------------------------------ memory that grows with the flows
+
+
+def test_a_large_table_costs_its_header_and_used_map_until_flows_come():
+    table = TagTable(1 << 20, key_size=16)      # 2 Mi cells: 160 MiB mapped
+    tracemalloc.start()
+    try:
+        table.attach()
+        assert table.snapshot() == [] and table.lookup(b"k" * 16) is None
+        assert table.summary()["count"] == 0
+        kept, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert kept < 64 * 1024, f"the writer keeps {kept} bytes for an empty table"
+    resident = resident_pages(table)
+    if resident is not None:
+        assert resident <= overhead_pages(table), "cells were touched with no flow"
+    keys = [os.urandom(16) for _ in range(100)]
+    for i, key in enumerate(keys):
+        table.touch(table.insert(key, float(i))[0], float(i), 10)
+    table.sync()
+    table.attach()                              # as a respawned worker would
+    assert sorted(f.key for f in table.snapshot()) == sorted(keys)
+    assert all(table.lookup(key).pkts_in == 1 for key in keys)
+    assert len(table._key) == 100
+    resident = resident_pages(table)
+    if resident is not None:                    # a cell spans at most two pages
+        assert resident <= overhead_pages(table) + 2 * 100
+    table.close()
+
+
+def test_a_new_flow_takes_a_slot_given_back_before_a_new_one():
+    table = TagTable(1000, key_size=16)
+    table.attach()
+    keys = [i.to_bytes(16, "little") for i in range(200)]
+    slots = [table.insert(key, float(i))[0] for i, key in enumerate(keys[:100])]
+    assert slots == list(range(100))
+    for key in keys[:60]:
+        table.remove(table.get(key))
+    again = [table.insert(key, 100.0 + i)[0] for i, key in enumerate(keys[100:160])]
+    assert sorted(again) == list(range(60)) and len(table._key) == 100
+    assert table.insert(keys[160], 200.0)[0] == 100     # past the high-water mark
+    assert len(table._key) == 101 and len(table) == 101
+    for key in keys[60:161]:
+        slot = table.get(key)
+        assert table.key_of(slot) == key and table.lookup(key).tag == table.tag_of(slot)
+    table.attach()                  # a respawned writer numbers the live flows afresh
+    assert len(table._key) == len(table) == 101
+    assert sorted(table.get(key) for key in keys[60:161]) == list(range(101))
+
+
+def test_every_cell_written_lies_in_a_used_block():
+    table = TagTable(4096, key_size=16)
+    table.attach()
+    keys = [os.urandom(16) for _ in range(40)]
+    for i, key in enumerate(keys):
+        table.insert(key, float(i))
+    for key in keys[::2]:
+        table.remove(table.get(key))            # backward shifts write cells too
+    used = bytes(table._used)
+    assert set(used) <= {0, 1}
+    assert all(used[pos >> tagtable.BLOCK_SHIFT] for pos, *_ in raw_cells(table))
+    assert 0 < sum(used) <= 40                  # a block for a flow at most, never cleared
+    # An insert into a block never used before, cut short after the writer marked the
+    # block and made the cell's gen odd: attach() finds the half-written cell and clears it.
+    block = used.index(0)
+    torn = block << tagtable.BLOCK_SHIFT
+    off = tagtable.HEADER_SIZE + torn * table.cell_size
+    table._used[block] = 1
+    table._words[off >> 3] += 1
+    table._body.pack_into(table._mm, off + 8, 77, 0, 0.0, 0.0, 0, 0, 0, 0, 16, b"z" * 16)
+    table.snapshot()
+    assert table.scan_busy == 1
+    table.attach()
+    assert sorted(f.key for f in table.snapshot()) == sorted(keys[1::2])
+    assert table.scan_busy == 0 and all_gens_even(table) and len(table) == 20
+    assert table.slot_of_tag(77) is None
+
+
 # ------------------------------------------------------------------ across fork
 
 
@@ -737,6 +841,40 @@ def test_attach_repairs_a_first_move_cut_short(monkeypatch):
     for key in (b, c, d):
         assert table.lookup(key).tag == table.tag_of(table.get(key))
     assert table.probe_max() == longest_probe(table)
+
+
+def test_attach_repairs_a_move_target_cut_short_inside_pack_into(monkeypatch):
+    """struct's pack_into() zeroes the whole body before it writes the fields in order, so
+    a move target cut short holds the moved flow's tag and keylen 0, and looks empty; the
+    flow is still whole one cell on, and only a backward shift from the torn cell makes
+    its probe chain whole again (clearing the torn cell alone left lookup() blind to it)."""
+    table = TagTable(6)
+    table.attach()
+    a, b = keys_with_home(table, 3, 2)
+    table.insert(a, 1.0)
+    _slot, tag_b, _gone = table.insert(b, 2.0)              # a at cell 3, b at cell 4
+
+    def die_inside_pack_into(pos, slot):
+        off = tagtable.HEADER_SIZE + pos * table.cell_size
+        table._words[off >> 3] |= 1
+        with pytest.raises(struct.error):               # the real pack_into, cut short
+            table._body.pack_into(table._mm, off + tagtable.CELL_BODY_OFFSET, tag_b,
+                                  tagtable.check_of(b, tag_b), "killed", 0.0, 0, 0, 0, 0,
+                                  len(b), b)
+        raise Killed
+    monkeypatch.setattr(table, "_write_cell", die_inside_pack_into)
+    with pytest.raises(Killed):
+        table.remove(table.get(a))
+    fields = table._body.unpack_from(table._mm, tagtable.HEADER_SIZE + 3 * table.cell_size
+                                     + tagtable.CELL_BODY_OFFSET)
+    assert (fields[0], fields[8]) == (tag_b, 0)              # b's tag, and "empty"
+    assert [(pos, key) for pos, _gen, key, _tag in raw_cells(table)] == [(4, b)]
+    monkeypatch.undo()
+    table.attach()
+    assert [(pos, key) for pos, _gen, key, _tag in raw_cells(table)] == [(3, b)]
+    assert table.lookup(b).tag == tag_b == table.tag_of(table.get(b))
+    assert all_gens_even(table) and len(table) == 1
+    assert table.probe_max() == longest_probe(table) == 0
 
 
 def test_attach_drops_half_written_cells_and_keeps_whole_ones():

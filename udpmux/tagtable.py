@@ -14,18 +14,32 @@ worker, which re-attaches and finds every flow with its tag) and must be readabl
   outside can pick client addresses that share a home cell and stretch one probe chain
   over the whole table; every cell has a generation counter used as a seqlock, so a
   reader never sees a torn cell;
+* memory grows with the flows in use, not with capacity: the pages of the shared array
+  are only made resident when touched (anonymous MAP_SHARED), and nobody touches a cell
+  the writer never used.  A map of used blocks (one byte per BLOCK_CELLS cells, set by
+  the writer before its first write to a cell of the block, never cleared) tells
+  attach(), snapshot() and lookup() which blocks can hold a flow; every other block is
+  empty and is skipped unread;
 * the writer's per-datagram work stays inside its process: dicts key->slot and tag->slot, an
-  OrderedDict for exact LRU order, counters in lists.  sync() copies dirty counters to the
-  shared cells (the worker calls it about once a second and at exit).  insert() and remove()
-  write the shared cells and the header at once, so a crash loses at most the counters since
-  the last sync(), never a key->tag mapping.
+  OrderedDict for exact LRU order, counters in lists indexed by slot.  Those lists grow
+  with the flows: a slot comes from a free list of slots given back, else past the
+  high-water mark (the lists grow by one), so they hold as many entries as the most flows
+  live at once since attach(), never capacity.  Where flows lie in the cells is a dict
+  cell->slot of the occupied cells; a cell's gen is read from the cell itself (the writer
+  is its only writer).  Nothing the writer keeps is sized by capacity or ncells.  sync()
+  copies dirty counters to the shared cells (the worker calls it about once a second and
+  at exit).  insert() and remove() write the shared cells and the header at once, so a
+  crash loses at most the counters since the last sync(), never a key->tag mapping.
 
 How we name things:
   peer key  raw struct sockaddr bytes (see addr.py): 16 bytes IPv4, 28 IPv6; the table key
   flow      one peer key with its tag, times and counters
   tag       the 32-bit flow number carried on the wire; never 0, unique among live flows
   slot      the writer's handle for a live flow: an int from 0 to capacity-1, stable while
-            the flow lives and reused after it goes.  It is not a place in shared memory.
+            the flow lives and reused after it goes.  A new flow takes a slot given back
+            if there is one, else the next past the highest so far, so every slot is
+            below the most flows live at once since attach().  It is not a place in
+            shared memory.
   cell      one record of the shared array.  Backward-shift deletion moves flows between
             cells, never between slots, so a slot the caller keeps stays right.
   seed      the table's secret hash seed: 64 random bits drawn by __init__, in the header
@@ -37,6 +51,8 @@ How we name things:
             one a crashed writer left half written
   capacity  the bound on live flows: insert() at capacity evicts the least recently used
   ncells    cells in the array: a power of two, so that capacity <= ncells * MAX_LOAD
+  block     BLOCK_CELLS consecutive cells (cell >> BLOCK_SHIFT); "used" once the writer has
+            written any of its cells, so that readers leave the others alone
   in, out   "in" is from the outside client, "out" is towards it
   dirty     a slot whose last-seen time or counters changed since the last sync()
   retired   counters of flows already removed, kept in the header for all-time totals
@@ -48,8 +64,9 @@ Gen words are written and read as whole aligned 64-bit words (a memoryview cast 
    off size field
   +---+----+--------------+-----------------------------------------------+
   |  0|   8| magic        | b"UDPMUXTT"                                   | HEAD_FIXED,
-  |  8|   2| version      | 2 (1 had no seed: its homes were unseeded)    | written once
-  | 10|   2| key_size     | K                                             | by __init__
+  |  8|   2| version      | 3 (2 had no used map, readers read every      | written once
+  |   |    |              | cell; 1 had no seed: homes were unseeded)     | by __init__
+  | 10|   2| key_size     | K                                             |
   | 12|   4| cell_size    | CELL_SIZE                                     |
   | 16|   4| capacity     | the bound on live flows                       |
   | 20|   4| ncells       | a power of two                                |
@@ -91,17 +108,35 @@ Gen words are written and read as whole aligned 64-bit words (a memoryview cast 
   | 65|   K| key          | zero-padded                                   |
   +---+----+--------------+-----------------------------------------------+
 
+  used map, at used_offset = HEADER_SIZE + ncells * CELL_SIZE (after the last cell)
+   off size field
+  +---+----+--------------+-----------------------------------------------+
+  |  b|   1| used         | block b: 0 = none of its cells was ever       | set to 1 by
+  |   |    |              | written (all empty, their pages perhaps never | the writer
+  |   |    |              | resident), 1 = used; b < nblocks =            | before it
+  |   |    |              | ceil(ncells / BLOCK_CELLS)                    | writes a cell
+  |   |    |              |                                               | of block b;
+  |   |    |              |                                               | never cleared
+  +---+----+--------------+-----------------------------------------------+
+
 Seqlock: the writer sets gen odd, writes, sets gen even (one higher).  A reader reads gen,
 retries while it is odd, reads the cell, reads gen again and retries if it changed.  A reader
 gives up on a cell after READ_TRIES (a writer killed mid-write leaves it odd until the next
 attach()) and counts it in scan_busy.  A move (backward shift) copies a flow into an earlier
 cell before the later one is overwritten or cleared, so a scan during a move may see a flow
-twice (snapshot() keeps one) or miss it once; it never sees a torn cell.
+twice (snapshot() keeps one) or miss it once; it never sees a torn cell.  A scan reads the
+used map first: a flow written meanwhile to a block used for the first time is missed by
+that scan, like one written to a cell the scan had passed.  The writer marks a block used
+before it makes any of its gens odd, so a half-written cell always lies in a used block.
 
-Crash repair (attach): a cell whose check fails was half written (an insert, a move target or
-a clear) and is deleted with the same backward shift; of two cells holding one key (a move
-cut short) one is kept; count is recounted.  At every step of insert() and remove() the cells
-satisfy the probe invariant, counting a half-written cell as occupied, so this repair is sound.
+Crash repair (attach): a cell whose check fails, or whose gen is odd with keylen 0, was half
+written (an insert, a move target or a clear) and is deleted with the same backward shift;
+of two cells holding one key (a move cut short) one is kept; count is recounted.  At every
+step of insert() and remove() the cells satisfy the probe invariant, counting a half-written
+cell as occupied, so this repair is sound.  A half-written cell that reads as empty is
+occupied too: struct's pack_into() zeroes the whole body before it writes the fields in
+order, so a move target cut short may hold the moved flow's tag and keylen 0, with that flow
+still whole in a later cell of the cluster, which only the backward shift brings back.
 """
 
 import mmap
@@ -113,7 +148,7 @@ from collections import OrderedDict, namedtuple
 import xxhash
 
 MAGIC = b"UDPMUXTT"
-VERSION = 2
+VERSION = 3
 
 KEY_SIZE_DEFAULT = 28           # addr.SOCKADDR_MAX: an IPv6 peer key
 KEY_SIZE_MAX = 255              # keylen is one byte
@@ -123,6 +158,9 @@ MAX_LOAD = (3, 4)               # at most 3/4 of the cells hold a flow: probes s
 TAG_MIN = 1
 TAG_MAX = 0xFFFFFFFF
 CHECK_MASK = 0xFFFFFFFF
+
+BLOCK_SHIFT = 5                 # a block of the used map is 32 cells (3 KiB for K = 28)
+BLOCK_CELLS = 1 << BLOCK_SHIFT
 
 READ_TRIES = 1000               # a reader's attempts at one cell before it counts it busy
 SPIN_TRIES = 8                  # attempts before each further retry yields the CPU
@@ -142,8 +180,7 @@ CELL_COUNTERS_OFFSET = 24
 CELL_KEY_OFFSET = 65
 CELL_COUNTERS = struct.Struct("<dQQQQ")  # last_seen, pkts_in, bytes_in, pkts_out, bytes_out
 
-EMPTY = -1                      # _at[cell]: no flow
-GARBAGE = -2                    # _at[cell]: a half-written cell that attach() will delete
+GARBAGE = -1                    # _at[cell]: a half-written cell that attach() will delete
 
 Flow = namedtuple("Flow", "key tag created last_seen pkts_in bytes_in pkts_out bytes_out")
 
@@ -196,10 +233,16 @@ class TagTable:
         self.seed = seed
         self._body = cell_body(key_size)
         self._zeros = bytes(self.cell_size - CELL_BODY_OFFSET)
-        size = HEADER_SIZE + ncells * self.cell_size
+        self.nblocks = -(-ncells // BLOCK_CELLS)
+        self.used_offset = HEADER_SIZE + ncells * self.cell_size
+        size = self.used_offset + self.nblocks
         size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+        # Zero-filled by the kernel, page by page as each is first touched: nothing here
+        # may write or read the cells (the header and the used map are all it touches).
         self._mm = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
-        self._words = memoryview(self._mm).cast("Q")
+        self._view = memoryview(self._mm)
+        self._words = self._view.cast("Q")
+        self._used = self._view[self.used_offset:self.used_offset + self.nblocks]
         HEAD_FIXED.pack_into(self._mm, 0, MAGIC, VERSION, key_size, self.cell_size,
                              capacity, ncells)
         HEAD_STATE.pack_into(self._mm, HEAD_STATE_OFFSET, 0, TAG_MIN, 0, 0, 0, 0, 0, 0, 0, 0,
@@ -211,12 +254,14 @@ class TagTable:
 
     @property
     def size(self):
-        """Bytes of shared memory: fixed at construction."""
+        """Bytes of shared memory mapped: fixed at construction (resident: as used)."""
         return len(self._mm)
 
     def close(self):
         """Unmap (in this process only)."""
+        self._used.release()
         self._words.release()
+        self._view.release()
         self._mm.close()
 
     # ---------------------------------------------------------------- writer side
@@ -226,7 +271,8 @@ class TagTable:
 
         A respawned worker calls this and finds every flow with its tag and its counters as
         of the dead worker's last sync().  Cells a crash left half written are repaired.
-        Anything this process had not synced is discarded.
+        Anything this process had not synced is discarded.  Reads only the used blocks:
+        a table that never held a flow costs its header and used map, whatever its size.
         """
         mm, words, K = self._mm, self._words, self.key_size
         fixed = HEAD_FIXED.unpack_from(mm, 0)
@@ -234,7 +280,7 @@ class TagTable:
         if fixed != (MAGIC, VERSION, K, self.cell_size, self.capacity, self.ncells) \
                 or seed != self.seed:
             raise RuntimeError("tag table header is damaged: the shared memory was overwritten")
-        cap, n, mask = self.capacity, self.ncells, self.mask
+        mask = self.mask
         (_count, next_tag, _pid, attaches, self._evictions, self._expired,
          self._rpin, self._rbin, self._rpout, self._rbout, _probe_max) = \
             HEAD_STATE.unpack_from(mm, HEAD_STATE_OFFSET)
@@ -247,33 +293,32 @@ class TagTable:
         self._tags = {}             # tag -> slot
         self._lru = OrderedDict()   # slot -> None, least recently used first
         self._dirty = set()
-        self._key = [None] * cap    # per slot
-        self._tag = [0] * cap
-        self._check = [0] * cap
-        self._pos = [0] * cap       # the slot's cell
-        self._created = [0.0] * cap
-        self._seen = [0.0] * cap
-        self._pin = [0] * cap
-        self._bin = [0] * cap
-        self._pout = [0] * cap
-        self._bout = [0] * cap
-        self._at = [EMPTY] * n      # per cell: its slot, EMPTY or GARBAGE
-        self._home = [0] * n        # per cell: its flow's home cell
-        self._gen = [0] * n         # per cell: the even gen the writer last left
+        self._free = []             # slots given back, below the high-water mark
+        # Per slot, as many as the most flows live at once (see _new_slot()).
+        self._key = []              # None: a free slot
+        self._tag = []
+        self._pos = []              # the slot's cell
+        self._home = []             # the cell its key hashes to
+        self._created = []
+        self._seen = []
+        self._pin = []
+        self._bin = []
+        self._pout = []
+        self._bout = []
+        self._at = {}               # cell -> its slot, or GARBAGE; no entry: empty
         self._probes = []           # [d]: live flows d cells past their home; no trailing 0
 
         kept = {}                   # key -> the cell's fields
         owner = {}                  # tag -> key
-        garbage, unsettled, clear = [], [], []
-        for pos in range(n):
+        garbage, unsettled = [], []
+        for pos in self._used_cells():
             off = HEADER_SIZE + pos * self.cell_size
             gen = words[off >> 3]
-            self._gen[pos] = gen + (gen & 1)
             fields = self._body.unpack_from(mm, off + CELL_BODY_OFFSET)
             tag, check, keylen, key = fields[0], fields[1], fields[8], fields[9]
             if keylen == 0:
                 if gen & 1:
-                    clear.append(pos)   # an insert or a clear cut short: empty either way
+                    garbage.append(pos)     # half written: see "Crash repair" above
                 continue
             key = key[:keylen]
             if keylen > K or tag == 0 or check != check_of(key, tag):
@@ -293,29 +338,25 @@ class TagTable:
 
         # Slots in LRU order: least recently seen (as of the last sync) first.
         order = sorted(kept.values(), key=lambda f: (f[4], f[3], f[0]))
-        for slot, (pos, tag, check, created, seen, pin, bin_, pout, bout, keylen, key) \
-                in enumerate(order):
+        for pos, tag, _check, created, seen, pin, bin_, pout, bout, keylen, key in order:
             key = key[:keylen]
-            self._key[slot], self._tag[slot], self._check[slot] = key, tag, check
+            slot = self._new_slot()
+            self._key[slot], self._tag[slot] = key, tag
             self._pos[slot], self._created[slot], self._seen[slot] = pos, created, seen
             self._pin[slot], self._bin[slot] = pin, bin_
             self._pout[slot], self._bout[slot] = pout, bout
             self._at[pos] = slot
-            self._home[pos] = home = _hash(key, seed) & mask
+            self._home[slot] = home = _hash(key, seed) & mask
             self._count_probe((pos - home) & mask)
             self._index[key] = slot
             self._tags[tag] = slot
             self._lru[slot] = None
-        self._free = list(range(cap - 1, len(order) - 1, -1))
 
-        for pos in clear:
-            self._clear_cell(pos)
         for pos in unsettled:
-            if self._at[pos] >= 0:
+            if pos in self._at:
                 self._write_cell(pos, self._at[pos])
         for pos in garbage:
-            self._at[pos] = GARBAGE
-            self._home[pos] = pos       # never moved by a backward shift
+            self._at[pos] = GARBAGE     # its home is itself: never moved by a backward shift
         for pos in garbage:
             self._delete_at(pos)
 
@@ -324,10 +365,26 @@ class TagTable:
         self._attached = True
         # The hot path: bound dict methods and the per-slot lists themselves, read
         # without a Python frame (key_of(slot) is keys[slot], tag_of(slot) tags[slot]).
+        # The lists only ever grow in place, so these stay the writer's own.
         self.get = self._index.get
         self.slot_of_tag = self._tags.get
         self.keys = self._key
         self.tags = self._tag
+
+    def _new_slot(self):
+        """A slot past the high-water mark: every per-slot list grows by one."""
+        slot = len(self._key)
+        self._key.append(None)
+        self._tag.append(0)
+        self._pos.append(0)
+        self._home.append(0)
+        self._created.append(0.0)
+        self._seen.append(0.0)
+        self._pin.append(0)
+        self._bin.append(0)
+        self._pout.append(0)
+        self._bout.append(0)
+        return slot
 
     def _need_writer(self):
         if not self._attached:
@@ -368,22 +425,21 @@ class TagTable:
             self._evictions += 1
         if tag is None:
             tag = self._allocate_tag()
-        slot = self._free.pop()
+        slot = self._free.pop() if self._free else self._new_slot()
         mask, at = self.mask, self._at
         home = pos = _hash(key, self.seed) & mask
         for _ in range(self.ncells):
-            if at[pos] == EMPTY:
+            if pos not in at:
                 break
             pos = (pos + 1) & mask
         else:
             raise RuntimeError("tag table has no empty cell: its indexes are corrupt")
         self._key[slot], self._tag[slot] = key, tag
-        self._check[slot] = check_of(key, tag)
         self._pos[slot] = pos
+        self._home[slot] = home
         self._created[slot] = self._seen[slot] = now
         self._pin[slot] = self._bin[slot] = self._pout[slot] = self._bout[slot] = 0
         at[pos] = slot
-        self._home[pos] = home
         self._count_probe((pos - home) & mask)
         self._write_cell(pos, slot)
         self._index[key] = slot
@@ -407,7 +463,7 @@ class TagTable:
     def remove(self, slot):
         """Remove the flow in slot; returns its (key, tag)."""
         self._need_writer()
-        if not 0 <= slot < self.capacity or self._key[slot] is None:
+        if not 0 <= slot < len(self._key) or self._key[slot] is None:
             raise ValueError(f"tag table slot {slot} holds no flow")
         gone = self._drop(slot)
         self._write_header()
@@ -438,18 +494,18 @@ class TagTable:
         dirty = self._dirty
         if not dirty:
             return 0
-        mm, words, gens, pos_of = self._mm, self._words, self._gen, self._pos
+        mm, words, pos_of = self._mm, self._words, self._pos
         pack, size = CELL_COUNTERS.pack_into, self.cell_size
         seen, pin, bin_, pout, bout = self._seen, self._pin, self._bin, self._pout, self._bout
         for slot in dirty:
-            pos = pos_of[slot]
-            off = HEADER_SIZE + pos * size
-            gen = gens[pos] + 1
-            words[off >> 3] = gen
+            off = HEADER_SIZE + pos_of[slot] * size
+            word = off >> 3
+            gen = words[word]
+            gen += (gen & 1) + 1        # odd, one past the even gen the cell was left at
+            words[word] = gen
             pack(mm, off + CELL_COUNTERS_OFFSET, seen[slot], pin[slot], bin_[slot],
                  pout[slot], bout[slot])
-            words[off >> 3] = gen + 1
-            gens[pos] = gen + 1
+            words[word] = gen + 1
         count = len(dirty)
         dirty.clear()
         return count
@@ -515,53 +571,61 @@ class TagTable:
 
         Each moved flow is written to its new cell before its old cell is reused or
         cleared, so the cells satisfy the probe invariant after every single write.
+        A GARBAGE cell counts as occupied and stays where it is (its home is itself).
         """
-        mask, at, home, pos_of = self.mask, self._at, self._home, self._pos
-        if at[hole] >= 0:
-            self._count_probe((hole - home[hole]) & mask, -1)
+        mask, at, home_of, pos_of = self.mask, self._at, self._home, self._pos
+        slot = at[hole]
+        if slot >= 0:
+            self._count_probe((hole - home_of[slot]) & mask, -1)
         cell = hole
         for _ in range(self.ncells):
             cell = (cell + 1) & mask
-            slot = at[cell]
-            if slot == EMPTY:
+            slot = at.get(cell)
+            if slot is None:
                 break
+            if slot < 0:
+                continue
             # Move it back unless its home lies cyclically in (hole, cell].
-            probe = (cell - home[cell]) & mask
+            probe = (cell - home_of[slot]) & mask
             if probe >= (cell - hole) & mask:
                 at[hole] = slot
-                home[hole] = home[cell]
                 pos_of[slot] = hole
                 self._write_cell(hole, slot)
                 self._dirty.discard(slot)
                 self._count_probe(probe, -1)
-                self._count_probe((hole - home[hole]) & mask)
+                self._count_probe((hole - home_of[slot]) & mask)
                 hole = cell
         else:
             raise RuntimeError("tag table has no empty cell: its indexes are corrupt")
         self._clear_cell(hole)
-        at[hole] = EMPTY
+        del at[hole]
 
     def _write_cell(self, pos, slot):
+        """Write slot's flow whole to cell pos, marking its block used first."""
+        used, block = self._used, pos >> BLOCK_SHIFT
+        if not used[block]:
+            used[block] = 1
         off = HEADER_SIZE + pos * self.cell_size
-        gen = self._gen[pos] + 1
-        words = self._words
-        words[off >> 3] = gen
-        key = self._key[slot]
-        self._body.pack_into(self._mm, off + CELL_BODY_OFFSET, self._tag[slot],
-                             self._check[slot], self._created[slot], self._seen[slot],
+        words, word = self._words, off >> 3
+        gen = words[word]
+        gen += (gen & 1) + 1
+        words[word] = gen
+        key, tag = self._key[slot], self._tag[slot]
+        self._body.pack_into(self._mm, off + CELL_BODY_OFFSET, tag, check_of(key, tag),
+                             self._created[slot], self._seen[slot],
                              self._pin[slot], self._bin[slot], self._pout[slot],
                              self._bout[slot], len(key), key)
-        words[off >> 3] = gen + 1
-        self._gen[pos] = gen + 1
+        words[word] = gen + 1
 
     def _clear_cell(self, pos):
+        """Empty cell pos: one that held something, so its block is used already."""
         off = HEADER_SIZE + pos * self.cell_size
-        gen = self._gen[pos] + 1
-        words = self._words
-        words[off >> 3] = gen
+        words, word = self._words, off >> 3
+        gen = words[word]
+        gen += (gen & 1) + 1
+        words[word] = gen
         self._mm[off + CELL_BODY_OFFSET:off + self.cell_size] = self._zeros
-        words[off >> 3] = gen + 1
-        self._gen[pos] = gen + 1
+        words[word] = gen + 1
 
     def _write_header(self):
         gen = self._hgen + 1
@@ -575,6 +639,16 @@ class TagTable:
         self._hgen = gen + 1
 
     # ---------------------------------------------------------------- reader side
+
+    def _used_cells(self):
+        """The cells of the used blocks, in order, from one read of the used map.  Every
+        other cell is empty and was never written (its page may not be resident)."""
+        used, ncells = bytes(self._used), self.ncells
+        block = used.find(1)
+        while block >= 0:
+            first = block << BLOCK_SHIFT
+            yield from range(first, min(first + BLOCK_CELLS, ncells))
+            block = used.find(1, block + 1)
 
     def _read_cell(self, pos):
         """A cell's CELL_BODY fields under its seqlock, or None if it never settled."""
@@ -617,11 +691,12 @@ class TagTable:
         """Every flow, each read consistently (seqlock), counters as of the last sync().
 
         In cell order, one Flow per key.  A flow moved during the scan may be missed;
-        cells that never settled are skipped and counted in scan_busy.
+        cells that never settled are skipped and counted in scan_busy.  Reads only the
+        used blocks.
         """
         flows = {}
         busy = bad = 0
-        for pos in range(self.ncells):
+        for pos in self._used_cells():
             fields = self._read_cell(pos)
             if fields is None:
                 busy += 1
@@ -638,8 +713,10 @@ class TagTable:
         """One flow by key, probing from its home cell like the table does; or None."""
         if not 0 < len(key) <= self.key_size:
             raise ValueError(f"tag table key of {len(key)} bytes: expected 1 to {self.key_size}")
-        pos = self.home(key)
+        pos, used = self.home(key), self._used
         for _ in range(self.ncells):
+            if not used[pos >> BLOCK_SHIFT]:
+                return None             # a block never written: this cell is empty
             fields = self._read_cell(pos)
             if fields is not None:
                 if fields[8] == 0:
