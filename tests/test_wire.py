@@ -289,6 +289,17 @@ def test_a_previous_key_is_still_answered_under_itself_during_a_rotation():
         acceptor.hello(Initiator(auth.generate_key(), wire.ROLE_EXPOSE).hello(), PEER, 1.0)
 
 
+def test_a_hello_under_the_previous_key_replayed_is_refused_and_so_is_it_once_dropped():
+    acceptor = rotating()
+    hello = Initiator(KEY, wire.ROLE_EXPOSE).hello()
+    acceptor.hello(hello, PEER, 1.0)
+    with pytest.raises(Drop, match="replay"):      # captured and sent again, elsewhere
+        acceptor.hello(hello, ELSEWHERE, 2.0)
+    rotated = Acceptor(NEW_KEY, [wire.ROLE_EXPOSE], responder_name(NEW_KEY, "tunnel"))
+    with pytest.raises(Drop, match="mac"):         # the rotation is over: no longer a key
+        rotated.hello(Initiator(KEY, wire.ROLE_EXPOSE).hello(), PEER, 3.0)
+
+
 def test_an_initiator_with_the_previous_key_believes_the_stale_it_is_sent():
     before = Acceptor(KEY, [wire.ROLE_EXPOSE], responder_name(KEY, "tunnel"))
     initiator = Initiator(KEY, wire.ROLE_EXPOSE)
