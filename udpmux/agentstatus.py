@@ -93,8 +93,10 @@ class Inspector:
     """An agent's control socket and (if asked) metrics endpoint, opened in its loop
     once it is set up (Worker.serve), expired by its timers, closed at its end."""
 
-    def __init__(self, mode, control_socket, metrics_listen, log, config_path=None):
+    def __init__(self, mode, control_socket, metrics_listen, log, config_path=None,
+                 quiet=False):
         self.mode = mode
+        self.quiet = quiet                      # the socket's path only in the debug log
         self.control_socket = control_socket    # None: the mode's default
         self.metrics_listen = metrics_listen    # (family, sockaddr) or None
         self.log = log
@@ -112,7 +114,8 @@ class Inspector:
             control.path = f"{stem}-{os.getpid()}{ext}"
             control.open()
         if control.sock is not None:
-            self.log.info("`udpmux status` answers at %s", control.path)
+            (self.log.debug if self.quiet else self.log.info)(
+                "`udpmux status` answers at %s", control.path)
         self.servers.append(control)
         if self.metrics_listen is not None:
             metrics = MetricsServer(selector, self.metrics_listen, control.status, self.log,

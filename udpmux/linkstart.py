@@ -305,7 +305,8 @@ def main(args):
     client = LinkClient(server, key, cfg.packet_size, cfg.idle_limit, cfg.linger, listener,
                         log)
     try:
-        client.serve(Inspector("link", args.get("--control-socket"), None, log))
+        # As ssh's ProxyCommand, link says nothing on the terminal unless asked.
+        client.serve(Inspector("link", args.get("--control-socket"), None, log, quiet=True))
     finally:
         if ssh is not None and ssh.poll() is None:
             ssh.terminate()
