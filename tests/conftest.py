@@ -5,7 +5,9 @@
 nftables, conntrack or the right to create network namespaces, tests using it are skipped with
 the reason; with UDPMUX_REQUIRE_LAB=1 (set by CI) they fail instead, so CI never skips the lab
 silently. `lab_factory` builds extra labs (a second lab, or build-time options such as
-Lab(symmetric=("in",))) and removes them after the test.
+Lab(symmetric=("in",))) and removes them after the test.  `delay` is for tests that also
+call lab.set_delay(): it skips (fails under UDPMUX_REQUIRE_LAB=1) when the delay line cannot
+be built or run here.
 """
 
 import functools
@@ -49,6 +51,21 @@ def _require_lab():
             pytest.fail("UDPMUX_REQUIRE_LAB=1 but " + reason, pytrace=False)
         pytest.skip(reason)
     _reap_stale_labs()
+
+
+@functools.lru_cache(maxsize=None)
+def _delay_unavailable():
+    return lablib.delay_unavailable()
+
+
+@pytest.fixture
+def delay():
+    """The lab's delay line can run here (Lab.set_delay); request it beside `lab`."""
+    reason = _lab_unavailable() or _delay_unavailable()
+    if reason:
+        if _lab_required():
+            pytest.fail("UDPMUX_REQUIRE_LAB=1 but " + reason, pytrace=False)
+        pytest.skip(reason)
 
 
 @pytest.fixture

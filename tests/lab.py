@@ -54,7 +54,16 @@ half way.
   UDP), and/or a random share of UDP datagrams (``set_loss(percent)``, nft
   ``numgen random``); TCP is dropped at random too only when asked
   (``set_loss(percent, protocols=("udp", "tcp"))``, for a TCP baseline on the same lossy path),
-  and ICMP is never touched. The machine has no netem, so there is no delay or reordering.
+  and ICMP is never touched.
+- The machine has no netem, so ``wan`` delays with a program of its own: ``set_delay(ms)``
+  starts tools/nfdelay (built from tools/nfdelay.c on first use; it needs gcc and
+  libnetfilter-queue-dev) in ``wan`` and adds an iptables-legacy rule to its mangle FORWARD
+  chain that queues every forwarded packet to it (NFQUEUE); nfdelay accepts each packet once
+  it is due.  Each packet is delayed once, so a round trip between any two hosts takes twice
+  the delay.  With ``jitter`` each packet waits up to that much more, in order unless
+  ``reorder=True``.  The mangle chain comes before the filter chain, so a packet is delayed,
+  then may be lost.  Only forwarded packets are delayed: a sender's own OUTPUT is left
+  alone, where TCP small queues would throttle it.
 - While TCP loss is on, the end hosts' ``eth0`` (inside, outside, public) have ``gso_max_segs 1``:
   otherwise a TCP sender hands the veth 64 KB GSO super-packets that cross every router whole,
   and "p % of packets" would drop p % of 45-segment bursts. It applies to connections made after
@@ -90,6 +99,9 @@ API::
         lab.set_loss(5)                      # % of UDP dropped by wan (float ok; 0 removes it)
         lab.set_loss(5, protocols=("udp", "tcp"))   # the same share of TCP segments as well
                                              #   (end hosts then send no GSO bursts)
+        lab.set_delay(25, jitter=2)          # wan holds every packet it forwards 25 ms (up to
+                                             #   2 ms more): a round trip takes 2 x 25 ms; 0 ends
+        lab.delay_counters()                 # what the delay line held and released so far
         lab.block_udp(True)                  # wan drops all UDP; False restores
         lab.block_direct(True)               # wan drops UDP between nat_in and nat_out only
                                              #   (UDP to public passes); False restores
@@ -141,6 +153,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 CLONE_NEWNET = 0x40000000
@@ -184,6 +197,9 @@ _LAB_NS_RE = re.compile(r"^(?P<prefix>%s-[A-Za-z0-9_.-]+)-(?P<host>%s)$"
                         % (NS_PREFIX, "|".join(HOSTS)))
 _AUTO_PREFIX_RE = re.compile(r"^%s-(?P<pid>\d+)-\d+$" % NS_PREFIX)
 _TOOLS = ("ip", "nft", "conntrack")
+_DELAY_HINT = "apt-get install gcc libnetfilter-queue-dev iptables"
+DELAY_QUEUE = 0                          # the NFQUEUE number wan's delay line reads
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _INSTALL_HINT = "apt-get install iproute2 nftables conntrack"
 
 _live_labs = set()          # labs that are up, torn down at exit if the caller forgot
@@ -339,6 +355,48 @@ def stale_prefixes():
     return stale
 
 
+def build_nfdelay():
+    """tools/build/nfdelay, compiled from tools/nfdelay.c when missing or older; LabError
+    says what is missing to build it."""
+    source = os.path.join(ROOT, "tools", "nfdelay.c")
+    binary = os.path.join(ROOT, "tools", "build", "nfdelay")
+    if os.path.exists(binary) and os.path.getmtime(binary) >= os.path.getmtime(source):
+        return binary
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise LabError("the lab's delay needs gcc to build tools/nfdelay.c: " + _DELAY_HINT)
+    os.makedirs(os.path.dirname(binary), exist_ok=True)
+    out = subprocess.run([gcc, "-O2", "-Wall", "-o", binary + ".new", source,
+                          "-lnetfilter_queue"], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise LabError("cannot build tools/nfdelay.c (%s): %s"
+                       % (_DELAY_HINT, out.stderr.strip()[-400:]))
+    os.replace(binary + ".new", binary)
+    return binary
+
+
+def delay_unavailable():
+    """None if Lab.set_delay() can work here, else a one-line reason."""
+    if _tool("iptables-legacy") is None:
+        return "the lab's delay needs iptables-legacy: " + _DELAY_HINT
+    try:
+        build_nfdelay()
+    except LabError as e:
+        return str(e)
+    return None
+
+
+def _delay_counts(lines):
+    """nfdelay's last counters line as a dict, or None."""
+    for line in reversed(lines):
+        m = re.search(r"held (\d+), released (\d+), holding (\d+), most at once (\d+), "
+                      r"overruns (\d+)", line)
+        if m:
+            return dict(zip(("held", "released", "holding", "most", "overruns"),
+                            map(int, m.groups())))
+    return None
+
+
 class Lab:
     """A set of network namespaces forming the topology drawn in the module docstring."""
 
@@ -361,6 +419,8 @@ class Lab:
         self._pool_next = {side: POOL_FIRST + 1 for side in NATS}
         self._sockets = []
         self._procs = []
+        self._delay = None          # (nfdelay's Popen, its stderr lines, their reader)
+        self._delay_last = None     # the counters the last delay line stopped with
         self._is_up = False
         self.build_seconds = None
         self.teardown_seconds = None
@@ -581,6 +641,8 @@ table ip %(t)s {
         close its sockets, delete its namespaces. Idempotent; raises LabError only if a
         namespace could not be removed."""
         start = time.monotonic()
+        with contextlib.suppress(Exception):
+            self._stop_delay()
         for sock in self._sockets:
             with contextlib.suppress(OSError):
                 sock.close()
@@ -690,6 +752,63 @@ table ip %(t)s {
                 self._ip(host, ["link set dev eth0 gso_max_segs %d" % segs])
         self._loss_protocols = chosen
         self._nft("wan", self._wan_rules())
+
+    def set_delay(self, ms, jitter=0.0, reorder=False, seed=1):
+        """wan holds every packet it forwards `ms` milliseconds, plus up to `jitter` more
+        (uniform; in order unless `reorder`); set_delay(0) ends it.  Each call replaces
+        the last: the old delay line lets what it holds go first."""
+        if not 0 <= ms <= 60000 or not 0 <= jitter <= 60000:
+            raise ValueError("delay and jitter must be within 0..60000 ms")
+        self._stop_delay()
+        if ms == 0 and jitter == 0:
+            return
+        if _tool("iptables-legacy") is None:
+            raise LabError("the lab's delay needs iptables-legacy: " + _DELAY_HINT)
+        argv = [build_nfdelay(), "--queue", str(DELAY_QUEUE), "--delay", "%g" % ms,
+                "--jitter", "%g" % jitter, "--seed", str(seed)] + (["--reorder"] if reorder
+                                                                   else [])
+        proc = self.popen("wan", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+        lines = []
+        ready, _, _ = select.select([proc.stdout], [], [], 10.0)
+        line = proc.stdout.readline() if ready else ""
+        if "ready" not in line:
+            proc.kill()
+            raise LabError("nfdelay did not start: %s%s" % (line, proc.stderr.read()))
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+        reader.start()
+        self._delay = (proc, lines, reader)
+        self._run_in("wan", [_tool("iptables-legacy"), "-t", "mangle", "-A", "FORWARD",
+                             "-j", "NFQUEUE", "--queue-num", str(DELAY_QUEUE)])
+
+    def delay_counters(self):
+        """{"held", "released", "holding", "most", "overruns"} of the delay line now (or
+        as it stopped); None without one."""
+        if self._delay is None:
+            return self._delay_last
+        proc, lines, _reader = self._delay
+        start = len(lines)
+        proc.send_signal(signal.SIGUSR1)
+        end = time.monotonic() + 5
+        while len(lines) <= start and time.monotonic() < end:
+            time.sleep(0.01)
+        return _delay_counts(lines[start:])
+
+    def _stop_delay(self):
+        if self._delay is None:
+            return
+        proc, lines, reader = self._delay
+        self._delay = None
+        with contextlib.suppress(LabError):
+            self._run_in("wan", [_tool("iptables-legacy"), "-t", "mangle", "-F", "FORWARD"])
+        proc.terminate()                # it lets every packet it holds go, then exits
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(5)
+        self._delay_last = _delay_counts(lines)
 
     def block_udp(self, blocked=True, side=None):
         """wan drops every forwarded UDP datagram (True) or none (False); with side "in" or

@@ -378,3 +378,46 @@ def test_block_direct_stops_udp_between_the_nats_but_not_to_public(lab):
     inside.sendto(b"direct again", to_outside)
     assert expect(outside) == (b"direct again", to_inside)
     assert lab.counter("wan", "block_direct") == before + 2
+
+
+def _echo_all(lab, count, size=64):
+    """count datagrams from inside to an echo on public, all sent before any is read back;
+    (what was sent, in order; what came back, in order)."""
+    server = lab.socket("public", bind=("0.0.0.0", 0))
+    client = lab.socket("inside", bind=("0.0.0.0", 0))
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    server.settimeout(10)
+    client.settimeout(10)
+    sent = [n.to_bytes(4, "big") * (size // 4) for n in range(count)]
+    for data in sent:
+        client.sendto(data, (lab.addr("public"), server.getsockname()[1]))
+    got = []
+    for _ in sent:
+        data, peer = server.recvfrom(2048)
+        got.append(data)
+    for data in got:
+        server.sendto(data, peer)
+    back = [client.recv(2048) for _ in sent]
+    return sent, got, back
+
+
+def test_the_wan_delays_every_forwarded_packet_once_both_ways(lab, delay):
+    lab.set_delay(20)
+    sent, got, back = _echo_all(lab, 50)
+    assert got == sent and back == sent         # every one, byte-exact, in order
+    counters = lab.delay_counters()
+    assert counters["held"] >= 100 and counters["overruns"] == 0, counters
+    lab.set_delay(0)                            # what it held it lets go, then it is gone
+    last = lab.delay_counters()
+    assert last["holding"] == 0 and last["released"] == last["held"], last
+    sent, _got, back = _echo_all(lab, 5)
+    assert back == sent
+
+
+def test_jitter_keeps_the_order_unless_reordering_is_asked(lab, delay):
+    lab.set_delay(2, jitter=6)
+    sent, got, back = _echo_all(lab, 200)
+    assert got == sent and back == sent
+    lab.set_delay(2, jitter=6, reorder=True)
+    sent, got, back = _echo_all(lab, 200)
+    assert sorted(got) == sorted(sent) and got != sent     # all of them, some overtaken

@@ -159,6 +159,25 @@ def test_at_five_percent_loss_the_file_arrives_exact(ssh):
     assert ssh.lab.counter("wan", "loss") > 0
 
 
+def test_with_delay_and_loss_a_file_crosses_exact_both_ways(ssh, delay):
+    """A 50 ms round trip (25 ms each way through wan) with 1 % of datagrams lost: a
+    download and an upload through link, each compared byte for byte."""
+    ssh.lab.set_delay(25)
+    ssh.lab.set_loss(1)
+    size = 1 << 20
+    down = subprocess.run(ssh.proxied(f"head -c {size} {ssh.big}"), capture_output=True,
+                          timeout=180)
+    assert down.returncode == 0, down.stderr.decode()
+    assert down.stdout == ssh.big.read_bytes()[:size]
+    uploaded = ssh.tmp / "uploaded"
+    up = subprocess.run(ssh.proxied(f"cat > {uploaded}"), input=down.stdout,
+                        capture_output=True, timeout=180)
+    assert up.returncode == 0, up.stderr.decode()
+    assert uploaded.read_bytes() == down.stdout
+    assert ssh.lab.delay_counters()["held"] > 2 * size // 1500
+    assert ssh.lab.counter("wan", "loss") > 0
+
+
 def test_the_outside_nat_changes_address_in_the_middle(ssh):
     moved = []
     transfer = Transfer(ssh)
