@@ -188,6 +188,21 @@ def test_the_outside_nat_changes_address_in_the_middle(ssh):
     assert transfer.hash.hexdigest() == ssh.digest
 
 
+def test_a_nat_change_while_only_the_server_sends_over_a_long_path(ssh, delay):
+    """A download over a 50 ms round trip: the client sends only ACKs, which answer
+    data.  When its NAT changes address the server's data go to the old one; the client,
+    hearing nothing, asks the server for a word from where it now is, and the server
+    follows it there and sends what was lost at once."""
+    ssh.lab.set_delay(25)
+    moved = []
+    transfer = Transfer(ssh)
+    transfer.at(SIZE // 4, lambda: moved.append(ssh.lab.roam("out")))
+    status, err = transfer.finish(180)
+    assert moved, "the transfer ended before the NAT changed address"
+    assert status == 0, err
+    assert transfer.hash.hexdigest() == ssh.digest
+
+
 def test_a_twenty_second_blackout_in_the_middle_recovers(ssh):
     lab = ssh.lab
     over = threading.Event()

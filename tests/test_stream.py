@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from netsim import RATE, RTT, App, Link, Sim, bulk
 from udpmux import stream as S
+from udpmux.recovery import Recovery
 from udpmux.stream import Connection, ProtocolError, StreamClosed
 from udpmux.wire import (
     ACK, ACK_RANGE, HEADER_SIZE, MAC_SIZE, STREAM, STREAM_FIN, T_ACK, T_DATA, T_KEEPALIVE,
@@ -847,3 +848,59 @@ def test_throughput_on_a_clean_path_is_not_window_limited():
     # the bottleneck, not the windows, sets the pace: at least 70 % of it
     assert seconds < 20e6 / RATE / 0.7, seconds
     assert peak["cwnd"] > 2 * bdp and sim.conns[0].cwnd > bdp
+
+
+def test_a_path_that_works_again_gets_its_window_back_and_its_flight_at_once():
+    """A blackout long enough for persistent congestion, then the peer is heard on a new
+    path (it moved): the outage was no congestion, so the window is the one the path had,
+    the PTO back-off starts afresh, and what was in flight goes out again at once."""
+    client, server = pair(initial_rtt=0.05)
+    sid = client.open_stream()
+    client.write(sid, bytes(400_000))
+    nonces, now = {}, 0.0
+    for _ in range(6):                          # a few clean round trips: the window grows
+        exchange(client, server, now, nonces)
+        now += 0.025
+        server.on_timer(now)
+        exchange(server, client, now, nonces)
+        now += 0.025
+    working = client.cc.cwnd
+    assert working > client.cc.min_window * 4
+    for _ in range(40):                         # the blackout: nothing arrives either way
+        exchange(client, server, now, nonces, drop=lambda m: True)
+        wait = client.next_timer(now)
+        now += wait if wait is not None else 0.1
+        client.on_timer(now)
+    assert client.counts["persistent_congestion"] >= 1 and client.in_outage()
+    assert client.cc.cwnd < working
+    client.path_changed(now)
+    assert client.cc.cwnd == working and client.recovery.pto_count == 0
+    assert client.recovery.in_flight == 0 and client.cc.bytes_in_flight == 0
+    again = exchange(client, server, now, nonces)
+    assert again and again[0].mtype == T_STREAM      # the oldest unacknowledged bytes, now
+    got = []
+    for _ in range(200):                        # and the stream completes on the new path
+        now += 0.025
+        server.on_timer(now)
+        exchange(server, client, now, nonces)
+        client.on_timer(now)
+        got.append(server.read(sid, 1 << 20))
+        now += 0.025
+        if client.all_acknowledged():
+            break
+        exchange(client, server, now, nonces)
+    got.append(server.read(sid, 1 << 20))
+    assert client.all_acknowledged() and b"".join(got) == bytes(400_000)
+
+
+def test_once_all_in_flight_is_declared_lost_no_answer_is_waited_for():
+    """What PTOs in a row declared lost goes out again with new records; until then
+    nothing is unanswered, so an idle client does not take its old flight for a path
+    that no longer answers (and rebind again and again)."""
+    recovery = Recovery(initial_rtt=0.05)
+    recovery.on_sent(1, 0.0, 1000, T_STREAM, 1, (0, 1000, False))
+    now = 0.0
+    while recovery.in_flight:
+        now = recovery.deadline()
+        recovery.on_pto(now)
+    assert recovery.unreachable_for(now + 10) == 0.0

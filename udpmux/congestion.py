@@ -12,6 +12,10 @@ and lost, and asks it before each message whether the window has room:
     on_packets_lost(records, now)   records just declared lost; True when this is a
                                     new congestion event (the window was reduced)
     on_persistent_congestion(now)   recovery found persistent congestion (RFC 9002 7.6)
+    on_packets_discarded(records)   records gone with a path that changed: out of flight,
+                                    and no sign of congestion
+    snapshot(), restore(state)      the window as it was while the path worked, and back
+                                    to it once a path works again after an outage
 
 CongestionController is that interface; NewReno (RFC 9002 section 7) is the one
 Connection uses unless given another (Connection(congestion=...): a class called with
@@ -61,6 +65,16 @@ class CongestionController:
     def on_persistent_congestion(self, now):
         pass
 
+    def on_packets_discarded(self, records):
+        for rec in records:
+            self.bytes_in_flight -= rec[SIZE]
+
+    def snapshot(self):
+        return (self.cwnd, self.ssthresh)
+
+    def restore(self, state):
+        self.cwnd, self.ssthresh = state
+
 
 class NewReno(CongestionController):
     """RFC 9002 section 7: slow start, then one datagram a round trip; half the window
@@ -106,4 +120,8 @@ class NewReno(CongestionController):
 
     def on_persistent_congestion(self, now):
         self.cwnd = self.min_window
+        self.recovery_start = None
+
+    def restore(self, state):
+        super().restore(state)
         self.recovery_start = None

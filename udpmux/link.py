@@ -43,6 +43,7 @@ from udpmux.endpoint import (
 )
 from udpmux.errors import EXIT_FAILURE, EXIT_OK
 from udpmux.linkstart import BOOT_TIMEOUT
+from udpmux.localend import Endpoint, Fd
 from udpmux.log import Every
 from udpmux.reasons import R_PROTOCOL, R_SESSION
 from udpmux.stream import (
@@ -58,84 +59,11 @@ HELLO_FIRST = 0.25                  # seconds before the first HELLO is repeated
 HELLO_MOST = 2.0
 KEEPALIVE_EVERY = 15.0              # seconds between keepalives when nothing else is sent
 REBIND_AFTER = 3.0                  # seconds without an answer before the client rebinds
+LIVENESS_MIN = 1.0                  # with streams open, a silent server is asked for a word
+                                    # after max(this, 2 PTO); unanswered as long, a rebind
 READ_CHUNK = 65536
 RESET_CONNECT = 2                   # the server could not connect to the target
 WAITING_CONNECTIONS = 64            # local connections held until the session is up
-
-
-# -- local endpoints
-
-class _Fd:
-    """A descriptor as the poller wants it: something with fileno()."""
-
-    def __init__(self, fd):
-        self.fd = fd
-
-    def fileno(self):
-        return self.fd
-
-
-class Endpoint:
-    """The local side of a stream: a read descriptor and a write descriptor (the same
-    socket for TCP, 0 and 1 for standard I/O), non-blocking."""
-
-    def __init__(self, rfd, wfd, sock=None):
-        self.rfd, self.wfd, self.sock = rfd, wfd, sock
-        # Standard I/O may share its file with others (a terminal, a shell): put back
-        # the blocking mode found there when done.
-        self.blocking = {fd: os.get_blocking(fd) for fd in {rfd, wfd}} if sock is None else {}
-        for fd in {rfd, wfd}:
-            os.set_blocking(fd, False)
-        self.pending = b""              # bytes for the local side that it has not taken
-        self.read_open = True           # not yet at EOF on the read side
-        self.write_open = True
-        self.room = True                # the stream takes more bytes (else stop reading)
-        self.keys = {}                  # fd -> (_Fd, (read, write) interest) registered
-
-    def read(self, n):
-        """Bytes, b"" at EOF, None when nothing is there now."""
-        try:
-            return os.read(self.rfd, n)
-        except BlockingIOError:
-            return None
-        except OSError:                 # a reset connection: as good as EOF
-            return b""
-
-    def write(self, data):
-        """How many bytes the local side took; OSError when it is gone."""
-        try:
-            return os.write(self.wfd, data)
-        except BlockingIOError:
-            return 0
-
-    def shutdown_write(self):
-        if not self.write_open:
-            return
-        self.write_open = False
-        if self.sock is not None:
-            try:
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-        else:
-            self.release(self.wfd)
-
-    def release(self, fd):
-        """Close one of standard I/O's descriptors, its blocking mode put back."""
-        try:
-            if self.blocking.get(fd):
-                os.set_blocking(fd, True)
-            os.close(fd)
-        except OSError:
-            pass
-
-    def close(self):
-        if self.sock is not None:
-            self.sock.close()
-            return
-        self.release(self.rfd)
-        if self.write_open:
-            self.shutdown_write()
 
 
 # -- one end of a session
@@ -183,7 +111,11 @@ class LinkEnd(Worker):
         got = self.receive(msg, key, now)
         if not got.settle(lambda reply, to: self.reply(reply, to, now), self.drop):
             return
-        if got.session is None or not self.handle(got, now):
+        if got.session is None:
+            return
+        # The peer moved, or speaks again after an outage: the path works again.
+        restored = got.event == MOVED or self.conn.in_outage()
+        if not self.handle(got, now):
             return
         self.heard = now
         body = msg[wire.HEADER_SIZE:len(msg) - (wire.MAC_SIZE if self.key else 0)]
@@ -192,6 +124,10 @@ class LinkEnd(Worker):
         except ProtocolError as exc:
             self.drop(R_PROTOCOL)
             self.fail(f"the other end broke the stream protocol ({exc.reason})")
+            return
+        if restored:
+            self.log.debug("the path works again: sending what was in flight at once")
+            self.conn.path_changed(now)
 
     def reply(self, msg, to, now):
         """A message the endpoint made (WELCOME, a keepalive, a challenge): sent, and its
@@ -317,7 +253,7 @@ class LinkEnd(Worker):
         for fd, interest in want.items():
             entry = ep.keys.get(fd)
             if entry is None:
-                key = _Fd(fd)
+                key = Fd(fd)
                 wake = self.on_endpoint
                 self.poller.register(key, wake, wake)
                 ep.keys[fd] = (key, (True, False))
@@ -548,6 +484,7 @@ class LinkClient(LinkEnd):
         self.rebind(now)
         self.last_rebind = now
         self.closing_since = None       # when the local side closed (stdin EOF, a signal)
+        self.probe_sent = None          # when a keepalive asked the silent server for a word
         self.started = now
         self.had_stream = False
         self.stopping = False           # a signal came: finishing, then exit
@@ -662,16 +599,46 @@ class LinkClient(LinkEnd):
 
     def wake_at(self, now):
         wake = super().wake_at(now)
-        hello_at = self.endpoint.wake_at()
-        if hello_at is not None and (wake is None or hello_at < wake):
-            wake = hello_at
+        for at in (self.endpoint.wake_at(), self.liveness_at()):
+            if at is not None and (wake is None or at < wake):
+                wake = at
         return wake
 
     def on_wake(self, now):
         if self.endpoint.state != UP:
             self.send_hello(now)
         if self.session is not None:
+            liveness = self.liveness_at()
+            if liveness is not None and now >= liveness:
+                self.ask_for_a_word(now)
             super().on_wake(now)
+
+    # -- a receiver that is never deaf for long
+
+    def liveness_at(self, now=None):
+        """When to ask the server for a word: with streams open, once it has been silent
+        for max(LIVENESS_MIN, 2 PTO) (a downloading client sends only ACKs, which answer
+        data: after a NAT change nothing would tell the server where we went), and as
+        long again after each unanswered ask.  None without streams or a session."""
+        if self.session is None or not self.endpoints:
+            return None
+        wait = max(LIVENESS_MIN, 2 * self.conn.recovery.pto_base)
+        since = self.heard
+        if self.probe_sent is not None and self.probe_sent > since:
+            since = self.probe_sent
+        return since + wait
+
+    def ask_for_a_word(self, now):
+        """A keepalive that asks for an answer; when the last one went unanswered, from a
+        new socket (a new source port, so a new NAT mapping)."""
+        if self.probe_sent is not None and self.probe_sent > self.heard \
+                and now - self.last_rebind >= REBIND_AFTER:
+            self.log.debug("no answer for %.1f s: a new socket", now - self.heard)
+            self.rebind(now)            # which says something at once from the new port
+        else:
+            self.send_plain(T_KEEPALIVE, keepalive_body(now), now)
+            self.flush()
+        self.probe_sent = now
 
     def receive_errors(self, errors):
         if self.session is None:

@@ -233,6 +233,21 @@ class Recovery:
                 break
         if lost:
             self.in_flight -= len(lost)
+            if not self.in_flight:
+                self.waiting_since = None
+        return lost
+
+    def all_lost(self):
+        """Every record in flight, declared lost at once (the path it went on is gone),
+        oldest first; the PTO back-off and the run of losses start afresh."""
+        lost = list(self.in_flight_records())
+        for rec in lost:
+            rec[STATE] = LOST
+        self.in_flight = 0
+        self.waiting_since = None
+        self.pto_count = 0
+        self.last_pto = None
+        self.loss_run = None
         return lost
 
     def persistent(self, lost):
@@ -313,6 +328,8 @@ class Recovery:
                     rec[STATE] = LOST
                     lost.append(rec)
             self.in_flight -= len(lost)
+            if not self.in_flight:
+                self.waiting_since = None
         self.last_pto = now
         return lost
 

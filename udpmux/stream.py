@@ -183,7 +183,7 @@ class Connection(StreamTable):
     COUNTS = (
         "messages_sent", "messages_received", "stream_bytes_sent", "bytes_retransmitted",
         "messages_retransmitted", "messages_lost", "acks_sent", "acks_received",
-        "ptos", "probes_sent", "congestion_events", "persistent_congestion",
+        "ptos", "probes_sent", "congestion_events", "persistent_congestion", "path_changes",
         "resets_sent", "resets_received", "streams_refused", "stream_bytes_received",
         "duplicate_bytes_received")
 
@@ -214,6 +214,7 @@ class Connection(StreamTable):
         self.cc = congestion(max_message, session_buffer)
         self._planned = 0                           # bytes returned, not yet on_sent()
         self._probes = 0
+        self._working = None            # the window while the path last worked (snapshot)
 
     # the parts' figures, as Connection attributes (read only; the last three are what
     # tests/test_stream.py and tests/fuzzing.py look at)
@@ -288,6 +289,7 @@ class Connection(StreamTable):
             return
         self._on_acked(newly)
         self.cc.on_packets_acked(newly, now)
+        self._working = self.cc.snapshot()     # the path works: its estimate, kept
         lost = recovery.detect_lost(now)
         if lost:
             self._on_lost(lost, now)
@@ -327,6 +329,35 @@ class Connection(StreamTable):
 
     def _on_lost(self, lost, now):
         """Records declared lost: their content goes out again, the window shrinks."""
+        self._requeue_lost(lost)
+        self.counts["messages_lost"] += len(lost)
+        if self.cc.on_packets_lost(lost, now):
+            self.counts["congestion_events"] += 1
+        if self.recovery.persistent(lost):
+            self.cc.on_persistent_congestion(now)
+            self.counts["persistent_congestion"] += 1
+
+    def in_outage(self):
+        """True while the peer has acknowledged nothing for two PTOs in a row."""
+        return self.recovery.pto_count >= 2
+
+    def path_changed(self, now):
+        """The peer is reachable again on another path (it moved, or was silent through
+        an outage and speaks again): what was in flight went on the old one and goes out
+        again at once; the PTO back-off starts afresh; and the outage was no congestion,
+        so the window is the one the path had before it, as QUIC restores its state once
+        a new path is validated."""
+        lost = self.recovery.all_lost()
+        if lost:
+            self._requeue_lost(lost)
+            self.cc.on_packets_discarded(lost)
+            self.recovery.advance_head()
+        if self._working is not None:
+            self.cc.restore(self._working)
+        self.counts["path_changes"] += 1
+
+    def _requeue_lost(self, lost):
+        """The content of records that will never be acknowledged, to be sent again."""
         streams = self._streams
         for rec in lost:
             mtype = rec[TYPE]
@@ -348,12 +379,6 @@ class Connection(StreamTable):
                 elif sid in self._refused:
                     self._refused[sid] = True
                     self._control[sid] = None
-        self.counts["messages_lost"] += len(lost)
-        if self.cc.on_packets_lost(lost, now):
-            self.counts["congestion_events"] += 1
-        if self.recovery.persistent(lost):
-            self.cc.on_persistent_congestion(now)
-            self.counts["persistent_congestion"] += 1
 
     # ------------------------------------------------------------------ timers
 
