@@ -679,6 +679,7 @@ def test_protocol_stream_limits_match_the_code():
         "link keepalive interval": f"{link.KEEPALIVE_EVERY:g} s",
         "link new socket, nothing acknowledged": f"{link.REBIND_AFTER:g} s",
         "link new socket, nothing heard": f"{2 * link.KEEPALIVE_EVERY:g} s",
+        "link asks a silent server for a word, at least": f"{link.LIVENESS_MIN:g} s",
         "link connections waiting for a session": link.WAITING_CONNECTIONS,
     }
     for name, value in expected.items():

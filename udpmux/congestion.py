@@ -7,7 +7,12 @@ and lost, and asks it before each message whether the window has room:
     can_send(planned)               room for `planned` bytes more (returned to the
                                     caller, not yet sent)?  A no also notes that the
                                     window, not the application, limits sending
-    on_packet_sent(size, now)       an ack-eliciting message went out
+    on_packet_sent(size, now, rec)  an ack-eliciting message went out (rec: its record,
+                                    to which a controller may append fields of its own)
+    pace(now), paced, next_send_at(), app_limited()
+                                    a pacing controller's (udpmux/bbr.py): the engine
+                                    refills its bucket before sending, wakes when it is
+                                    paced, and says when it had nothing more to send
     on_packets_acked(records, now)  records of udpmux/recovery.py, just acknowledged
     on_packets_lost(records, now)   records just declared lost; True when this is a
                                     new congestion event (the window was reduced)
@@ -50,7 +55,7 @@ class CongestionController:
             return False
         return True
 
-    def on_packet_sent(self, size, now):
+    def on_packet_sent(self, size, now, rec=None):
         self.bytes_in_flight += size
 
     def on_packets_acked(self, records, now):

@@ -37,6 +37,7 @@ import time
 
 from udpmux import addr, agentstatus, sockets, wire
 from udpmux.batchio import Batch
+from udpmux.bbr import Bbr
 from udpmux.datapath import BATCH, Drops, Sender, each_message
 from udpmux.endpoint import (
     ENDED, LOST, MOVED, NEW, UP, Initiator, Responder, keepalive_body,
@@ -62,6 +63,8 @@ REBIND_AFTER = 3.0                  # seconds without an answer before the clien
 LIVENESS_MIN = 1.0                  # with streams open, a silent server is asked for a word
                                     # after max(this, 2 PTO); unanswered as long, a rebind
 READ_CHUNK = 65536
+STREAM_WINDOW = 8 << 20             # bytes a stream may be ahead of its reader: a 200 ms
+SESSION_BUFFER = 32 << 20           # path at 20 MB/s holds 4 MB; all streams together
 RESET_CONNECT = 2                   # the server could not connect to the target
 WAITING_CONNECTIONS = 64            # local connections held until the session is up
 
@@ -81,7 +84,8 @@ class LinkEnd(Worker):
     def setup(self):
         now = time.monotonic()
         self.conn = Connection(client=isinstance(self, LinkClient),
-                               max_message=self.packet_size)
+                               max_message=self.packet_size, congestion=Bbr,
+                               stream_window=STREAM_WINDOW, session_buffer=SESSION_BUFFER)
         self.endpoints = {}             # sid -> Endpoint
         self.heard = now                # the peer's last authentic message
         self.sent = now
@@ -310,9 +314,12 @@ class LinkEnd(Worker):
         if now - getattr(self, "stats_at", 0.0) >= 5.0 and self.log.isEnabledFor(10):
             self.stats_at = now
             st = self.conn.stats()
-            self.log.debug("rtt %.1f ms, cwnd %d, in flight %d, sent %s, lost %s, pto %d, "
+            cc = self.conn.cc
+            model = (f", {cc.state}, bw {cc.btl_bw / 1e6:.2f} MB/s, pacing "
+                     f"{cc.pacing_rate / 1e6:.2f} MB/s" if hasattr(cc, "btl_bw") else "")
+            self.log.debug("rtt %.1f ms, cwnd %d, in flight %d, sent %s, lost %s, pto %d%s, "
                            "drops %s", st["srtt"] * 1000, st["cwnd"], st["bytes_in_flight"],
-                           st["messages_sent"], st["messages_lost"], st["pto_count"],
+                           st["messages_sent"], st["messages_lost"], st["pto_count"], model,
                            self.drops.counts or "none")
 
     def summary(self):

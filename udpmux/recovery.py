@@ -93,19 +93,22 @@ class Recovery:
 
     def on_sent(self, nonce, now, size, mtype, sid, info):
         """An ack-eliciting message went out with `nonce` (the caller also keeps
-        max_sent for the others).  Raises ValueError when nonces do not increase."""
+        max_sent for the others); returns its record.  Raises ValueError when nonces do
+        not increase."""
         nonces = self.nonces
         if nonces and nonce <= nonces[-1]:
             raise ValueError("on_sent(): nonces must increase")
         if nonce > self.max_sent:
             self.max_sent = nonce
         self.seq += 1
-        self.recs.append([nonce, self.seq, now, size, mtype, sid, info, IN_FLIGHT])
+        rec = [nonce, self.seq, now, size, mtype, sid, info, IN_FLIGHT]
+        self.recs.append(rec)
         nonces.append(nonce)
         self.in_flight += 1
         self.last_ae_sent = now
         if self.waiting_since is None:
             self.waiting_since = now
+        return rec
 
     def in_flight_records(self):
         """The records in flight, oldest first."""

@@ -212,6 +212,7 @@ class Connection(StreamTable):
         # sending: records, RTT and timers; the window
         self.recovery = Recovery(initial_rtt, max_ack_delay, max_pto)
         self.cc = congestion(max_message, session_buffer)
+        self._pacing = hasattr(self.cc, "pace")     # a pacing controller (udpmux/bbr.py)
         self._planned = 0                           # bytes returned, not yet on_sent()
         self._probes = 0
         self._working = None            # the window while the path last worked (snapshot)
@@ -389,6 +390,10 @@ class Connection(StreamTable):
         deadline = self.recovery.deadline()
         if self._ack_deadline is not None and (deadline is None or self._ack_deadline < deadline):
             deadline = self._ack_deadline
+        if self._pacing and self.cc.paced and self._sendable:
+            paced = self.cc.next_send_at()
+            if deadline is None or paced < deadline:
+                deadline = paced
         if deadline is None:
             return None
         return deadline - now if deadline > now else 0.0
@@ -493,6 +498,8 @@ class Connection(StreamTable):
                 self.counts["probes_sent"] += 1
         cc = self.cc
         cc.cwnd_limited = False
+        if self._pacing:
+            cc.pace(now)
         if self._sendable:
             while len(out) < limit:
                 if not cc.can_send(self._planned):
@@ -502,6 +509,8 @@ class Connection(StreamTable):
                     break
                 out.append(msg)
                 self._planned += msg.size
+        if self._pacing and not self._sendable and not cc.cwnd_limited:
+            cc.app_limited()
         return out
 
     def _make_ack(self, now):
@@ -580,11 +589,11 @@ class Connection(StreamTable):
         if not message.ack_eliciting:
             return
         size = message.size
-        recovery.on_sent(nonce, now, size, message[0], message[1], message[5])
+        rec = recovery.on_sent(nonce, now, size, message[0], message[1], message[5])
         self._planned -= size
         if self._planned < 0:
             self._planned = 0
-        self.cc.on_packet_sent(size, now)
+        self.cc.on_packet_sent(size, now, rec)
 
     def on_not_sent(self, message):
         """A message messages_to_send() returned that was never sealed: its content
