@@ -1,87 +1,152 @@
 #!/usr/bin/env python3
-"""How fast is `udpmux link` on a clean and on a lossy path, next to plain TCP on the same path?
+"""How fast is `udpmux link` over a long, lossy path, next to TCP and ssh on the same path?
 
-    sudo python3 tools/bench_link.py [--megabytes 20] [--loss 0,1,5] [--directions up,down]
-                                     [--timeout 30] [--no-tcp]
+    sudo python3 tools/bench_link.py [--rtt 0,50,200] [--loss 0,1,5,10] [--megabytes 20]
+                                     [--tools link,cubic,bbr,ssh] [--repeat 1]
+                                     [--directions up,down] [--timeout 30] [--no-tcp]
+                                     [--ssh-cc cubic] [--json PATH] [--svg PATH]
 
-A benchmark, not a test: run it by hand, as root, on an otherwise idle machine.  It builds
-the network lab of tests/lab.py, moves --megabytes MB (MB = 2**20 bytes, the stricter
-reading of the targets) through `udpmux link` and through one plain TCP connection at each
---loss percent, prints one row per transfer and then whether the project's targets are met:
+A benchmark, not a test: run it by hand, as root, on an otherwise idle machine; it is the
+figure link's performance work is judged by.  It builds the network lab of tests/lab.py
+and, for every cell of the matrix --rtt (round trip, ms) x --loss (percent), moves
+--megabytes MB (MB = 2**20 bytes) up and down with every tool of --tools:
+
+    link      `udpmux link --listen-tcp`: one TCP connection through the link per transfer
+    cubic     one plain TCP connection, congestion control cubic
+    bbr       one plain TCP connection, congestion control BBR
+    ssh       a real OpenSSH: `ssh root@public cat FILE` (down) or `cat > FILE` (up)
+    ssh-link  the same ssh with `udpmux link` as its ProxyCommand (not in the default set)
+
+Within a cell the tools run one after the other (link, then cubic, then bbr, ...), and
+--repeat N runs the whole row of tools N times before the next cell, so that a slow
+minute of the machine hits every tool alike; the summary reports the median.  The cells
+run rtt by rtt, loss by loss, in the order given.
+
+Output, in this order: the exact command line, the machine, kernel, Python, OpenSSH,
+udpmux version and commit (and whether udpmux/ holds uncommitted changes: the working
+tree is what runs), the lab's TCP settings; one "measured:" line as each transfer ends;
+then one row per transfer (below), a summary table per direction (one row per (rtt,
+loss), one column of MB/s per tool, "timeout" where the median transfer did not finish
+within --timeout, "failed" where it ended otherwise without the exact bytes, and
+link/bbr: the link's MB/s over BBR's), the project's targets, and notes (each session's
+setup and exit, the delay line's counters, log lines of note).  --json PATH writes every
+transfer and the summary as JSON; --svg PATH draws MB/s against loss, one line per tool,
+one panel per RTT and direction (a hand-written SVG: no plotting library needed).  The
+run exits 1 if any transfer failed (ended, other than by timing out, without the exact
+bytes); timeouts are results, not failures.
+
+Time: a cell takes roughly (tools x directions x repeat) transfers, each at most
+--timeout; where TCP cannot finish (cubic at 200 ms and 5 % loss moves a few tens of
+KB/s) it is the timeouts that add up.  `--megabytes 20 --rtt 0,50,200 --loss 0,1,5
+--timeout 40` takes about 20 minutes on a 2-core machine.
+
+The project's targets (checked on the link rows at rtt 0, the path they were set on):
 
     at 5 % loss, 20 MB in under 11 s         (each direction measured)
     on a clean path, at least 25 MB/s        (each direction measured)
 
-The exact command line, the udpmux version (and the repository's commit), the kernel and
-the Python version are printed first.  A default run takes about a minute.
-
 The path (tests/lab.py; read its docstring)::
 
-    outside 10.22.0.2 -- nat_out (masquerade) -- wan (random loss) -- public 203.0.113.10
+    outside 10.22.0.2 -- nat_out (masquerade) -- wan (delay, loss) -- public 203.0.113.10
 
   link  bench (in outside) -> TCP 127.0.0.1:47100 -> `udpmux link --listen-tcp` (outside)
         ==UDP through nat_out and wan==> `udpmux link-server` (public) -> TCP 127.0.0.1:5001
-        -> the target (public).  Only the UDP leg crosses the lossy wan.
+        -> the target (public).  Only the UDP leg crosses the wan.
   TCP   bench (in outside) -> TCP 203.0.113.10:5001 through nat_out and wan -> the target.
+  ssh   ssh (outside) -> TCP 203.0.113.10:2222 -> sshd (public) -> cat.
+  ssh-link  ssh (outside) -> ProxyCommand `udpmux link` ==UDP==> link-server (public)
+        -> TCP 127.0.0.1:2222 -> sshd -> cat; link's own bootstrap is a real ssh too.
 
-Loss: `lab.set_loss(p, protocols=("udp", "tcp"))` makes wan drop p % of UDP datagrams and of
-TCP segments alike (each packet in either direction, independently), so the link's UDP and
-the baseline's TCP see the same loss.  There is no delay in the lab (no netem), so the RTT is
-a fraction of a millisecond plus whatever the endpoints queue.  Each host's TCP metrics cache
-is off (net.ipv4.tcp_no_metrics_save=1), so a lossy TCP row leaves no ssthresh behind for the
-next.
+Delay and loss, the same for every tool: `lab.set_delay(rtt / 2)` makes wan hold every
+packet it forwards rtt/2 ms (tools/nfdelay, an NFQUEUE delay line: each packet crosses wan
+once each way, so a round trip takes rtt; rtt 0 runs no delay line), and
+`lab.set_loss(p, protocols=("udp", "tcp"))` drops p % of UDP datagrams and of TCP
+segments alike (each packet in either direction, independently; delayed first, then
+perhaps dropped).  The delay line is a user-space program on this machine's cores: what
+it costs in CPU every tool pays alike, and its counters (overruns: packets the kernel
+dropped because the line was full) are in the notes.  Each host's TCP metrics cache is off
+(net.ipv4.tcp_no_metrics_save=1), so a lossy row leaves no ssthresh behind for the next.
+The lab's TCP buffers are the host's (tcp_rmem, tcp_wmem are printed); they bound what
+TCP can keep in flight at a long RTT.
 
-Starting the server end: `udpmux link` starts `udpmux link-server` itself through
---ssh-command, as it would with ssh.  No sshd is used: the "ssh" is this script in its
-`_ssh` role, run in the public host's namespace (`ip netns exec <public> python3
-tools/bench_link.py _ssh --client ADDR DEST COMMAND`).  Like tests/fakessh.py it runs COMMAND
-through /bin/sh, but it sets SSH_CONNECTION as sshd on the public host would (the client's
-address as public sees it, nat_out's WAN address, and the public host's own address), so
-link-server reports 203.0.113.10, the address the client must use through the lab, and not
-fakessh's 127.0.0.1.  The bootstrap therefore crosses no network (and is not measured):
-what is measured is the link's UDP carriage, not ssh's encryption.
+Congestion control: the cubic and bbr rows set TCP_CONGESTION on the sending socket (for
+"up" the bench's, for "down" the target's: the request line names it) and the sender
+checks that it took (a row fails otherwise).  ssh cannot be asked, so outside's and
+public's default routes carry `congctl --ssh-cc` (cubic by default, as on a stock Linux),
+which every TCP connection made or accepted on them starts with; the routes are printed.
+(The namespaces' own default, net.ipv4.tcp_congestion_control, is the host's and can only
+be set to an algorithm in net.ipv4.tcp_allowed_congestion_control, a host-wide setting
+this script leaves alone.)
+
+Starting the link's server end: `udpmux link` starts `udpmux link-server` itself through
+--ssh-command, as it would with ssh.  No sshd is used for the link rows: the "ssh" is this
+script in its `_ssh` role, run in the public host's namespace (`ip netns exec <public>
+python3 tools/bench_link.py _ssh --client ADDR DEST COMMAND`).  Like tests/fakessh.py it
+runs COMMAND through /bin/sh, but it sets SSH_CONNECTION as sshd on the public host would
+(the client's address as public sees it, nat_out's WAN address, and the public host's own
+address), so link-server reports 203.0.113.10, the address the client must use through
+the lab, and not fakessh's 127.0.0.1.  The bootstrap therefore crosses no network (and is
+not measured): what is measured is the link's UDP carriage, not ssh's encryption.
+
+The ssh rows use a real sshd (OpenSSH, /usr/sbin/sshd) started on public, port 2222, with
+a host key and an authorized key made for this run in a temporary directory (removed at
+the end), and the ssh client from outside with -F /dev/null (no user configuration).  Each
+ssh transfer first opens a master connection (ControlMaster, untimed: key exchange and
+authentication, like the link's session setup), then times one `ssh -S CONTROL root@public
+COMMAND` over it (opening the channel included, as opening the stream is for the link and
+the handshake for TCP), then closes the master.  So every ssh transfer has a TCP
+connection of its own, as the cubic and bbr rows do.  "down" reads a file of the payload
+from the temporary directory; "up" writes one there, compared by sha256 afterwards.
 
 The target (this script in its `_target` role, on public, port 5001) is a TCP sink and
-source: a connection starts with a line, "PUT <id>" (the target reads to EOF, then
-answers "<bytes> <sha256>") or "GET <n> <id>" (the target sends n bytes, then closes its
-side); it reports each finished connection, by id, on its standard output.  The data are random.Random(seed).randbytes(n) on both sides, so the bench knows their sha256
-without trusting the target; "exact" means the byte count and the sha256 match.
+source: a connection starts with a line, "PUT <id> [<cc>]" (the target reads to EOF, then
+answers "<bytes> <sha256>") or "GET <n> <id> [<cc>]" (the target sets congestion control
+<cc> on its socket, sends n bytes, then closes its side); it reports each finished
+connection, by id, on its standard output.  The data are random.Random(seed).randbytes(n)
+on both sides, so the bench knows their sha256 without trusting the target; "exact" means
+the byte count and the sha256 match.
 
 One row per transfer.  "up" is outside -> public (the bench sends, the target counts), "down"
-is public -> outside.  Seconds run from before connect() until the target's answer ("up")
-or EOF after the last byte ("down"), so they include opening the stream (the link) or the
-TCP handshake.  For each loss percent one `udpmux link` session carries both directions one
+is public -> outside.  Seconds run from before connect() (or before starting the ssh
+command) until the target's answer ("up"), EOF after the last byte ("down"), or ssh's
+exit, so they include opening the stream (the link), the TCP handshake, or the ssh
+channel.  For each cell (and repeat) one `udpmux link` session carries both directions one
 after the other (its setup, before the first connection, is not counted); it is then
 stopped with SIGTERM and must exit with status 0, and its link-server must be gone within
 3 s (else it is reported and stopped by PID).  Every transfer is bounded by --timeout
-(seconds): a row that does not finish says "timed out" (with the bytes moved) and, when
-py-spy is installed, the stacks of both link processes are printed under the table.
+(seconds) and stops itself: the socket is closed or the ssh client stopped by PID.  A row
+that does not finish says "timed out" (with the bytes moved) and, when py-spy is installed,
+the stacks of both link processes are printed under the table.
 
 Columns: "1st byte" is the seconds from the start until the first payload byte reached the
-receiver (the target's own CLOCK_MONOTONIC stamp for "up", the bench's for "down"): where a
-row is slow, it tells opening the stream from moving the bytes.  "link/TCP" is the link's
-MB/s over TCP's for the same loss and direction.
+receiver (the target's own CLOCK_MONOTONIC stamp for "up", the bench's for "down"; "-" for
+ssh up): where a row is slow, it tells opening the stream from moving the bytes.
+"link/bbr" is the link's MB/s over BBR's for the same cell, direction and repeat.
 "retrans" is the sender's retransmissions: for TCP, tcpi_total_retrans of the sending socket
 (TCP_INFO); for the link, the "lost" figure of the sending end's last `--debug` engine-stats
 line ("rtt .. cwnd .. lost ..", logged every 5 s; cumulative over the session; the bench waits
-up to 6 s for a line logged after the transfers), or "n/a" when that line has no number.
-"dropped" is the wan's loss counter over the row (packets dropped, both directions).
-"CPU s" is user+system CPU seconds used during the row by the link client + link-server
-(psutil), which shows when an end is CPU-bound (here each end has one core at best: this
-machine's cores are shared by the two link processes, the bench and the target).
-The link always runs with --debug: its log is how the bench knows that the session is up
-(both ends' "session up" lines) and reads the engine's figures.
+up to 6 s for a line logged after the transfers), or "n/a" when that line has no number;
+"-" for ssh.  "dropped" is the wan's loss counter over the row (packets dropped, both
+directions).  "CPU s" is user+system CPU seconds used during the row by the link client +
+link-server (psutil), or for ssh by the ssh master and everything it started and the
+session's processes on public; it shows when an end is CPU-bound (here each end has one
+core at best: this machine's cores are shared by both ends, the delay line, the bench and
+the target).  The link always runs with --debug: its log is how the bench knows that the
+session is up (both ends' "session up" lines) and reads the engine's figures.
 
 Every process started here is stopped by PID (Popen.send_signal, or tests/lab.py's
 pidfd-based kill_pids); the lab is always torn down (try/finally; it also removes anything
-left in its namespaces).  Only the standard library and psutil are used.
+left in its namespaces), and so is the temporary directory.  Only the standard library and
+psutil are used, plus OpenSSH for the ssh rows.
 """
 
 import argparse
 import contextlib
+import datetime
 import hashlib
 import itertools
 import json
+import math
 import os
 import platform
 import random
@@ -94,8 +159,10 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from xml.sax.saxutils import escape
 
 import psutil
 
@@ -112,16 +179,26 @@ import lab as lablib     # noqa: E402
 MB = 1 << 20
 SEED = 20240601
 TARGET_PORT = 5001
+SSH_PORT = 2222
 LISTEN_PORT = 47100             # the link's --listen-tcp, on outside's loopback
 BIND = "47000-47099"            # link-server's UDP ports
 CHUNK = 256 * 1024
 SETUP_TIMEOUT = 20.0            # seconds for a link session to come up
+SSH_SETUP_TIMEOUT = 30.0        # seconds for an ssh master (key exchange, auth) to come up
 EXIT_TIMEOUT = 15.0             # seconds for `udpmux link` to exit after SIGTERM
-SERVER_GONE = 3.0               # seconds for link-server to exit after the client did
+SERVER_GONE = 3.0               # seconds for link-server (or sshd's session) to exit after
 STATS_WAIT = 6.0                # seconds to wait for a fresh engine-stats line
 TARGET_IDLE = 120.0             # the target gives up on a silent connection
 TCP_INFO_RETRANS = struct.Struct("I")   # tcpi_total_retrans: a u32 at byte 100 of tcp_info
 TCP_INFO_RETRANS_AT = 100
+TCP_CA_NAME_MAX = 16
+
+TOOLS = ("link", "cubic", "bbr", "ssh", "ssh-link")
+DEFAULT_TOOLS = "link,cubic,bbr,ssh"
+TCP_TOOLS = ("cubic", "bbr")    # tool name = congestion control name
+SSH_TOOLS = ("ssh", "ssh-link")
+COLOURS = {"link": "#d62728", "cubic": "#1f77b4", "bbr": "#2ca02c", "ssh": "#9467bd",
+           "ssh-link": "#ff7f0e"}
 
 TARGETS = (("5 % loss: 20 MB in under 11 s", 5.0, "seconds", 11.0),
            ("clean path: at least 25 MB/s", 0.0, "rate", 25.0))
@@ -143,11 +220,29 @@ def tcp_retrans(sock):
         return None
 
 
+def congestion(sock):
+    """The congestion control in effect on a TCP socket ("cubic"), or None."""
+    with contextlib.suppress(OSError):
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, TCP_CA_NAME_MAX)
+        return raw.split(b"\0", 1)[0].decode()
+    return None
+
+
 # ---- the target: runs on "public" ----------------------------------------------------------
 
+def parse_request(line):
+    """("PUT", None, id, cc) or ("GET", n, id, cc) from a request line; None if bad."""
+    words = line.decode(errors="replace").split()
+    if words[:1] == ["PUT"] and 2 <= len(words) <= 3:
+        return "PUT", None, words[1], (words[2:] or [None])[0]
+    if words[:1] == ["GET"] and 3 <= len(words) <= 4 and words[1].isdigit():
+        return "GET", int(words[1]), words[2], (words[3:] or [None])[0]
+    return None
+
+
 def target_main(argv):
-    """`_target --port P --megabytes N`: serve PUT and GET (module docstring), one thread
-    per connection; one JSON line per finished connection on stdout."""
+    """`_target --port P --size N`: serve PUT and GET (module docstring), one thread per
+    connection; one JSON line per finished connection on stdout."""
     parser = argparse.ArgumentParser(prog="bench_link.py _target")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--size", type=int, required=True)
@@ -162,6 +257,7 @@ def target_main(argv):
 
     def serve(conn):
         conn.settimeout(TARGET_IDLE)
+        tag = None
         with conn:
             try:
                 head = b""
@@ -171,9 +267,12 @@ def target_main(argv):
                         return
                     head += chunk
                 line, _, rest = head.partition(b"\n")
-                words = line.split()
-                tag = words.pop().decode() if len(words) > 1 else None   # the bench's id
-                if words == [b"PUT"]:
+                request = parse_request(line)
+                if request is None:
+                    report(op="error", error="bad request %r" % line[:100])
+                    return
+                op, n, tag, cc = request
+                if op == "PUT":
                     digest, count = hashlib.sha256(rest), len(rest)
                     first = time.monotonic() if rest else None
                     while True:
@@ -185,15 +284,19 @@ def target_main(argv):
                         count += len(chunk)
                     conn.sendall(b"%d %s\n" % (count, digest.hexdigest().encode()))
                     report(op="PUT", id=tag, bytes=count, first=first)
-                elif len(words) == 2 and words[0] == b"GET" and words[1].isdigit():
-                    n = min(int(words[1]), len(data))
+                else:
+                    if cc:                  # the sender sets it; an error ends the request
+                        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION,
+                                        cc.encode())
+                    n = min(n, len(data))
                     conn.sendall(memoryview(data)[:n])
                     conn.shutdown(socket.SHUT_WR)
                     while conn.recv(CHUNK):          # the client closes once it has it all
                         pass
-                    report(op="GET", id=tag, bytes=n, retrans=tcp_retrans(conn))
+                    report(op="GET", id=tag, bytes=n, retrans=tcp_retrans(conn),
+                           cc=congestion(conn))
             except OSError as exc:
-                report(op="error", error=str(exc))
+                report(op="error", id=tag, error=str(exc))
 
     server = socket.create_server(("0.0.0.0", args.port), backlog=16)
     print("ready", flush=True)
@@ -217,8 +320,9 @@ def ssh_main(argv):
 # ---- one transfer, from "outside" ----------------------------------------------------------
 
 class Result:
-    def __init__(self, path, loss, direction, size):
-        self.path, self.loss, self.direction, self.size = path, loss, direction, size
+    def __init__(self, tool, rtt, loss, direction, size, repeat=0):
+        self.tool, self.rtt, self.loss, self.direction = tool, rtt, loss, direction
+        self.size, self.repeat = size, repeat
         self.seconds = None             # None: it did not finish
         self.first = None               # seconds until the first byte reached the receiver
         self.moved = 0
@@ -226,35 +330,66 @@ class Result:
         self.error = None
         self.retrans = None             # int, or None (unknown)
         self.dropped = None
-        self.cpu = None                 # link client + server CPU seconds
+        self.cpu = None                 # CPU seconds of the tool's processes
 
     @property
     def rate(self):
         return self.size / MB / self.seconds if self.seconds else None
 
+    @property
+    def status(self):
+        """"ok" (finished, exact), "timeout", or "failed" (anything else)."""
+        if self.seconds is not None and self.exact:
+            return "ok"
+        return "timeout" if self.error == "timed out" else "failed"
+
+    def key(self):
+        return self.rtt, self.loss, self.direction, self.tool
+
+    def as_dict(self):
+        return {"rtt_ms": self.rtt, "loss": self.loss, "tool": self.tool,
+                "direction": self.direction, "repeat": self.repeat + 1, "bytes": self.size,
+                "status": self.status, "seconds": self.seconds, "mbps": self.rate,
+                "first_byte": self.first, "moved": self.moved, "exact": self.exact,
+                "error": self.error, "retrans": self.retrans, "dropped": self.dropped,
+                "cpu_seconds": self.cpu}
+
 
 _transfers = itertools.count(1)
 
 
-def transfer(lab, dst, r, data, digest, timeout, target):
-    """Move `data` up or down (r.direction) over one TCP connection from outside to dst,
-    filling in Result r: seconds (None if it did not finish), first, moved, exact, error,
-    and for plain TCP the sender's retransmissions."""
+def transfer(bench, dst, r, cc=None):
+    """Move the payload up or down (r.direction) over one TCP connection from outside to
+    dst, filling in Result r: seconds (None if it did not finish), first, moved, exact,
+    error, and for plain TCP (cc: the congestion control the sender sets) the sender's
+    retransmissions."""
+    data, digest, target = bench.data, bench.digest, bench.target
     size = len(data)
-    tag = "%s-%g-%s-%d" % (r.path, r.loss, r.direction, next(_transfers))
-    sock = lab.socket("outside", type=socket.SOCK_STREAM)
+    tag = "%s-%g-%g-%s-%d" % (r.tool, r.rtt, r.loss, r.direction, next(_transfers))
+    up = r.direction == "up"
+    sock = bench.lab.socket("outside", type=socket.SOCK_STREAM)
     start = time.monotonic()
-    deadline = start + timeout
+    deadline = start + bench.timeout
     try:
-        sock.settimeout(timeout)
+        sock.settimeout(bench.timeout)
         try:
             sock.connect(dst)
         except OSError as exc:
             r.error = "connect: %s" % exc
             return
+        if cc and up:           # after connect(): the route's congctl is set at connect
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, cc.encode())
+            except OSError as exc:
+                r.error = "TCP_CONGESTION %s: %s" % (cc, exc)
+                return
+            if congestion(sock) != cc:
+                r.error = "congestion control %s, not %s" % (congestion(sock), cc)
+                return
         sock.setblocking(False)
-        up = r.direction == "up"
-        head = ("PUT %s\n" % tag if up else "GET %d %s\n" % (size, tag)).encode()
+        suffix = " %s" % cc if cc else ""
+        head = ("PUT %s%s\n" % (tag, suffix) if up
+                else "GET %d %s%s\n" % (size, tag, suffix)).encode()
         out = memoryview(head + data if up else head)
         answer, got, sent = b"", hashlib.sha256(), 0
         while True:
@@ -292,7 +427,7 @@ def transfer(lab, dst, r, data, digest, timeout, target):
             # EOF
             elapsed = time.monotonic() - start
             if up:
-                r.retrans = tcp_retrans(sock) if r.path == "TCP" else None
+                r.retrans = tcp_retrans(sock) if cc else None
                 sock.close()
                 report = target.wait_report(tag, 2.0)
                 if report and report.get("first"):
@@ -310,10 +445,14 @@ def transfer(lab, dst, r, data, digest, timeout, target):
                 if not r.exact:
                     r.error = "%d of %d bytes%s" % (r.moved, size,
                                                     ", sha256 differs" if r.moved == size else "")
-                if r.path == "TCP":
+                if cc:
                     sock.close()                # the target reports once we closed
-                    report = target.wait_report(tag, 2.0)
-                    r.retrans = report.get("retrans") if report else None
+                    report = target.wait_report(tag, 2.0) or {}
+                    r.retrans = report.get("retrans")
+                    if report.get("cc") != cc:
+                        r.exact = False
+                        r.error = "the target's congestion control %s, not %s (%s)" % (
+                            report.get("cc"), cc, report.get("error", "no report"))
             r.seconds = elapsed
             return
     finally:
@@ -377,6 +516,61 @@ def stop_proc(proc, timeout=5.0):
     return proc.returncode
 
 
+def drain(pipe, lines):
+    """Read a text pipe to EOF in a daemon thread, appending its lines to `lines`."""
+    def read():
+        with contextlib.suppress(OSError, ValueError):
+            for line in pipe:
+                lines.append(line.rstrip())
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread
+
+
+def public_pids(lab):
+    """Every process in public's namespace (as tests/lab.py's down() finds them)."""
+    with contextlib.suppress(OSError):
+        return set(lablib._pids_in({lablib._ns_inode(lab.ns("public"))}))
+    return set()
+
+
+def reap_public(bench, what, draining=()):
+    """Wait up to SERVER_GONE s for the processes a session started on public to exit;
+    stop any left by PID.  Processes named in `draining` (sshd: its session still sending
+    what a timed-out transfer queued over a slow path) are stopped without counting as
+    left behind.  A note for the summary."""
+    left = set()
+    end = time.monotonic() + SERVER_GONE
+    while time.monotonic() < end:
+        left = public_pids(bench.lab) - bench.residents()
+        if not left:
+            return "%s gone" % what
+        time.sleep(0.05)
+    names = {}
+    for pid in left:
+        with contextlib.suppress(psutil.Error):
+            names[pid] = psutil.Process(pid).name()
+    lablib.kill_pids(left)
+    listed = ", ".join("%d %s" % (pid, names.get(pid, "?")) for pid in sorted(left))
+    if all(names.get(pid) in draining for pid in left):
+        return "%s still there after %g s (%s), stopped by PID" % (what, SERVER_GONE, listed)
+    bench.leftovers += 1
+    return "%s LEFT BEHIND (%s), stopped by PID" % (what.upper(), listed)
+
+
+def cpu_seconds(pids):
+    total = 0.0
+    for pid in pids:
+        if pid is None:
+            continue
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 class Link:
     """One `udpmux link --listen-tcp` on outside, its server started through the _ssh
     stand-in on public; its stderr (both ends' log with --debug) is collected."""
@@ -435,23 +629,8 @@ class Link:
         self.server_pid = server[1]
         return max(client[0], server[0]) - self.started
 
-    def public_pids(self):
-        """Every process in public's namespace (as tests/lab.py's down() finds them)."""
-        with contextlib.suppress(OSError):
-            return set(lablib._pids_in({lablib._ns_inode(self.lab.ns("public"))}))
-        return set()
-
     def cpu(self):
-        total = 0.0
-        for pid in (self.proc.pid, self.server_pid):
-            if pid is None:
-                continue
-            try:
-                t = psutil.Process(pid).cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-        return total
+        return cpu_seconds((self.proc.pid, self.server_pid))
 
     def stats_lost(self, pid):
         """(time, "lost" text) of `pid`'s last engine-stats line, or None."""
@@ -481,11 +660,252 @@ class Link:
             return "\n".join("    %s %s %s" % (p, lvl, msg) for _, p, lvl, msg in self.lines)
 
 
+class Sshd:
+    """A real sshd on public (port SSH_PORT) with keys made for this run in `tmp`, the
+    payload as a file there for "down", and the ssh client options to reach it."""
+
+    def __init__(self, lab, tmp, data):
+        self.lab, self.tmp = lab, tmp
+        self.key = os.path.join(tmp, "id")
+        host_key = os.path.join(tmp, "host_key")
+        for path in (self.key, host_key):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", path],
+                           check=True, timeout=30)
+        authorized = os.path.join(tmp, "authorized_keys")
+        shutil.copyfile(self.key + ".pub", authorized)
+        config = os.path.join(tmp, "sshd_config")
+        with open(config, "w") as f:
+            f.write("Port %d\nListenAddress 0.0.0.0\nHostKey %s\nPidFile %s\n"
+                    "AuthorizedKeysFile %s\nStrictModes no\nPermitRootLogin prohibit-password\n"
+                    "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+                    "LogLevel ERROR\n" % (SSH_PORT, host_key, os.path.join(tmp, "sshd.pid"),
+                                          authorized))
+        self.source = os.path.join(tmp, "payload")
+        with open(self.source, "wb") as f:
+            f.write(data)
+        self.options = ["-F", "/dev/null", "-i", self.key, "-p", str(SSH_PORT),
+                        "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+                        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                        "-o", "LogLevel=ERROR"]
+        self.dest = "root@%s" % lab.addr("public")
+        os.makedirs("/run/sshd", exist_ok=True)       # its privilege separation directory
+        self.log = []
+        self.proc = lab.popen("public", ["/usr/sbin/sshd", "-D", "-e", "-f", config],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        drain(self.proc.stderr, self.log)
+        self.wait_ready()
+
+    def wait_ready(self):
+        """sshd answers a plain ssh from outside (before any delay or loss is set)."""
+        end = time.monotonic() + SSH_SETUP_TIMEOUT
+        while time.monotonic() < end and self.proc.poll() is None:
+            out = self.lab.run("outside", ["ssh", *self.options, self.dest, "true"],
+                               capture_output=True, text=True, timeout=SSH_SETUP_TIMEOUT)
+            if out.returncode == 0:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("sshd did not come up: %s" % "\n".join(self.log[-10:]))
+
+    def proxy_option(self):
+        """-o ProxyCommand=`udpmux link ...` for the ssh-link tool."""
+        udpmux = "env PYTHONPATH=%s %s -m udpmux" % (shlex.quote(ROOT),
+                                                      shlex.quote(sys.executable))
+        inner = "ssh " + " ".join(shlex.quote(o) for o in self.options)
+        proxy = ("%s link --ssh-command %s --server-command %s -t 127.0.0.1:%d --bind %s %%r@%%h"
+                 % (udpmux, shlex.quote(inner), shlex.quote(udpmux), SSH_PORT, BIND))
+        return ["-o", "ProxyCommand=" + proxy]
+
+    def stop(self):
+        stop_proc(self.proc)
+
+
+class SshMaster:
+    """An ssh ControlMaster from outside to the Sshd (through link for ssh-link), whose
+    control socket the timed commands use."""
+
+    def __init__(self, lab, sshd, proxy):
+        self.lab, self.sshd = lab, sshd
+        self.ctl = os.path.join(sshd.tmp, "ctl-%d" % next(_transfers))
+        self.extra = sshd.proxy_option() if proxy else []
+        self.log = []
+        self.left_behind = False
+        self.started = time.monotonic()
+        self.proc = lab.popen("outside", ["ssh", *sshd.options, *self.extra, "-M", "-N",
+                                          "-S", self.ctl, "-o", "ControlPersist=no",
+                                          sshd.dest],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        drain(self.proc.stderr, self.log)
+
+    def wait_up(self):
+        """Seconds until the control socket exists (None if not within SSH_SETUP_TIMEOUT
+        or the master exited)."""
+        end = self.started + SSH_SETUP_TIMEOUT
+        while time.monotonic() < end and self.proc.poll() is None:
+            if os.path.exists(self.ctl):
+                return time.monotonic() - self.started
+            time.sleep(0.02)
+        return None
+
+    def pids(self):
+        """The master and everything it started (the ProxyCommand's link)."""
+        with contextlib.suppress(psutil.Error):
+            return [self.proc.pid] + [p.pid for p in psutil.Process(self.proc.pid).children(
+                recursive=True)]
+        return [self.proc.pid]
+
+    def command(self, command):
+        return ["ssh", *self.sshd.options, "-S", self.ctl, "-o", "ControlMaster=no",
+                self.sshd.dest, command]
+
+    def stop(self):
+        """`ssh -O exit`, else SIGTERM by PID; what it started is stopped by PID too.
+        Returns how it ended, as text."""
+        started = []                    # pidfds, opened while these are surely ours
+        for pid in self.pids()[1:]:
+            with contextlib.suppress(OSError):
+                started.append(os.pidfd_open(pid))
+        how = "had exited (status %s)" % self.proc.returncode
+        if self.proc.poll() is None:
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                self.lab.run("outside", ["ssh", *self.sshd.options, "-S", self.ctl, "-O",
+                                         "exit", self.sshd.dest],
+                             capture_output=True, timeout=5)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+            how = "closed (ssh -O exit)"
+            if self.proc.poll() is None:
+                how = "stopped by PID (status %s)" % stop_proc(self.proc)
+        for fd in started:
+            if not select.select([fd], [], [], SERVER_GONE)[0]:     # not gone by itself
+                self.left_behind = True
+                how += "; ITS PROXYCOMMAND WAS LEFT BEHIND, stopped by PID"
+                for sig in (signal.SIGTERM, signal.SIGKILL):
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(fd, sig)
+                    if select.select([fd], [], [], 2.0)[0]:
+                        break
+            os.close(fd)
+        return how
+
+
+def ssh_transfer(bench, master, r):
+    """Time one ssh command over `master`: `cat FILE` (down) or `cat > FILE` (up),
+    filling in Result r.  The ssh client is stopped by PID at the deadline."""
+    data, size = bench.data, len(bench.data)
+    up = r.direction == "up"
+    dest = os.path.join(bench.tmp, "up-%d" % next(_transfers))
+    command = "cat > %s" % shlex.quote(dest) if up else "cat %s" % shlex.quote(
+        bench.sshd.source)
+    start = time.monotonic()
+    deadline = start + bench.timeout
+    proc = bench.lab.popen("outside", master.command(command),
+                           stdin=subprocess.PIPE if up else subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL if up else subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    readers = {proc.stderr.fileno(): "err"}
+    if not up:
+        readers[proc.stdout.fileno()] = "out"
+    writer = proc.stdin.fileno() if up else None
+    for fd in list(readers) + ([writer] if up else []):
+        os.set_blocking(fd, False)
+    view, sent, got, errtext = memoryview(data), 0, hashlib.sha256(), b""
+    try:
+        while readers or writer is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                r.error = "timed out"
+                return
+            readable, writable, _ = select.select(
+                list(readers), [writer] if writer is not None else [], [], left)
+            if writable:
+                try:
+                    sent += os.write(writer, view[sent:sent + CHUNK])
+                except BlockingIOError:
+                    pass
+                except BrokenPipeError:
+                    sent = -1
+                r.moved = max(sent, 0)
+                if sent == size or sent < 0:
+                    proc.stdin.close()
+                    writer = None
+            for fd in readable:
+                try:
+                    chunk = os.read(fd, CHUNK)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    del readers[fd]
+                elif readers[fd] == "err":
+                    errtext = (errtext + chunk)[-2000:]
+                else:
+                    if r.first is None:
+                        r.first = time.monotonic() - start
+                    got.update(chunk)
+                    r.moved += len(chunk)
+        try:
+            status = proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            r.error = "timed out"
+            return
+        r.seconds = time.monotonic() - start
+        if up:
+            got = hashlib.sha256()
+            with contextlib.suppress(OSError), open(dest, "rb") as f:
+                for chunk in iter(lambda: f.read(CHUNK), b""):
+                    got.update(chunk)
+            r.moved = os.path.getsize(dest) if os.path.exists(dest) else 0
+        r.exact = status == 0 and r.moved == size and got.hexdigest() == bench.digest
+        if status != 0:
+            r.error = "ssh exit status %s: %s" % (status, errtext.decode(
+                errors="replace").strip()[-200:])
+        elif not r.exact:
+            r.error = "%d of %d bytes%s" % (r.moved, size,
+                                            ", sha256 differs" if r.moved == size else "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()                 # by PID: the master closes the channel
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        with contextlib.suppress(OSError):
+            os.unlink(dest)
+
 
 # ---- the benchmark -------------------------------------------------------------------------
 
-def run_link(lab, target, loss, directions, data, digest, timeout, notes, stacks):
+class Bench:
+    """What every tool's run shares: the lab, the target, sshd, the payload, the limits,
+    and the notes and stacks collected on the way."""
+
+    def __init__(self, lab, data, timeout, directions, tmp):
+        self.lab, self.data, self.timeout, self.directions = lab, data, timeout, directions
+        self.digest = hashlib.sha256(data).hexdigest()
+        self.tmp = tmp
+        self.target = None
+        self.sshd = None
+        self.notes, self.stacks = [], []
+        self.leftovers = 0              # sessions that left a process behind
+
+    def residents(self):
+        """The processes on public that live for the whole run."""
+        return {p.proc.pid for p in (self.target, self.sshd) if p is not None}
+
+    def dropped(self):
+        return self.lab.counter("wan", "loss")
+
+
+def where(rtt, loss):
+    return "rtt %g ms, %g %% loss" % (rtt, loss)
+
+
+def run_link(bench, rtt, loss, repeat):
     rows = []
+    lab = bench.lab
     link = Link(lab)
     up = None
     try:
@@ -494,22 +914,23 @@ def run_link(lab, target, loss, directions, data, digest, timeout, notes, stacks
             why = "the link session did not come up within %d s" % SETUP_TIMEOUT
             if link.proc.poll() is not None:
                 why = "udpmux link exited with status %s" % link.proc.returncode
-            notes.append("link at %g %% loss: %s; its log:\n%s" % (loss, why, link.log_text()))
-            for direction in directions:
-                r = Result("link", loss, direction, len(data))
+            bench.notes.append("link at %s: %s; its log:\n%s" % (
+                where(rtt, loss), why, link.log_text()))
+            for direction in bench.directions:
+                r = Result("link", rtt, loss, direction, len(bench.data), repeat)
                 r.error = why
                 rows.append(r)
             return rows
         server_pid = link.server_pid
-        for direction in directions:
-            r = Result("link", loss, direction, len(data))
-            cpu0, drop0 = link.cpu(), lab.counter("wan", "loss")
-            transfer(lab, ("127.0.0.1", LISTEN_PORT), r, data, digest, timeout, target)
+        for direction in bench.directions:
+            r = Result("link", rtt, loss, direction, len(bench.data), repeat)
+            cpu0, drop0 = link.cpu(), bench.dropped()
+            transfer(bench, ("127.0.0.1", LISTEN_PORT), r)
             r.cpu = link.cpu() - cpu0
-            r.dropped = lab.counter("wan", "loss") - drop0
+            r.dropped = bench.dropped() - drop0
             if r.seconds is None and shutil.which("py-spy"):
-                stacks.append(py_spy(link, server_pid, "link %s at %g %% loss" % (
-                    direction, loss)))
+                bench.stacks.append(py_spy(link, server_pid, "link %s at %s" % (
+                    direction, where(rtt, loss))))
             rows.append(r)
         done = time.monotonic()
         # the sending end's cumulative "lost": the client for up, the server for down
@@ -519,37 +940,69 @@ def run_link(lab, target, loss, directions, data, digest, timeout, notes, stacks
         return rows
     finally:
         status = stop_proc(link.proc, EXIT_TIMEOUT)
-        summary = "link session at %g %% loss: up in %s s; " % (loss, fmt(up, ".2f"))
+        summary = "link session at %s: up in %s s; " % (where(rtt, loss), fmt(up, ".2f"))
         summary += "exit status %s" % status if status == 0 else \
             "EXIT STATUS %s (expected 0)" % status
-        left = set()
-        end = time.monotonic() + SERVER_GONE
-        while time.monotonic() < end:
-            left = link.public_pids() - {target.proc.pid}
-            if not left:
-                break
-            time.sleep(0.05)
-        if left:
-            summary += "; LINK-SERVER LEFT BEHIND (pid %s), stopped by PID" % sorted(left)
-            lablib.kill_pids(left)
-        else:
-            summary += "; link-server gone"
-        notes.append(summary)
+        if status != 0:
+            bench.leftovers += 1
+        summary += "; " + reap_public(bench, "link-server")
+        bench.notes.append(summary)
         errors = [l for l in link.lines if l[2] in ("ERROR", "WARNING", "CRITICAL")
                   or (l[1] is None and l[3].strip())]
         for _, pid, lvl, msg in errors[:10]:
-            notes.append("  log: [%s] %s %s" % (pid, lvl, msg))
+            bench.notes.append("  log: [%s] %s %s" % (pid, lvl, msg))
 
 
-def run_tcp(lab, target, loss, directions, data, digest, timeout):
+def run_tcp(bench, cc, rtt, loss, repeat):
     rows = []
-    for direction in directions:
-        r = Result("TCP", loss, direction, len(data))
-        drop0 = lab.counter("wan", "loss")
-        transfer(lab, (lab.addr("public"), TARGET_PORT), r, data, digest, timeout, target)
-        r.dropped = lab.counter("wan", "loss") - drop0
+    for direction in bench.directions:
+        r = Result(cc, rtt, loss, direction, len(bench.data), repeat)
+        drop0 = bench.dropped()
+        transfer(bench, (bench.lab.addr("public"), TARGET_PORT), r, cc=cc)
+        r.dropped = bench.dropped() - drop0
         rows.append(r)
     return rows
+
+
+def run_ssh(bench, tool, rtt, loss, repeat):
+    """One ssh master per transfer (set up untimed), one timed command over it."""
+    rows = []
+    for direction in bench.directions:
+        r = Result(tool, rtt, loss, direction, len(bench.data), repeat)
+        rows.append(r)
+        master = SshMaster(bench.lab, bench.sshd, proxy=tool == "ssh-link")
+        up = None
+        try:
+            up = master.wait_up()
+            if up is None:
+                r.error = "the ssh master did not come up within %d s" % SSH_SETUP_TIMEOUT
+                if master.proc.poll() is not None:
+                    r.error = "the ssh master exited with status %s" % master.proc.returncode
+                continue
+            pids = master.pids() + sorted(public_pids(bench.lab) - bench.residents())
+            cpu0, drop0 = cpu_seconds(pids), bench.dropped()
+            ssh_transfer(bench, master, r)
+            r.cpu = cpu_seconds(pids) - cpu0
+            r.dropped = bench.dropped() - drop0
+        finally:
+            how = master.stop()
+            bench.leftovers += master.left_behind
+            note = "%s master for %s at %s: up in %s s; %s; " % (
+                tool, direction, where(rtt, loss), fmt(up, ".2f"), how)
+            note += reap_public(bench, "its processes on public", draining=("sshd",))
+            bench.notes.append(note)
+            if r.error and up is None:
+                for line in master.log[-5:]:
+                    bench.notes.append("  ssh: %s" % line)
+    return rows
+
+
+def run_tool(bench, tool, rtt, loss, repeat):
+    if tool == "link":
+        return run_link(bench, rtt, loss, repeat)
+    if tool in TCP_TOOLS:
+        return run_tcp(bench, tool, rtt, loss, repeat)
+    return run_ssh(bench, tool, rtt, loss, repeat)
 
 
 def py_spy(link, server_pid, what):
@@ -564,41 +1017,126 @@ def py_spy(link, server_pid, what):
     return "\n".join(out)
 
 
+# ---- reporting -----------------------------------------------------------------------------
+
 def fmt(value, spec, none="-"):
     return none if value is None else format(value, spec)
 
 
-def print_table(rows, size):
-    tcp = {(r.loss, r.direction): r for r in rows if r.path == "TCP"}
-    head = ("size", "loss", "path", "dir", "seconds", "1st byte", "MB/s", "link/TCP",
-            "retrans", "dropped", "CPU s", "exact")
-    widths = (6, 4, 4, 4, 7, 8, 6, 8, 7, 7, 5, 0)
+def fmt_rate(value):
+    return "%.1f" % value if value >= 10 else "%.2f" % value
+
+
+def ratio_text(a, b, timeout):
+    """a's MB/s over b's as text, from two {"status", "mbps", "moved"} (a transfer's or a
+    summary's); a bound (">", "<") where one of them timed out."""
+    if a is None or b is None:
+        return None
+    if a["status"] == "ok" and b["status"] == "ok":
+        return "%.2f" % (a["mbps"] / b["mbps"])
+    if a["status"] == "ok" and b["status"] == "timeout":
+        ceiling = b["moved"] / MB / timeout           # b's rate was below this
+        return ">%.1f" % (a["mbps"] / ceiling) if ceiling else "inf"
+    if a["status"] == "timeout" and b["status"] == "ok":
+        return "<%.2f" % (a["moved"] / MB / timeout / b["mbps"])
+    return None
+
+
+def print_table(rows, size, timeout, repeats):
+    bbr = {(r.rtt, r.loss, r.direction, r.repeat): r for r in rows if r.tool == "bbr"}
+    ratio = bool(bbr) and any(r.tool == "link" for r in rows)
+    head = ("size", "rtt", "loss", "tool", "dir") + (("rep",) if repeats > 1 else ()) + (
+        "seconds", "1st byte", "MB/s") + (("link/bbr",) if ratio else ()) + (
+        "retrans", "dropped", "CPU s", "exact")
+    widths = (6, 6, 4, 8, 4) + ((3,) if repeats > 1 else ()) + (7, 8, 6) + (
+        (8,) if ratio else ()) + (7, 7, 5, 0)
     print("  ".join(h.rjust(w) if w else h for h, w in zip(head, widths)))
     for r in rows:
-        ratio = None
-        base = tcp.get((r.loss, r.direction))
-        if r.path == "link" and r.rate and base is not None and base.rate:
-            ratio = r.rate / base.rate
+        link_bbr = None
+        if r.tool == "link":
+            base = bbr.get((r.rtt, r.loss, r.direction, r.repeat))
+            link_bbr = ratio_text(r.as_dict(), base and base.as_dict(), timeout)
         exact = "yes" if r.exact else ("no" if r.seconds is not None else "-")
         if r.error:
             exact += " (%s%s)" % (r.error, ", %.1f of %g MB %s" % (
                 r.moved / MB, size / MB, "sent" if r.direction == "up" else "received")
                 if r.seconds is None and r.moved else "")
-        retrans = fmt(r.retrans, "d", "n/a" if r.path == "link" else "-")
-        cells = ("%g MB" % (size / MB), "%g%%" % r.loss, r.path, r.direction,
-                 fmt(r.seconds, ".2f"), fmt(r.first, ".2f"), fmt(r.rate, ".1f"),
-                 fmt(ratio, ".2f"), retrans,
-                 fmt(r.dropped, "d"), fmt(r.cpu, ".1f"), exact)
+        retrans = fmt(r.retrans, "d", "n/a" if r.tool == "link" else "-")
+        cells = ("%g MB" % (size / MB), "%g ms" % r.rtt, "%g%%" % r.loss, r.tool,
+                 r.direction) + (("%d" % (r.repeat + 1),) if repeats > 1 else ()) + (
+                 fmt(r.seconds, ".2f"), fmt(r.first, ".2f"), fmt(r.rate, ".1f")) + (
+                 (link_bbr or "-",) if ratio else ()) + (
+                 retrans, fmt(r.dropped, "d"), fmt(r.cpu, ".1f"), exact)
         print("  ".join(c.rjust(w) if w else c for c, w in zip(cells, widths)))
 
 
-def print_targets(rows, size, directions):
-    print()
-    print("targets:")
-    for label, loss, kind, bound in TARGETS:
-        got = [r for r in rows if r.path == "link" and r.loss == loss]
+def median(results):
+    """The median of a cell's repeats: (status, MB/s or None, the lower middle Result).
+    A transfer that did not finish ranks below every one that did; with an even count the
+    two middle rates are averaged when both finished, else the lower middle stands."""
+    ranked = sorted(results, key=lambda r: (r.status == "ok", r.rate or 0.0,
+                                            r.status == "timeout", r.moved))
+    n = len(ranked)
+    low, high = ranked[(n - 1) // 2], ranked[n // 2]
+    if low.status == "ok" and high.status == "ok":
+        return "ok", (low.rate + high.rate) / 2, low
+    return low.status, None, low
+
+
+def summarize(rows, rtts, losses, directions, tools):
+    """One entry per (rtt, loss, direction, tool) that ran, in matrix order."""
+    cells = {}
+    for r in rows:
+        cells.setdefault(r.key(), []).append(r)
+    out = []
+    for rtt, loss, direction, tool in itertools.product(rtts, losses, directions, tools):
+        got = cells.get((rtt, loss, direction, tool))
         if not got:
-            print("  %-34s not measured (add %g to --loss)" % (label, loss))
+            continue
+        status, rate, typical = median(got)
+        out.append({"rtt_ms": rtt, "loss": loss, "direction": direction, "tool": tool,
+                    "status": status, "mbps": rate, "runs": len(got),
+                    "finished": sum(r.status == "ok" for r in got),
+                    "inexact": sum(r.seconds is not None and not r.exact for r in got),
+                    "moved": typical.moved})
+    return out
+
+
+def print_summary(summary, rtts, losses, directions, tools, timeout, repeats):
+    by = {(s["rtt_ms"], s["loss"], s["direction"], s["tool"]): s for s in summary}
+    ratio = "link" in tools and "bbr" in tools
+    for direction in directions:
+        print()
+        print("summary, %s (MB/s%s; timeout: not done within %g s):" % (
+            direction, ", median of %d" % repeats if repeats > 1 else "", timeout))
+        head = ["rtt", "loss"] + list(tools) + (["link/bbr"] if ratio else [])
+        widths = [6, 5] + [max(8, len(t)) for t in tools] + ([8] if ratio else [])
+        print("  " + "  ".join(h.rjust(w) for h, w in zip(head, widths)))
+        for rtt, loss in itertools.product(rtts, losses):
+            cells = ["%g ms" % rtt, "%g%%" % loss]
+            for tool in tools:
+                s = by.get((rtt, loss, direction, tool))
+                text = "-" if s is None else (fmt_rate(s["mbps"]) if s["status"] == "ok"
+                                              else s["status"])
+                if s is not None and s["inexact"]:
+                    text += "!"
+                cells.append(text)
+            if ratio:
+                link, bbr = by.get((rtt, loss, direction, "link")), by.get(
+                    (rtt, loss, direction, "bbr"))
+                cells.append(ratio_text(link, bbr, timeout) or "-")
+            print("  " + "  ".join(c.rjust(w) for c, w in zip(cells, widths)))
+    if any(s["inexact"] for s in summary):
+        print("  (!: a transfer of that cell finished without the exact bytes)")
+
+
+def print_targets(rows, size):
+    print()
+    print("targets (link at rtt 0):")
+    for label, loss, kind, bound in TARGETS:
+        got = [r for r in rows if r.tool == "link" and r.loss == loss and r.rtt == 0]
+        if not got:
+            print("  %-34s not measured (needs rtt 0 and loss %g)" % (label, loss))
             continue
         if kind == "seconds" and size != 20 * MB:
             print("  %-34s not measured (needs --megabytes 20)" % label)
@@ -615,17 +1153,183 @@ def print_targets(rows, size, directions):
         print("  %-34s %s  (%s)" % (label, "MET" if met else "NOT MET", ", ".join(parts)))
 
 
-def versions():
-    import udpmux
-    commit = "?"
+def log_ticks(low, high):
+    """Tick values 1, 2, 5 x 10**k from the decade at or below `low` to the one at or above
+    `high`: (bottom, top, ticks)."""
+    bottom, top = 10.0 ** math.floor(math.log10(low)), 10.0 ** math.ceil(math.log10(high))
+    if top <= bottom:
+        top = bottom * 10
+    ticks, decade = [], bottom
+    while decade < top * 1.001:
+        ticks += [decade * m for m in (1, 2, 5) if decade * m <= top * 1.001]
+        decade *= 10
+    return bottom, top, ticks
+
+
+def write_svg(path, summary, rtts, losses, directions, tools, title):
+    """`title`: two lines.  MB/s against loss, one line per tool, one panel per (direction, rtt): columns are
+    RTTs, rows directions.  The y axis is logarithmic and shared, so that equal ratios
+    (link/bbr) look equal everywhere; a transfer that did not finish is drawn as a cross
+    under the axis, and its tool's line breaks there."""
+    by = {(s["rtt_ms"], s["loss"], s["direction"], s["tool"]): s for s in summary}
+    rates = [s["mbps"] for s in summary if s["mbps"]] or [1.0]
+    bottom, top, ticks = log_ticks(min(rates), max(rates))
+    pw, ph = 300, 240                   # a panel's plot area
+    left, right, upper, lower = 60, 20, 40, 60
+    cw, chh = left + pw + right, upper + ph + lower
+    legend_h = 70
+    width, height = max(cw * len(rtts), 720), legend_h + chh * len(directions)
+    out = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" '
+           'font-family="sans-serif" font-size="12">' % (width, height),
+           '<rect width="100%" height="100%" fill="white"/>']
+    for y, line, size in zip((18, 36), title, (15, 12)):
+        out.append('<text x="%d" y="%d" font-size="%d" text-anchor="middle">%s</text>'
+                   % (width / 2, y, size, escape(line)))
+    x = 20
+    for tool in tools:
+        out.append('<line x1="%d" y1="56" x2="%d" y2="56" stroke="%s" stroke-width="%g"/>'
+                   % (x, x + 24, COLOURS[tool], 3 if tool == "link" else 2))
+        out.append('<text x="%d" y="60">%s</text>' % (x + 30, escape(tool)))
+        x += 30 + 8 * len(tool) + 20
+    out.append('<text x="%d" y="60" fill="#555">&#215; under the axis: did not finish'
+               '</text>' % x)
+    n = len(losses)
+
+    def px(i):
+        return pw * (i + 0.5) / n
+
+    def py(v):
+        return ph * (1 - math.log10(v / bottom) / math.log10(top / bottom))
+
+    for row, direction in enumerate(directions):
+        for col, rtt in enumerate(rtts):
+            ox, oy = col * cw + left, legend_h + row * chh + upper
+            out.append('<g transform="translate(%d,%d)">' % (ox, oy))
+            out.append('<text x="%d" y="-10" text-anchor="middle" font-size="13">%s, rtt %g '
+                       'ms</text>' % (pw / 2, direction, rtt))
+            for tick in ticks:
+                major = abs(math.log10(tick) - round(math.log10(tick))) < 1e-9
+                out.append('<line x1="0" y1="%.1f" x2="%d" y2="%.1f" stroke="%s"/>'
+                           % (py(tick), pw, py(tick), "#bbb" if major else "#eee"))
+                out.append('<text x="-6" y="%.1f" text-anchor="end"%s>%g</text>'
+                           % (py(tick) + 4, "" if major else ' fill="#777" font-size="10"',
+                              float("%.3g" % tick)))
+            out.append('<rect width="%d" height="%d" fill="none" stroke="#444"/>' % (pw, ph))
+            for i, loss in enumerate(losses):
+                out.append('<text x="%.1f" y="%d" text-anchor="middle">%g %%</text>'
+                           % (px(i), ph + 30, loss))
+            out.append('<text x="%d" y="%d" text-anchor="middle">loss</text>'
+                       % (pw / 2, ph + 48))
+            out.append('<text transform="translate(-42,%d) rotate(-90)" '
+                       'text-anchor="middle">MB/s</text>' % (ph / 2))
+            for k, tool in enumerate(tools):
+                colour = COLOURS[tool]
+                wide = 3 if tool == "link" else 2
+                segment = []
+                for i, loss in enumerate(losses):
+                    s = by.get((rtt, loss, direction, tool))
+                    if s is not None and s["status"] == "ok":
+                        segment.append((px(i), py(s["mbps"])))
+                        out.append('<circle cx="%.1f" cy="%.1f" r="3" fill="%s"><title>%s: '
+                                   '%.2f MB/s</title></circle>' % (
+                                       px(i), py(s["mbps"]), colour, tool, s["mbps"]))
+                        continue
+                    if len(segment) > 1:
+                        out.append(polyline(segment, colour, wide))
+                    segment = []
+                    if s is not None:       # a cross under the axis, tools side by side
+                        cx = px(i) + (k - (len(tools) - 1) / 2) * 9
+                        out.append('<path d="M%.1f,%d l6,6 m0,-6 l-6,6" stroke="%s" '
+                                   'stroke-width="2"><title>%s: %s</title></path>' % (
+                                       cx - 3, ph + 6, colour, tool, s["status"]))
+                if len(segment) > 1:
+                    out.append(polyline(segment, colour, wide))
+            out.append('</g>')
+    out.append('</svg>')
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
+def polyline(points, colour, wide):
+    return '<polyline fill="none" stroke="%s" stroke-width="%g" points="%s"/>' % (
+        colour, wide, " ".join("%.1f,%.1f" % p for p in points))
+
+
+def git(*args):
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        res = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
-        commit = res.stdout.strip() or "?"
-    return ("udpmux %s (%s, commit %s; udpmux/*.py may hold uncommitted work)"
-            % (udpmux.__version__, ROOT, commit),
-            "kernel %s %s; Python %s; %d CPUs" % (platform.release(), platform.machine(),
-                                                  platform.python_version(), os.cpu_count()))
+        res = subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True,
+                             timeout=10)
+        if res.returncode == 0:
+            return res.stdout.strip()
+    return None
+
+
+def machine():
+    """{"host", "cpu", "cpus", "memory_gb", "kernel", "python", "openssh", "udpmux",
+    "commit", "dirty", "load"}: what the figures were measured on."""
+    import udpmux
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    ssh = subprocess.run(["ssh", "-V"], capture_output=True, text=True) if shutil.which(
+        "ssh") else None
+    status = git("status", "--porcelain", "--", "udpmux")
+    return {"host": platform.node(), "cpu": cpu, "cpus": os.cpu_count(),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "kernel": "%s %s" % (platform.release(), platform.machine()),
+            "python": platform.python_version(),
+            "openssh": ssh.stderr.strip() if ssh else None,
+            "udpmux": udpmux.__version__, "commit": git("rev-parse", "HEAD"),
+            "dirty": None if status is None else len(status.splitlines()),
+            "load": ["%.2f" % v for v in os.getloadavg()]}
+
+
+def print_machine(m):
+    print("machine: %s, %s, %d CPUs, %g GB" % (m["host"], m["cpu"], m["cpus"],
+                                              m["memory_gb"]))
+    print("kernel %s; Python %s; %s; load average %s at the start" % (
+        m["kernel"], m["python"], m["openssh"] or "no ssh", " ".join(m["load"])))
+    dirty = ("udpmux/ as committed" if m["dirty"] == 0 else
+             "udpmux/ HAS %s UNCOMMITTED FILES (the working tree is what runs)" % m["dirty"]
+             if m["dirty"] else "udpmux/ state unknown")
+    print("udpmux %s (%s, commit %s; %s)" % (m["udpmux"], ROOT, m["commit"] or "?", dirty))
+
+
+def lab_tcp(lab, ssh_cc):
+    """Set the end hosts' TCP (no metrics cache; congestion control `ssh_cc` on their
+    default routes, for ssh) and return what the lab's TCP runs with, as {name: value}."""
+    settings = {}
+    for host in ("outside", "public"):
+        with lab.netns(host):
+            with open("/proc/sys/net/ipv4/tcp_no_metrics_save", "w") as f:
+                f.write("1")
+            for key in ("tcp_rmem", "tcp_wmem", "tcp_slow_start_after_idle",
+                        "tcp_congestion_control"):
+                with open("/proc/sys/net/ipv4/" + key) as f:
+                    settings.setdefault(key, {})[host] = " ".join(f.read().split())
+        route = lab.run(host, ["ip", "route", "show", "default"], capture_output=True,
+                        text=True, check=True).stdout.split()
+        if "congctl" in route:
+            del route[route.index("congctl"):route.index("congctl") + 2]
+        lab.run(host, ["ip", "route", "replace", *route, "congctl", ssh_cc],
+                capture_output=True, text=True, check=True)
+        route = lab.run(host, ["ip", "route", "show", "default"], capture_output=True,
+                        text=True, check=True).stdout.strip()
+        settings.setdefault("default route", {})[host] = route
+    return {k: v["outside"] if v["outside"] == v["public"] else v for k, v in settings.items()}
+
+
+def number_list(text, what, parser):
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        parser.error("%s: a comma list of numbers, not %r" % (what, text))
+    if not values or any(v < 0 for v in values):
+        parser.error("%s: a comma list of numbers >= 0, not %r" % (what, text))
+    return values
 
 
 def main(argv=None):
@@ -635,75 +1339,152 @@ def main(argv=None):
     if argv[:1] == ["_ssh"]:
         return ssh_main(argv[1:])
     parser = argparse.ArgumentParser(prog="tools/bench_link.py", description=(
-        "Throughput of udpmux link beside plain TCP in the network lab, at several losses."))
+        "Throughput of udpmux link beside TCP (cubic, BBR) and ssh in the network lab, "
+        "over a matrix of round-trip times and losses."))
     parser.add_argument("--megabytes", type=float, default=20.0,
                         help="MB (2**20 bytes) per transfer [20]")
-    parser.add_argument("--loss", default="0,1,5", help="loss percents, comma list [0,1,5]")
+    parser.add_argument("--rtt", default="0,50,200",
+                        help="round-trip times in ms, comma list (wan delays each way by "
+                             "half) [0,50,200]")
+    parser.add_argument("--loss", default="0,1,5,10",
+                        help="loss percents, UDP and TCP alike, comma list [0,1,5,10]")
     parser.add_argument("--directions", default="up,down",
                         help="up (outside -> public), down, or both [up,down]")
+    parser.add_argument("--tools", default=DEFAULT_TOOLS,
+                        help="what to measure, in this order within each cell: some of %s "
+                             "[%s]" % (",".join(TOOLS), DEFAULT_TOOLS))
+    parser.add_argument("--no-tcp", action="store_true",
+                        help="skip the plain TCP rows (cubic and bbr)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run each cell's tools N times, interleaved; report the "
+                             "median [1]")
     parser.add_argument("--timeout", type=float, default=30.0,
-                        help="seconds a transfer may take before its row fails [30]")
-    parser.add_argument("--no-tcp", action="store_true", help="skip the plain TCP rows")
+                        help="seconds a transfer may take before it stops as timed out [30]")
+    parser.add_argument("--ssh-cc", default="cubic",
+                        help="TCP congestion control on the lab hosts' default routes, "
+                             "which ssh uses [cubic]")
+    parser.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    parser.add_argument("--svg", metavar="PATH", help="plot MB/s against loss as SVG")
     args = parser.parse_args(argv)
-    losses = [float(x) for x in args.loss.split(",") if x]
+    rtts = number_list(args.rtt, "--rtt", parser)
+    losses = number_list(args.loss, "--loss", parser)
+    if any(loss > 100 for loss in losses):
+        parser.error("--loss: percents within 0..100")
     directions = [d for d in args.directions.split(",") if d]
     if not set(directions) <= {"up", "down"} or not directions:
         parser.error("--directions: up and/or down")
+    tools = [t for t in args.tools.split(",") if t]
+    if not tools or not set(tools) <= set(TOOLS) or len(set(tools)) != len(tools):
+        parser.error("--tools: some of %s, each once" % ",".join(TOOLS))
+    if args.no_tcp:
+        tools = [t for t in tools if t not in TCP_TOOLS]
+    if args.repeat < 1:
+        parser.error("--repeat: at least 1")
     size = int(args.megabytes * MB)
 
-    print("command: %s" % shlex.join([sys.executable] + sys.argv))
-    for line in versions():
-        print(line)
+    command = [sys.executable] + sys.argv
+    print("command: %s" % shlex.join(command))
+    info = machine()
+    print_machine(info)
     reason = lablib.Lab.unavailable()
+    if reason is None and any(rtts):
+        reason = lablib.delay_unavailable()
+    if reason is None and set(tools) & set(SSH_TOOLS) and not (
+            os.path.exists("/usr/sbin/sshd") and shutil.which("ssh")
+            and shutil.which("ssh-keygen")):
+        reason = "the ssh rows need OpenSSH: apt-get install openssh-server openssh-client"
     if reason:
         print("bench_link: " + reason, file=sys.stderr)
         return 2
     data = payload(size)
-    digest = hashlib.sha256(data).hexdigest()
     started = time.monotonic()
-    rows, notes, stacks = [], [], []
+    began = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    rows = []
     lab = lablib.Lab()
-    target = None
+    tmp = tempfile.mkdtemp(prefix="bench_link-")
+    bench = Bench(lab, data, args.timeout, directions, tmp)
+    tcp = {}
     try:
         lab.up()
-        for host in ("outside", "public"):
-            with lab.netns(host):
-                with open("/proc/sys/net/ipv4/tcp_no_metrics_save", "w") as f:
-                    f.write("1")
+        tcp = lab_tcp(lab, args.ssh_cc)
         print("lab %s: outside %s behind nat_out %s, public %s"
               % (lab.prefix, lab.addr("outside"), lab.public_addr("out"), lab.addr("public")))
+        print("lab TCP: %s" % "; ".join("%s %s" % (k, v if isinstance(v, str) else ", ".join(
+            "%s: %s" % hv for hv in v.items())) for k, v in tcp.items()))
+        print("matrix: rtt %s ms x loss %s %% x %s; tools %s; %g MB each; repeat %d; "
+              "timeout %g s" % (",".join("%g" % v for v in rtts),
+                                ",".join("%g" % v for v in losses), ",".join(directions),
+                                ",".join(tools), size / MB, args.repeat, args.timeout))
         print()
-        target = Target(lab, size)
-        for loss in losses:
-            lab.set_loss(loss, protocols=("udp", "tcp"))
-            got = run_link(lab, target, loss, directions, data, digest, args.timeout,
-                           notes, stacks)
-            if not args.no_tcp:
-                got += run_tcp(lab, target, loss, directions, data, digest, args.timeout)
-            for r in got:
-                print("  measured: %s %s at %g %% loss: %s" % (
-                    r.path, r.direction, loss,
-                    "%.2f s" % r.seconds if r.seconds is not None else r.error), flush=True)
-            rows += got
-        lab.set_loss(0)
+        bench.target = Target(lab, size)
+        if set(tools) & set(SSH_TOOLS):
+            bench.sshd = Sshd(lab, tmp, data)
+        for rtt in rtts:
+            lab.set_delay(rtt / 2)
+            for loss in losses:
+                lab.set_loss(loss, protocols=("udp", "tcp"))
+                for repeat in range(args.repeat):
+                    for tool in tools:
+                        got = run_tool(bench, tool, rtt, loss, repeat)
+                        for r in got:
+                            print("  measured: %s, %s %s%s: %s" % (
+                                where(rtt, loss), r.tool, r.direction,
+                                " (%d)" % (repeat + 1) if args.repeat > 1 else "",
+                                "%.2f s, %.2f MB/s" % (r.seconds, r.rate)
+                                if r.seconds is not None else r.error), flush=True)
+                        rows += got
+            lab.set_loss(0)
+            if rtt:
+                counts = lab.delay_counters()
+                lab.set_delay(0)
+                bench.notes.append("delay line at rtt %g ms: %s" % (rtt, ", ".join(
+                    "%s %s" % kv for kv in (counts or {}).items()) or "no counters"))
     finally:
-        if target is not None:
-            target.stop()
+        if bench.sshd is not None:
+            bench.sshd.stop()
+        if bench.target is not None:
+            bench.target.stop()
         lab.down()
+        shutil.rmtree(tmp, ignore_errors=True)
     print()
-    print_table(rows, size)
-    if any(r.path == "link" for r in rows) and all(
-            r.retrans is None for r in rows if r.path == "link"):
+    print_table(rows, size, args.timeout, args.repeat)
+    if any(r.tool == "link" for r in rows) and all(
+            r.retrans is None for r in rows if r.tool == "link"):
         print("  (link retrans n/a: the engine-stats lines carried no number for \"lost\")")
-    print_targets(rows, size, directions)
+    summary = summarize(rows, rtts, losses, directions, tools)
+    print_summary(summary, rtts, losses, directions, tools, args.timeout, args.repeat)
+    print_targets(rows, size)
     print()
-    for note in notes:
+    for note in bench.notes:
         print(note)
-    for text in stacks:
+    for text in bench.stacks:
         print(text)
-    print("total %.1f s" % (time.monotonic() - started))
-    ok = all(r.exact for r in rows)
-    return 0 if ok else 1
+    if bench.leftovers:
+        print("%d session(s) left a process behind: see the notes" % bench.leftovers)
+    total = time.monotonic() - started
+    print("total %.1f s" % total)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": command, "started": began, "seconds": round(total, 1),
+                       "machine": info, "lab_tcp": tcp, "megabytes": size / MB,
+                       "timeout": args.timeout, "repeat": args.repeat, "rtts_ms": rtts,
+                       "losses": losses, "directions": directions, "tools": tools,
+                       "ssh_cc": args.ssh_cc,
+                       "summary": summary,
+                       "transfers": [r.as_dict() for r in rows], "notes": bench.notes},
+                      f, indent=1)
+            f.write("\n")
+        print("wrote %s" % args.json)
+    if args.svg:
+        title = ("udpmux link beside TCP and ssh: MB/s against loss",
+                 "%g MB per transfer%s, timeout %g s; commit %s; %s; %s" % (
+                     size / MB, ", median of %d" % args.repeat if args.repeat > 1 else "",
+                     args.timeout, (info["commit"] or "?")[:10] + (
+                         " + uncommitted udpmux/" if info["dirty"] else ""),
+                     info["host"], began[:10]))
+        write_svg(args.svg, summary, rtts, losses, directions, tools, title)
+        print("wrote %s" % args.svg)
+    return 1 if any(r.status == "failed" for r in rows) else 0
 
 
 if __name__ == "__main__":
