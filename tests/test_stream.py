@@ -904,3 +904,32 @@ def test_once_all_in_flight_is_declared_lost_no_answer_is_waited_for():
         now = recovery.deadline()
         recovery.on_pto(now)
     assert recovery.unreachable_for(now + 10) == 0.0
+
+
+def test_unsent_bytes_wait_behind_no_more_than_two_round_trips_of_sending():
+    """A keystroke written behind a download waits for what is unsent ahead of it: once
+    the engine knows the path, a stream takes no more than about two round trips of
+    sending ahead of the wire, and says when it has room again."""
+    client, server = pair(initial_rtt=0.05)
+    sid = client.open_stream()
+    written = client.write(sid, bytes(1 << 20))     # before any ACK: the send buffer
+    nonces, now = {}, 0.0
+    exchange(client, server, now, nonces)
+    now += 0.05
+    server.on_timer(now)
+    exchange(server, client, now, nonces)           # the first ACKs: the path is known
+    limit = client.unsent_limit
+    assert S.UNSENT_MIN <= limit <= max(S.UNSENT_MIN, 2 * client.cc.cwnd)
+    assert written - limit > 100_000 and client.send_space(sid) == 0
+    assert client.write(sid, b"keystroke") == 0
+    list(client.streams_ready())
+    for _ in range(100):                            # the backlog goes out
+        exchange(client, server, now, nonces)
+        now += 0.05
+        server.on_timer(now)
+        exchange(server, client, now, nonces)
+        server.read(sid, 1 << 20)
+        events = [e.kind for e in client.streams_ready()]
+        if S.EV_WRITABLE in events:
+            break
+    assert client.send_space(sid) > 0 and client.write(sid, b"keystroke") == 9

@@ -145,6 +145,9 @@ __all__ = (
     "Stream", "StreamTable",
 )
 
+UNSENT_RTTS = 2                 # a stream's unsent bytes: at most what goes out in this
+UNSENT_MIN = 64 * 1024          # many round trips (pacing rate or window), at least this
+
 _WINDOW_SIZE = WINDOW.size
 _REASON_SIZE = REASON.size
 
@@ -289,8 +292,11 @@ class Connection(StreamTable):
         if not newly:
             return
         self._on_acked(newly)
-        self.cc.on_packets_acked(newly, now)
-        self._working = self.cc.snapshot()     # the path works: its estimate, kept
+        cc = self.cc
+        cc.on_packets_acked(newly, now)
+        self._working = cc.snapshot()           # the path works: its estimate, kept
+        per_rtt = getattr(cc, "pacing_rate", 0.0) * recovery.srtt or cc.cwnd
+        self.unsent_limit = max(UNSENT_MIN, min(int(UNSENT_RTTS * per_rtt), self.send_buffer))
         lost = recovery.detect_lost(now)
         if lost:
             self._on_lost(lost, now)
@@ -511,6 +517,8 @@ class Connection(StreamTable):
                 self._planned += msg.size
         if self._pacing and not self._sendable and not cc.cwnd_limited:
             cc.app_limited()
+        if self._write_blocked and out:
+            self._tell_writable()           # what went out makes room for more
         return out
 
     def _make_ack(self, now):

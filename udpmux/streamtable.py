@@ -74,6 +74,10 @@ class StreamTable:
         self._events = {}                           # (kind, sid) -> Event, in order
         self.committed = 0                          # sum of the streams' commits
         self.send_buffered = 0                      # sum of len(sbuf)
+        # bytes written and not yet sent once, per stream: the engine bounds them near
+        # what it sends in two round trips, so that what is written next (a keystroke
+        # behind a download) waits behind no more than that
+        self.unsent_limit = self.send_buffer
         self.counts = dict.fromkeys(self.COUNTS, 0)
 
     # ------------------------------------------------------------------ application
@@ -100,7 +104,8 @@ class StreamTable:
         st = self._streams.get(sid)
         if st is None or st.sfinal is not None or st.reset_code is not None:
             raise StreamClosed(sid)
-        room = min(self.send_buffer - len(st.sbuf), self.session_buffer - self.send_buffered)
+        room = min(self.send_buffer - len(st.sbuf), self.session_buffer - self.send_buffered,
+                   self.unsent_limit - (st.sbase + len(st.sbuf) - st.snext))
         n = len(data)
         if n > room:
             n = max(room, 0)
@@ -118,7 +123,8 @@ class StreamTable:
         if st is None or st.sfinal is not None or st.reset_code is not None:
             return 0
         return max(0, min(self.send_buffer - len(st.sbuf),
-                          self.session_buffer - self.send_buffered))
+                          self.session_buffer - self.send_buffered,
+                          self.unsent_limit - (st.sbase + len(st.sbuf) - st.snext)))
 
     def finish(self, sid):
         """No more writes: FIN follows the last byte written.  Nothing happens on a
