@@ -919,7 +919,9 @@ def test_unsent_bytes_wait_behind_no_more_than_two_round_trips_of_sending():
     server.on_timer(now)
     exchange(server, client, now, nonces)           # the first ACKs: the path is known
     limit = client.unsent_limit
-    assert S.UNSENT_MIN <= limit <= max(S.UNSENT_MIN, 2 * client.cc.cwnd)
+    per_rtt = client.cc.cwnd
+    assert S.UNSENT_MIN <= limit <= max(S.UNSENT_MIN, per_rtt * max(
+        S.UNSENT_RTTS, S.UNSENT_TIME / client.srtt))
     assert written - limit > 100_000 and client.send_space(sid) == 0
     assert client.write(sid, b"keystroke") == 0
     list(client.streams_ready())

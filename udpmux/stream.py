@@ -146,7 +146,8 @@ __all__ = (
 )
 
 UNSENT_RTTS = 2                 # a stream's unsent bytes: at most what goes out in this
-UNSENT_MIN = 64 * 1024          # many round trips (pacing rate or window), at least this
+UNSENT_TIME = 0.05              # many round trips, or in this many seconds if longer (a
+UNSENT_MIN = 64 * 1024          # short path's refills cost), and at least UNSENT_MIN
 
 _WINDOW_SIZE = WINDOW.size
 _REASON_SIZE = REASON.size
@@ -295,8 +296,10 @@ class Connection(StreamTable):
         cc = self.cc
         cc.on_packets_acked(newly, now)
         self._working = cc.snapshot()           # the path works: its estimate, kept
-        per_rtt = getattr(cc, "pacing_rate", 0.0) * recovery.srtt or cc.cwnd
-        self.unsent_limit = max(UNSENT_MIN, min(int(UNSENT_RTTS * per_rtt), self.send_buffer))
+        srtt = max(recovery.srtt, GRANULARITY)
+        rate = getattr(cc, "pacing_rate", 0.0) or cc.cwnd / srtt
+        ahead = rate * max(UNSENT_RTTS * srtt, UNSENT_TIME)
+        self.unsent_limit = max(UNSENT_MIN, min(int(ahead), self.send_buffer))
         lost = recovery.detect_lost(now)
         if lost:
             self._on_lost(lost, now)
