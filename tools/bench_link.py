@@ -36,9 +36,10 @@ run exits 1 if any transfer failed (ended, other than by timing out, without the
 bytes); timeouts are results, not failures.
 
 Time: a cell takes roughly (tools x directions x repeat) transfers, each at most
---timeout; where TCP cannot finish (cubic at 200 ms and 5 % loss moves a few tens of
-KB/s) it is the timeouts that add up.  `--megabytes 20 --rtt 0,50,200 --loss 0,1,5
---timeout 40` takes about 20 minutes on a 2-core machine.
+--timeout, plus each ssh master's setup and up to 6 s per link session for its last
+engine-stats line; where TCP cannot finish (cubic, and ssh over it, at 50 ms or more with
+1 % loss or more) it is the timeouts that add up.  `--megabytes 20 --rtt 0,50,200 --loss
+0,1,5 --timeout 40` took 16 minutes on a 2-core machine, 11 of them in timeouts.
 
 The project's targets (checked on the link rows at rtt 0, the path they were set on):
 
