@@ -11,7 +11,9 @@ cut the rate as a loss-based controller (NewReno, congestion.py) does.
     min_rtt     the smallest round trip seen in MIN_RTT_WINDOW seconds
     BDP         bandwidth x min_rtt
     phases      STARTUP (pacing and window gain 2.89, until the bandwidth grew less than
-                25 % in three rounds), DRAIN (what STARTUP queued drains), PROBE_BW
+                25 % in three rounds the application filled; again when data come
+                after the estimate was only the application's, an idle terminal
+                before a download), DRAIN (what STARTUP queued drains), PROBE_BW
                 (gains 1.25, 0.75, then 1 for six rounds, over and over), PROBE_RTT
                 (four messages in flight for 0.2 s when min_rtt is MIN_RTT_WINDOW old)
     window      cwnd_gain x BDP + 3 messages (at least 4 messages)
@@ -69,7 +71,8 @@ class Bbr(CongestionController):
         self.delivered = 0
         self.delivered_time = 0.0
         self.first_sent = 0.0
-        self.app_limited_until = 0          # delivered: samples before it are app-limited
+        self.app_limited_mark = 0           # while not 0, what is sent is app-limited,
+                                            # until delivered passes it
         self.samples = deque()              # (round, bandwidth), the max filter
         self.btl_bw = 0.0
         self.round = 0
@@ -78,6 +81,8 @@ class Bbr(CongestionController):
         self.full_bw = 0.0
         self.full_bw_count = 0
         self.filled = False                 # STARTUP found the bandwidth
+        self.sample_app_limited = False     # the latest sample measured the application
+        self.bw_app_limited = False         # and so does the bandwidth estimate
         self.min_rtt = None
         self.min_rtt_at = 0.0
         self.state = STARTUP
@@ -125,14 +130,14 @@ class Bbr(CongestionController):
     def app_limited(self):
         """The engine had nothing more to send: samples until what is in flight now is
         delivered measure the application, not the path."""
-        self.app_limited_until = self.delivered + self.bytes_in_flight or 1
+        self.app_limited_mark = max(self.delivered + self.bytes_in_flight, 1)
 
     def on_packet_sent(self, size, now, rec=None):
         if not self.bytes_in_flight:
             self.first_sent = self.delivered_time = now
         if rec is not None:
             rec.extend((self.delivered, self.delivered_time, self.first_sent,
-                        self.delivered < self.app_limited_until))
+                        self.app_limited_mark != 0))
         self.bytes_in_flight += size
         self.tokens -= size
 
@@ -143,6 +148,8 @@ class Bbr(CongestionController):
         self.bytes_in_flight -= acked
         self.delivered += acked
         self.round_delivered += acked
+        if self.app_limited_mark and self.delivered > self.app_limited_mark:
+            self.app_limited_mark = 0
         self.delivered_time = now
         last = records[-1]
         if len(last) <= APP_LIMITED:        # sent before this controller kept state
@@ -155,10 +162,15 @@ class Bbr(CongestionController):
             self.min_rtt = rtt
             self.min_rtt_at = now
         interval = max(last[TIME] - last[FIRST_SENT], now - last[DELIVERED_TIME])
+        self.sample_app_limited = last[APP_LIMITED]
         if interval > 0:
             bw = (self.delivered - last[DELIVERED]) / interval
             if not last[APP_LIMITED] or bw >= self.btl_bw:
-                self.add_sample(bw)
+                self.add_sample(bw, last[APP_LIMITED])
+            if not last[APP_LIMITED] and self.bw_app_limited and self.state == PROBE_BW:
+                # The model knows only what the application asked for (an idle terminal,
+                # then a download): find the path's bandwidth as at the start.
+                self.restart()
         if last[DELIVERED] >= self.round_end:
             self.new_round()
         self.advance(now)
@@ -183,14 +195,22 @@ class Bbr(CongestionController):
 
     # -- the model
 
-    def add_sample(self, bw):
+    def add_sample(self, bw, app_limited=False):
         samples = self.samples
         while samples and samples[-1][1] <= bw:
             samples.pop()
-        samples.append((self.round, bw))
+        samples.append((self.round, bw, app_limited))
         while samples[0][0] <= self.round - BW_ROUNDS:
             samples.popleft()
         self.btl_bw = samples[0][1]
+        self.bw_app_limited = samples[0][2]
+
+    def restart(self):
+        self.state = STARTUP
+        self.pacing_gain = self.cwnd_gain = HIGH_GAIN
+        self.filled = False
+        self.full_bw = 0.0
+        self.full_bw_count = 0
 
     def new_round(self):
         """A round trip ended: its share of bytes lost tells congestion from noise."""
@@ -214,7 +234,8 @@ class Bbr(CongestionController):
             if self.cap > self.max_cwnd:
                 self.cap = None
         self.round_lost = self.round_delivered = 0
-        if self.state == STARTUP:
+        if self.state == STARTUP and not self.sample_app_limited:
+            # A round the application did not fill says nothing of the path's bandwidth.
             if self.btl_bw >= self.full_bw * FULL_BW_GROWTH:
                 self.full_bw = self.btl_bw
                 self.full_bw_count = 0

@@ -518,7 +518,8 @@ class Connection(StreamTable):
                     break
                 out.append(msg)
                 self._planned += msg.size
-        if self._pacing and not self._sendable and not cc.cwnd_limited:
+        if self._pacing and not self._sendable and not cc.cwnd_limited \
+                and not self._write_blocked:
             cc.app_limited()
         if self._write_blocked and out:
             self._tell_writable()           # what went out makes room for more

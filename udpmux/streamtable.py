@@ -122,9 +122,14 @@ class StreamTable:
         st = self._streams.get(sid)
         if st is None or st.sfinal is not None or st.reset_code is not None:
             return 0
-        return max(0, min(self.send_buffer - len(st.sbuf),
-                          self.session_buffer - self.send_buffered,
-                          self.unsent_limit - (st.sbase + len(st.sbuf) - st.snext)))
+        space = min(self.send_buffer - len(st.sbuf), self.session_buffer - self.send_buffered,
+                    self.unsent_limit - (st.sbase + len(st.sbuf) - st.snext))
+        if space <= 0:
+            # The application has more: EV_WRITABLE tells it when there is room, and
+            # until then the engine is not short of data (not app-limited).
+            self._write_blocked[sid] = None
+            return 0
+        return space
 
     def finish(self, sid):
         """No more writes: FIN follows the last byte written.  Nothing happens on a
