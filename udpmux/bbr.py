@@ -57,7 +57,7 @@ AMBIENT_WEIGHT = 0.125              # EWMA weight of a cruising round's loss in 
 LOSS_CAP = 0.7                      # in-flight cap after a congested round, of the window
 CAP_GROWTH = 1.05                   # the cap grows this much each clean round
 INITIAL_RTT_GUESS = 0.1             # for the pacing rate before the first sample
-BURST = 0.002                       # seconds of the pacing rate that may leave at once
+BURST = 0.005                       # seconds of the pacing rate that may leave at once
 
 
 class Bbr(CongestionController):
