@@ -5,6 +5,10 @@
                                      [--tools link,cubic,bbr,ssh] [--repeat 1]
                                      [--directions up,down] [--timeout 30] [--no-tcp]
                                      [--ssh-cc cubic] [--json PATH] [--svg PATH]
+                                     [--scenarios roam,blackout,keys] [--no-matrix]
+                                     [--scenario-rtt 50] [--roams 3]
+                                     [--blackout-megabytes 40] [--blackout-seconds 20]
+                                     [--keys-loss 0,1] [--keys-seconds 15]
 
 A benchmark, not a test: run it by hand, as root, on an otherwise idle machine; it is the
 figure link's performance work is judged by.  It builds the network lab of tests/lab.py
@@ -45,6 +49,42 @@ The project's targets (checked on the link rows at rtt 0, the path they were set
 
     at 5 % loss, 20 MB in under 11 s         (each direction measured)
     on a clean path, at least 25 MB/s        (each direction measured)
+
+Scenarios (--scenarios, a comma list; none by default; they run after the matrix, in the
+lab and with the processes the matrix uses; --no-matrix runs them alone), each at
+--scenario-rtt (50 ms) round trip, each bounded by timeouts, each printing a "measured:"
+line or two as it ends and a line under "scenarios" at the end (and in --json, under
+"scenarios"):
+
+  roam      A terminal-like session: one TCP connection through `udpmux link --listen-tcp`
+            to the target, which sends a line "<seq> <CLOCK_MONOTONIC>" every 100 ms (the
+            "TICK n id" request).  3 s in, and every 5 s after (--roams times, 3 by
+            default), `lab.roam("out")`: nat_out takes a fresh WAN address and flushes its
+            conntrack, so the client's mapping changes under the session.  The gap of a
+            roam is the seconds from just before the roam call began until the first line
+            the target stamped after that moment arrived (the namespaces share one
+            monotonic clock; a line merely in flight does not count); "longest silence" is
+            the longest time between two lines' arrivals near it; the lines' usual spacing
+            and delay are printed beside.  Target: max gap <= 1 s + 1 RTT.
+  blackout  One link session, two downloads of --blackout-megabytes (40 MB; the matrix's
+            GET): a clean one, then one during which wan drops all UDP
+            (`lab.block_udp(True)`) for --blackout-seconds (20 s) from the moment a quarter
+            of it has arrived.  Reported: both times, the blackout as measured, how long
+            after it the next bytes arrived, and the cost beyond the blackout = with -
+            clean - the blackout's nominal length.  (Data the sockets and the link had
+            buffered keep arriving during the blackout, so the cost can be slightly
+            negative.)  Target: cost <= 2 s.
+  keys      Keystrokes behind a bulk download in the same ssh session: the real ssh
+            client on outside, `udpmux link` as its ProxyCommand (as the ssh-link tool),
+            to the sshd on public, running KEYS_REMOTE (a python3 -c script) for
+            --keys-seconds (15 s): it writes bulk '.' bytes to stdout as fast as ssh takes
+            them and echoes every byte read from stdin at once as "#<byte>", ahead of any
+            bulk not yet written.  From 1 s after its first output until 1 s before its
+            end the bench writes one byte every 50-100 ms (uniformly random) to ssh's stdin
+            and times each until its echo is read from ssh's stdout (the echoes come back
+            in order).  One session per --keys-loss value (0 and 1 %, UDP and TCP alike).
+            Reported: count, p50, p99, max of the echo times, and the bulk's MB/s (bytes
+            read / --keys-seconds).  Target: p99 <= RTT + 100 ms.
 
 The path (tests/lab.py; read its docstring)::
 
@@ -101,8 +141,9 @@ from the temporary directory; "up" writes one there, compared by sha256 afterwar
 
 The target (this script in its `_target` role, on public, port 5001) is a TCP sink and
 source: a connection starts with a line, "PUT <id> [<cc>]" (the target reads to EOF, then
-answers "<bytes> <sha256>") or "GET <n> <id> [<cc>]" (the target sets congestion control
-<cc> on its socket, sends n bytes, then closes its side); it reports each finished
+answers "<bytes> <sha256>"), "GET <n> <id> [<cc>]" (the target sets congestion control
+<cc> on its socket, sends n bytes, then closes its side) or "TICK <n> <id>" (n lines
+"<seq> <CLOCK_MONOTONIC>\n", 100 ms apart, then it closes its side); it reports each finished
 connection, by id, on its standard output.  The data are random.Random(seed).randbytes(n)
 on both sides, so the bench knows their sha256 without trusting the target; "exact" means
 the byte count and the sha256 match.
@@ -232,8 +273,11 @@ def congestion(sock):
 # ---- the target: runs on "public" ----------------------------------------------------------
 
 def parse_request(line):
-    """("PUT", None, id, cc) or ("GET", n, id, cc) from a request line; None if bad."""
+    """("PUT", None, id, cc), ("GET", n, id, cc) or ("TICK", n, id, None) from a request
+    line; None if bad."""
     words = line.decode(errors="replace").split()
+    if words[:1] == ["TICK"] and len(words) == 3 and words[1].isdigit():
+        return "TICK", int(words[1]), words[2], None
     if words[:1] == ["PUT"] and 2 <= len(words) <= 3:
         return "PUT", None, words[1], (words[2:] or [None])[0]
     if words[:1] == ["GET"] and 3 <= len(words) <= 4 and words[1].isdigit():
@@ -242,13 +286,14 @@ def parse_request(line):
 
 
 def target_main(argv):
-    """`_target --port P --size N`: serve PUT and GET (module docstring), one thread per
-    connection; one JSON line per finished connection on stdout."""
+    """`_target --port P --size N[,N...]`: serve PUT, GET and TICK (module docstring), one
+    thread per connection; one JSON line per finished connection on stdout.  The payloads
+    of the sizes given are made before "ready"; a GET of another size makes its own."""
     parser = argparse.ArgumentParser(prog="bench_link.py _target")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--size", type=int, required=True)
+    parser.add_argument("--size", required=True)
     args = parser.parse_args(argv)
-    data = payload(args.size)
+    blobs = {n: payload(n) for n in map(int, args.size.split(","))}
     lock = threading.Lock()
 
     def report(**fields):
@@ -273,7 +318,18 @@ def target_main(argv):
                     report(op="error", error="bad request %r" % line[:100])
                     return
                 op, n, tag, cc = request
-                if op == "PUT":
+                if op == "TICK":            # n lines "<seq> <CLOCK_MONOTONIC>", 100 ms apart
+                    start = time.monotonic()
+                    for seq in range(n):
+                        delay = start + seq * 0.1 - time.monotonic()
+                        if delay > 0:
+                            time.sleep(delay)
+                        conn.sendall(b"%d %.6f\n" % (seq, time.monotonic()))
+                    conn.shutdown(socket.SHUT_WR)
+                    while conn.recv(CHUNK):
+                        pass
+                    report(op="TICK", id=tag, lines=n)
+                elif op == "PUT":
                     digest, count = hashlib.sha256(rest), len(rest)
                     first = time.monotonic() if rest else None
                     while True:
@@ -289,8 +345,8 @@ def target_main(argv):
                     if cc:                  # the sender sets it; an error ends the request
                         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION,
                                         cc.encode())
-                    n = min(n, len(data))
-                    conn.sendall(memoryview(data)[:n])
+                    data = blobs.get(n) or payload(n)
+                    conn.sendall(memoryview(data))
                     conn.shutdown(socket.SHUT_WR)
                     while conn.recv(CHUNK):          # the client closes once it has it all
                         pass
@@ -465,9 +521,10 @@ def transfer(bench, dst, r, cc=None):
 class Target:
     """The sink/source on public, and the JSON lines it reports."""
 
-    def __init__(self, lab, size):
+    def __init__(self, lab, sizes):
         self.proc = lab.popen("public", [sys.executable, THIS, "_target", "--port",
-                                         str(TARGET_PORT), "--size", str(size)],
+                                         str(TARGET_PORT), "--size",
+                                         ",".join(map(str, sizes))],
                               stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         self.reports = []
         self.cond = threading.Condition()
@@ -1006,6 +1063,447 @@ def run_tool(bench, tool, rtt, loss, repeat):
     return run_ssh(bench, tool, rtt, loss, repeat)
 
 
+# ---- the scenarios (--scenarios) -----------------------------------------------------------
+
+SCENARIOS = ("roam", "blackout", "keys")
+ROAM_FIRST, ROAM_EVERY, ROAM_AFTER = 3.0, 5.0, 4.0    # seconds: first roam, between, after last
+TICK = 0.1                      # the ticker's period, seconds
+KEYS_EVERY = (0.05, 0.1)        # seconds between keystrokes, drawn uniformly
+KEYS_ALPHABET = b"abcdefghijklmnopqrstuvwxyz"
+
+# The remote end of "keys", run by sshd on public as `python3 -c KEYS_REMOTE SECONDS`: bulk
+# '.' bytes on stdout for SECONDS, and every byte read from stdin echoed at once as '#' and
+# the byte (ahead of any bulk not yet written); "#!" first, "#E" last.
+KEYS_REMOTE = r"""
+import os, select, sys, time
+end = time.monotonic() + float(sys.argv[1])
+os.write(1, b"#!")
+os.set_blocking(1, False)
+bulk, echo, reading = b"." * 65536, b"", True
+while time.monotonic() < end:
+    r, w, _ = select.select([0] if reading else [], [1], [], 0.2)
+    if r:
+        got = os.read(0, 4096)
+        reading = bool(got)
+        echo += b"".join(b"#" + bytes([c]) for c in got if c != 35)
+    if w:
+        try:
+            if echo:
+                echo = echo[os.write(1, echo):]
+            else:
+                os.write(1, bulk)
+        except BlockingIOError:
+            pass
+os.set_blocking(1, True)
+os.write(1, echo + b"#E")
+"""
+
+
+def percentile(values, p):
+    """The p-th percentile (nearest rank) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def link_session(bench, what):
+    """A Link session that is up, or None (a note says why; the caller ends it either way
+    with end_link)."""
+    link = Link(bench.lab)
+    up = link.wait_up()
+    if up is None:
+        why = ("udpmux link exited with status %s" % link.proc.returncode
+               if link.proc.poll() is not None
+               else "the link session did not come up within %d s" % SETUP_TIMEOUT)
+        bench.notes.append("%s: %s; its log:\n%s" % (what, why, link.log_text()))
+    return link, up
+
+
+def end_link(bench, link, up, what):
+    status = stop_proc(link.proc, EXIT_TIMEOUT)
+    summary = "%s: link up in %s s; " % (what, fmt(up, ".2f"))
+    summary += "exit status %s" % status if status == 0 else \
+        "EXIT STATUS %s (expected 0)" % status
+    if status != 0:
+        bench.leftovers += 1
+    summary += "; " + reap_public(bench, "link-server")
+    bench.notes.append(summary)
+    errors = [l for l in link.lines if l[2] in ("ERROR", "WARNING", "CRITICAL")
+              or (l[1] is None and l[3].strip())]
+    for _, pid, lvl, msg in errors[:10]:
+        bench.notes.append("  log: [%s] %s %s" % (pid, lvl, msg))
+
+
+def scenario_roam(bench, rtt, roams):
+    """`roams` roams of the outside NAT under a session of lines 100 ms apart (the target's
+    TICK through `udpmux link --listen-tcp`); the gap after each."""
+    lab = bench.lab
+    lines = int((ROAM_FIRST + (roams - 1) * ROAM_EVERY + ROAM_AFTER) / TICK)
+    out = {"rtt_ms": rtt, "roams": [], "lines": lines, "received": 0, "error": None}
+    link, up = link_session(bench, "roam")
+    events = []                     # (monotonic before, after, new WAN address)
+    stop = threading.Event()
+    arrivals = []                   # (arrival, seq, the target's stamp)
+    try:
+        if up is None:
+            out["error"] = "the link session did not come up"
+            return out
+        sock = lab.socket("outside", type=socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", LISTEN_PORT))
+        sock.sendall(b"TICK %d roam-%d\n" % (lines, next(_transfers)))
+        begin = time.monotonic()
+
+        def roamer():
+            for k in range(roams):
+                if stop.wait(max(0.0, begin + ROAM_FIRST + k * ROAM_EVERY - time.monotonic())):
+                    return
+                before = time.monotonic()
+                new = lab.roam("out")
+                events.append((before, time.monotonic(), new))
+        thread = threading.Thread(target=roamer, daemon=True)
+        thread.start()
+        deadline = begin + lines * TICK + bench.timeout
+        buf = b""
+        sock.setblocking(False)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    out["error"] = "timed out"
+                    break
+                if not select.select([sock], [], [], left)[0]:
+                    continue
+                try:
+                    chunk = sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                now = time.monotonic()
+                if not chunk:
+                    break
+                buf += chunk
+                while b"\n" in buf:
+                    line, _, buf = buf.partition(b"\n")
+                    seq, stamp = line.split()
+                    arrivals.append((now, int(seq), float(stamp)))
+        except OSError as exc:
+            out["error"] = "recv: %s" % exc
+        finally:
+            stop.set()
+            thread.join(5)
+            sock.close()
+    finally:
+        end_link(bench, link, up, "roam session")
+    out["received"] = len(arrivals)
+    if out["error"] is None and len(arrivals) != lines:
+        out["error"] = "%d of %d lines" % (len(arrivals), lines)
+    for before, after, new in events:
+        nxt = next((a for a in arrivals if a[2] > before), None)
+        window = [a[0] for a in arrivals if before - 1 <= a[0] <= before + 10]
+        stall = max((b - a for a, b in zip(window, window[1:])), default=None)
+        out["roams"].append({"at": round(before - arrivals[0][0], 3) if arrivals else None,
+                             "new_wan": new, "roam_call": after - before,
+                             "gap": nxt[0] - before if nxt else None, "stall": stall})
+    quiet = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:])
+             if not any(e[0] - 1 <= b[0] <= e[0] + 10 for e in events)]
+    out["baseline_max_interval"] = max(quiet, default=None)
+    out["line_delay_p50"] = (percentile([a[0] - a[2] for a in arrivals], 50)
+                             if arrivals else None)
+    gaps = [r["gap"] for r in out["roams"]]
+    out["max_gap"] = None if not gaps or None in gaps else max(gaps)
+    out["target"] = 1.0 + rtt / 1000
+    return out
+
+
+def scenario_blackout(bench, rtt, size, blackout, timeout):
+    """One link session: a clean download of `size` bytes, then the same with `blackout`
+    seconds of UDP blocked on wan from when a quarter has arrived."""
+    lab = bench.lab
+    data = payload(size)
+    ns = type("Ns", (), {})()
+    ns.data, ns.digest, ns.target, ns.lab = data, hashlib.sha256(data).hexdigest(), \
+        bench.target, lab
+    out = {"rtt_ms": rtt, "bytes": size, "blackout": blackout, "error": None}
+    link, up = link_session(bench, "blackout")
+    try:
+        if up is None:
+            out["error"] = "the link session did not come up"
+            return out
+        clean = Result("link", rtt, 0, "down", size)
+        ns.timeout = timeout
+        transfer(ns, ("127.0.0.1", LISTEN_PORT), clean)
+        out["clean"] = clean.seconds
+        out["clean_error"] = clean.error
+        print("  measured: blackout scenario, clean download: %s" % (
+            "%.2f s, %.2f MB/s" % (clean.seconds, clean.rate) if clean.seconds is not None
+            else clean.error), flush=True)
+        dark = Result("link", rtt, 0, "down", size)
+        marks = {}
+        stop = threading.Event()
+
+        def blacker():
+            while dark.moved < size // 4:
+                if stop.wait(0.005):
+                    return
+            marks["moved_at_start"] = dark.moved
+            marks["start"] = time.monotonic()
+            lab.block_udp(True)
+            try:
+                stop.wait(blackout)
+            finally:
+                lab.block_udp(False)
+                marks["end"] = time.monotonic()
+            moved = dark.moved
+            while dark.moved == moved and dark.seconds is None and not stop.is_set():
+                time.sleep(0.002)
+            if dark.moved != moved:
+                marks["resumed"] = time.monotonic() - marks["end"]
+        thread = threading.Thread(target=blacker, daemon=True)
+        thread.start()
+        ns.timeout = timeout + blackout
+        try:
+            transfer(ns, ("127.0.0.1", LISTEN_PORT), dark)
+        finally:
+            stop.set()
+            thread.join(blackout + 10)
+            lab.block_udp(False)
+        out["total"] = dark.seconds
+        out["error"] = dark.error
+        out["moved"] = dark.moved
+        if "start" in marks:
+            out["blackout_measured"] = marks["end"] - marks["start"]
+            out["resumed_after"] = marks.get("resumed")
+        if dark.seconds is not None and clean.seconds is not None and "start" in marks:
+            out["cost"] = dark.seconds - clean.seconds - blackout
+        return out
+    finally:
+        end_link(bench, link, up, "blackout session")
+
+
+def keys_children(proc):
+    with contextlib.suppress(psutil.Error):
+        return [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    return []
+
+
+def scenario_keys(bench, rtt, loss, seconds):
+    """One ssh through link (ProxyCommand) running KEYS_REMOTE: keystrokes' echo times
+    behind a bulk download in the same session."""
+    lab, sshd = bench.lab, bench.sshd
+    out = {"rtt_ms": rtt, "loss": loss, "seconds": seconds, "error": None}
+    command = "%s -c %s %g" % (shlex.quote(sys.executable), shlex.quote(KEYS_REMOTE), seconds)
+    started = time.monotonic()
+    proc = lab.popen("outside", ["ssh", *sshd.options, *sshd.proxy_option(), sshd.dest,
+                                 command],
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    fds = []                        # pidfds of what ssh started (its ProxyCommand)
+    out_fd, err_fd, in_fd = proc.stdout.fileno(), proc.stderr.fileno(), proc.stdin.fileno()
+    for fd in (out_fd, err_fd):
+        os.set_blocking(fd, False)
+    rng = random.Random(SEED)
+    sent = []                       # (byte, monotonic) not yet echoed
+    latencies, wrong, errtext = [], 0, b""
+    state = {"ready": None, "end": False, "bulk": 0, "pending": b""}
+
+    def parse(chunk, now):
+        nonlocal wrong
+        buf, i = state["pending"] + chunk, 0
+        state["pending"] = b""
+        while True:
+            j = buf.find(b"#", i)
+            if j < 0:
+                state["bulk"] += len(buf) - i
+                return
+            state["bulk"] += j - i
+            if j + 1 >= len(buf):
+                state["pending"] = b"#"
+                return
+            c = buf[j + 1]
+            i = j + 2
+            if c == ord("!"):
+                state["ready"] = now
+            elif c == ord("E"):
+                state["end"] = True
+            elif sent:
+                byte, when = sent.pop(0)
+                latencies.append(now - when)
+                wrong += byte != c
+            else:
+                wrong += 1
+    try:
+        deadline = started + SSH_SETUP_TIMEOUT + seconds + bench.timeout
+        next_key = None
+        streams = [out_fd, err_fd]
+        while streams:
+            now = time.monotonic()
+            if now >= deadline:
+                out["error"] = "timed out"
+                break
+            if state["ready"] and not fds:
+                for pid in keys_children(proc):
+                    with contextlib.suppress(OSError):
+                        fds.append(os.pidfd_open(pid))
+            if state["ready"] and next_key is None:
+                next_key, stop_keys = now + 1.0, state["ready"] + seconds - 1.0
+            if next_key is not None and now >= next_key and in_fd is not None:
+                if now < stop_keys:
+                    byte = KEYS_ALPHABET[len(latencies) % len(KEYS_ALPHABET)]
+                    sent.append((byte, time.monotonic()))
+                    os.write(in_fd, bytes([byte]))
+                    next_key = now + rng.uniform(*KEYS_EVERY)
+                else:
+                    proc.stdin.close()
+                    in_fd = None
+            wait = deadline - now
+            if next_key is not None and in_fd is not None:
+                wait = min(wait, max(0.0, next_key - now))
+            readable = select.select(streams, [], [], wait)[0]
+            now = time.monotonic()
+            for fd in readable:
+                try:
+                    chunk = os.read(fd, CHUNK)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    streams.remove(fd)
+                elif fd == err_fd:
+                    errtext = (errtext + chunk)[-2000:]
+                else:
+                    parse(chunk, now)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            with contextlib.suppress(OSError):
+                pipe.close()
+        how = "ssh exit status %s" % proc.returncode
+        for fd in fds:
+            if not select.select([fd], [], [], SERVER_GONE)[0]:
+                bench.leftovers += 1
+                how += "; ITS PROXYCOMMAND WAS LEFT BEHIND, stopped by PID"
+                for sig in (signal.SIGTERM, signal.SIGKILL):
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(fd, sig)
+                    if select.select([fd], [], [], 2.0)[0]:
+                        break
+            os.close(fd)
+        bench.notes.append("keys session at %s: %s; %s" % (
+            where(rtt, loss), how, reap_public(bench, "its processes on public",
+                                               draining=("sshd",))))
+    out["setup"] = state["ready"] - started if state["ready"] else None
+    if out["error"] is None and not state["end"]:
+        out["error"] = "no end marker (ssh exit status %s: %s)" % (
+            proc.returncode, errtext.decode(errors="replace").strip()[-200:])
+    out["count"], out["unanswered"], out["wrong"] = len(latencies), len(sent), wrong
+    out["bulk_bytes"] = state["bulk"]
+    out["bulk_mbps"] = state["bulk"] / MB / seconds
+    if latencies:
+        out.update(p50=percentile(latencies, 50), p99=percentile(latencies, 99),
+                   max=max(latencies))
+    out["target"] = (rtt + 100) / 1000
+    return out
+
+
+def print_scenarios(results):
+    """The scenarios' figures against their targets, one block each."""
+    print("scenarios (targets in brackets):")
+    r = results.get("roam")
+    if r:
+        print("  roam at rtt %g ms: gaps %s s, max %s s [<= 1 s + 1 RTT = %.3f s: %s]%s" % (
+            r["rtt_ms"], ", ".join(fmt(e["gap"], ".3f") for e in r["roams"]) or "-",
+            fmt(r["max_gap"], ".3f"), r["target"],
+            "met" if r["max_gap"] is not None and r["max_gap"] <= r["target"] else "NOT MET",
+            "; " + r["error"] if r["error"] else ""))
+    r = results.get("blackout")
+    if r:
+        cost = r.get("cost")
+        print("  blackout at rtt %g ms: %g MB with %g s of UDP blocked %s s, without %s s: "
+              "cost beyond the blackout %s s [<= 2 s: %s]%s" % (
+                  r["rtt_ms"], r["bytes"] / MB, r["blackout"], fmt(r.get("total"), ".2f"),
+                  fmt(r.get("clean"), ".2f"), fmt(cost, ".2f"),
+                  "met" if cost is not None and cost <= 2 else "NOT MET",
+                  "; " + r["error"] if r["error"] else ""))
+    for r in results.get("keys", []):
+        print("  keys at %s: %d echoes, p50 %s s, p99 %s s, max %s s, behind %.2f MB/s "
+              "[p99 <= RTT + 100 ms = %.3f s: %s]%s" % (
+                  where(r["rtt_ms"], r["loss"]), r["count"], fmt(r.get("p50"), ".3f"),
+                  fmt(r.get("p99"), ".3f"), fmt(r.get("max"), ".3f"), r["bulk_mbps"],
+                  r["target"], "met" if r.get("p99") is not None and r["p99"] <= r["target"]
+                  else "NOT MET", "; " + r["error"] if r["error"] else ""))
+
+
+def run_scenarios(bench, scenarios, args):
+    """Each scenario of `scenarios`, in order, at --scenario-rtt; their figures printed as
+    they end and returned as {name: figures}."""
+    lab, rtt = bench.lab, args.scenario_rtt
+    results = {}
+    lab.set_delay(rtt / 2)
+    try:
+        for name in scenarios:
+            lab.set_loss(0)
+            if name == "roam":
+                r = results["roam"] = scenario_roam(bench, rtt, args.roams)
+                for k, e in enumerate(r["roams"], 1):
+                    print("  measured: roam %d (to %s, %.2f s into the session; the roam "
+                          "itself took %.3f s): next line after %s s, longest silence %s s"
+                          % (k, e["new_wan"], e["at"] or 0, e["roam_call"],
+                             fmt(e["gap"], ".3f"),
+                              fmt(e["stall"], ".3f")), flush=True)
+                print("  roam: %d of %d lines%s; max gap %s s (target <= %.3f s: %s); "
+                      "without a roam lines arrive at most %s s apart, %s s after sent "
+                      "(p50)" % (r["received"], r["lines"],
+                                 "; " + r["error"] if r["error"] else "",
+                                 fmt(r["max_gap"], ".3f"), r["target"],
+                                 "met" if r["max_gap"] is not None
+                                 and r["max_gap"] <= r["target"] else "NOT MET",
+                                 fmt(r.get("baseline_max_interval"), ".3f"),
+                                 fmt(r.get("line_delay_p50"), ".3f")), flush=True)
+            elif name == "blackout":
+                size = int(args.blackout_megabytes * MB)
+                r = results["blackout"] = scenario_blackout(bench, rtt, size,
+                                                            args.blackout_seconds,
+                                                            args.timeout)
+                cost = r.get("cost")
+                print("  blackout: %g MB down, %g s of UDP blocked from %s MB on: %s s "
+                      "(measured blackout %s s, data again %s s after it); clean %s s; "
+                      "cost beyond the blackout %s s (target <= 2 s: %s)%s" % (
+                          size / MB, args.blackout_seconds,
+                          fmt(size / 4 / MB, ".1f"), fmt(r.get("total"), ".2f"),
+                          fmt(r.get("blackout_measured"), ".2f"),
+                          fmt(r.get("resumed_after"), ".2f"), fmt(r.get("clean"), ".2f"),
+                          fmt(cost, ".2f"),
+                          "met" if cost is not None and cost <= 2 else "NOT MET",
+                          "; " + r["error"] if r["error"] else ""), flush=True)
+            elif name == "keys":
+                results["keys"] = []
+                for loss in args.keys_loss:
+                    lab.set_loss(loss, protocols=("udp", "tcp"))
+                    r = scenario_keys(bench, rtt, loss, args.keys_seconds)
+                    results["keys"].append(r)
+                    print("  keys at %s: %d keystrokes echoed (%d unanswered, %d wrong) "
+                          "behind %.2f MB/s of bulk in the same ssh: p50 %s s, p99 %s s, "
+                          "max %s s (target p99 <= %.3f s: %s); ssh up in %s s%s" % (
+                              where(rtt, loss), r["count"], r["unanswered"], r["wrong"],
+                              r["bulk_mbps"], fmt(r.get("p50"), ".3f"),
+                              fmt(r.get("p99"), ".3f"), fmt(r.get("max"), ".3f"),
+                              r["target"], "met" if r.get("p99") is not None
+                              and r["p99"] <= r["target"] else "NOT MET",
+                              fmt(r["setup"], ".2f"),
+                              "; " + r["error"] if r["error"] else ""), flush=True)
+    finally:
+        lab.set_loss(0)
+        lab.block_udp(False)
+        counts = lab.delay_counters() if rtt else None
+        lab.set_delay(0)
+        if rtt:
+            bench.notes.append("delay line in the scenarios: %s" % (", ".join(
+                "%s %s" % kv for kv in (counts or {}).items()) or "no counters"))
+    return results
+
+
 def py_spy(link, server_pid, what):
     out = ["stacks (py-spy dump) after %s timed out:" % what]
     for name, pid in (("udpmux link", link.proc.pid), ("link-server", server_pid)):
@@ -1364,6 +1862,23 @@ def main(argv=None):
     parser.add_argument("--ssh-cc", default="cubic",
                         help="TCP congestion control on the lab hosts' default routes, "
                              "which ssh uses [cubic]")
+    parser.add_argument("--scenarios", default="",
+                        help="after the matrix, some of %s (comma list; module docstring) "
+                             "[none]" % ",".join(SCENARIOS))
+    parser.add_argument("--no-matrix", action="store_true",
+                        help="run the scenarios only, not the throughput matrix")
+    parser.add_argument("--scenario-rtt", type=float, default=50.0,
+                        help="round trip of every scenario, ms [50]")
+    parser.add_argument("--roams", type=int, default=3,
+                        help="roams in the roam scenario, %g s apart [3]" % ROAM_EVERY)
+    parser.add_argument("--blackout-megabytes", type=float, default=40.0,
+                        help="MB of the blackout scenario's download [40]")
+    parser.add_argument("--blackout-seconds", type=float, default=20.0,
+                        help="seconds UDP is blocked in the blackout scenario [20]")
+    parser.add_argument("--keys-loss", default="0,1",
+                        help="loss percents the keys scenario runs at, comma list [0,1]")
+    parser.add_argument("--keys-seconds", type=float, default=15.0,
+                        help="seconds of bulk download in each keys session [15]")
     parser.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     parser.add_argument("--svg", metavar="PATH", help="plot MB/s against loss as SVG")
     args = parser.parse_args(argv)
@@ -1382,18 +1897,29 @@ def main(argv=None):
     if args.repeat < 1:
         parser.error("--repeat: at least 1")
     size = int(args.megabytes * MB)
+    scenarios = [x for x in args.scenarios.split(",") if x]
+    if not set(scenarios) <= set(SCENARIOS) or len(set(scenarios)) != len(scenarios):
+        parser.error("--scenarios: some of %s, each once" % ",".join(SCENARIOS))
+    if args.no_matrix and not scenarios:
+        parser.error("--no-matrix: only with --scenarios")
+    args.keys_loss = number_list(args.keys_loss, "--keys-loss", parser)
+    if args.roams < 1 or args.scenario_rtt < 0 or args.blackout_seconds <= 0:
+        parser.error("--roams at least 1, --scenario-rtt >= 0, --blackout-seconds > 0")
+    matrix = not args.no_matrix
+    if not matrix:
+        rtts, losses, tools = [], [], []
 
     command = [sys.executable] + sys.argv
     print("command: %s" % shlex.join(command))
     info = machine()
     print_machine(info)
     reason = lablib.Lab.unavailable()
-    if reason is None and any(rtts):
+    if reason is None and (any(rtts) or (scenarios and args.scenario_rtt)):
         reason = lablib.delay_unavailable()
-    if reason is None and set(tools) & set(SSH_TOOLS) and not (
+    if reason is None and (set(tools) & set(SSH_TOOLS) or "keys" in scenarios) and not (
             os.path.exists("/usr/sbin/sshd") and shutil.which("ssh")
             and shutil.which("ssh-keygen")):
-        reason = "the ssh rows need OpenSSH: apt-get install openssh-server openssh-client"
+        reason = "the ssh rows and keys need OpenSSH: apt-get install openssh-server openssh-client"
     if reason:
         print("bench_link: " + reason, file=sys.stderr)
         return 2
@@ -1401,6 +1927,7 @@ def main(argv=None):
     started = time.monotonic()
     began = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows = []
+    scenario_results = {}
     lab = lablib.Lab()
     tmp = tempfile.mkdtemp(prefix="bench_link-")
     bench = Bench(lab, data, args.timeout, directions, tmp)
@@ -1412,13 +1939,23 @@ def main(argv=None):
               % (lab.prefix, lab.addr("outside"), lab.public_addr("out"), lab.addr("public")))
         print("lab TCP: %s" % "; ".join("%s %s" % (k, v if isinstance(v, str) else ", ".join(
             "%s: %s" % hv for hv in v.items())) for k, v in tcp.items()))
-        print("matrix: rtt %s ms x loss %s %% x %s; tools %s; %g MB each; repeat %d; "
-              "timeout %g s" % (",".join("%g" % v for v in rtts),
-                                ",".join("%g" % v for v in losses), ",".join(directions),
-                                ",".join(tools), size / MB, args.repeat, args.timeout))
+        if scenarios:
+            print("scenarios: %s at rtt %g ms (roam: %d roams; blackout: %g MB down, %g s "
+                  "of UDP blocked; keys: %g s sessions at loss %s %%)" % (
+                      ",".join(scenarios), args.scenario_rtt, args.roams,
+                      args.blackout_megabytes, args.blackout_seconds, args.keys_seconds,
+                      ",".join("%g" % v for v in args.keys_loss)))
+        if matrix:
+            print("matrix: rtt %s ms x loss %s %% x %s; tools %s; %g MB each; repeat %d; "
+                  "timeout %g s" % (",".join("%g" % v for v in rtts),
+                                    ",".join("%g" % v for v in losses), ",".join(directions),
+                                    ",".join(tools), size / MB, args.repeat, args.timeout))
         print()
-        bench.target = Target(lab, size)
-        if set(tools) & set(SSH_TOOLS):
+        sizes = [size] if matrix else []
+        if "blackout" in scenarios:
+            sizes.append(int(args.blackout_megabytes * MB))
+        bench.target = Target(lab, sizes or [size])
+        if set(tools) & set(SSH_TOOLS) or "keys" in scenarios:
             bench.sshd = Sshd(lab, tmp, data)
         for rtt in rtts:
             lab.set_delay(rtt / 2)
@@ -1440,6 +1977,10 @@ def main(argv=None):
                 lab.set_delay(0)
                 bench.notes.append("delay line at rtt %g ms: %s" % (rtt, ", ".join(
                     "%s %s" % kv for kv in (counts or {}).items()) or "no counters"))
+        if scenarios:
+            if matrix:
+                print()
+            scenario_results = run_scenarios(bench, scenarios, args)
     finally:
         if bench.sshd is not None:
             bench.sshd.stop()
@@ -1448,14 +1989,19 @@ def main(argv=None):
         lab.down()
         shutil.rmtree(tmp, ignore_errors=True)
     print()
-    print_table(rows, size, args.timeout, args.repeat)
-    if any(r.tool == "link" for r in rows) and all(
-            r.retrans is None for r in rows if r.tool == "link"):
-        print("  (link retrans n/a: the engine-stats lines carried no number for \"lost\")")
-    summary = summarize(rows, rtts, losses, directions, tools)
-    print_summary(summary, rtts, losses, directions, tools, args.timeout, args.repeat)
-    print_targets(rows, size)
-    print()
+    summary = summarize(rows, rtts, losses, directions, tools) if matrix else []
+    if matrix:
+        print_table(rows, size, args.timeout, args.repeat)
+        if any(r.tool == "link" for r in rows) and all(
+                r.retrans is None for r in rows if r.tool == "link"):
+            print("  (link retrans n/a: the engine-stats lines carried no number for "
+                  "\"lost\")")
+        print_summary(summary, rtts, losses, directions, tools, args.timeout, args.repeat)
+        print_targets(rows, size)
+        print()
+    if scenarios:
+        print_scenarios(scenario_results)
+        print()
     for note in bench.notes:
         print(note)
     for text in bench.stacks:
@@ -1471,12 +2017,12 @@ def main(argv=None):
                        "timeout": args.timeout, "repeat": args.repeat, "rtts_ms": rtts,
                        "losses": losses, "directions": directions, "tools": tools,
                        "ssh_cc": args.ssh_cc,
-                       "summary": summary,
+                       "summary": summary, "scenarios": scenario_results,
                        "transfers": [r.as_dict() for r in rows], "notes": bench.notes},
                       f, indent=1)
             f.write("\n")
         print("wrote %s" % args.json)
-    if args.svg:
+    if args.svg and matrix:
         title = ("udpmux link beside TCP and ssh: MB/s against loss",
                  "%g MB per transfer%s, timeout %g s; commit %s; %s; %s" % (
                      size / MB, ", median of %d" % args.repeat if args.repeat > 1 else "",
