@@ -142,9 +142,7 @@ class Bbr(CongestionController):
         self.tokens -= size
 
     def on_packets_acked(self, records, now):
-        acked = 0
-        for rec in records:
-            acked += rec[SIZE]
+        acked = sum(rec[SIZE] for rec in records)
         self.bytes_in_flight -= acked
         self.delivered += acked
         self.round_delivered += acked
@@ -177,9 +175,7 @@ class Bbr(CongestionController):
         self.set_window(acked)
 
     def on_packets_lost(self, records, now):
-        lost = 0
-        for rec in records:
-            lost += rec[SIZE]
+        lost = sum(rec[SIZE] for rec in records)
         self.bytes_in_flight -= lost
         self.round_lost += lost
         congested, self.congested = self.congested, False
