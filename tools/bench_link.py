@@ -1302,6 +1302,7 @@ def scenario_keys(bench, rtt, loss, seconds):
     rng = random.Random(SEED)
     sent = []                       # (byte, monotonic) not yet echoed
     latencies, wrong, errtext = [], 0, b""
+    samples = []                    # (seconds into the session, echo seconds)
     state = {"ready": None, "end": False, "bulk": 0, "pending": b""}
 
     def parse(chunk, now):
@@ -1326,6 +1327,11 @@ def scenario_keys(bench, rtt, loss, seconds):
             elif sent:
                 byte, when = sent.pop(0)
                 latencies.append(now - when)
+                # when in the session (seconds since the remote end was ready) and how
+                # long: in --json, to see whether the slow echoes cluster (the bulk's
+                # start, a probe of the path) or not
+                samples.append((round(when - (state["ready"] or when), 3),
+                                round(now - when, 4)))
                 wrong += byte != c
             else:
                 wrong += 1
@@ -1403,6 +1409,7 @@ def scenario_keys(bench, rtt, loss, seconds):
     if latencies:
         out.update(p50=percentile(latencies, 50), p99=percentile(latencies, 99),
                    max=max(latencies))
+    out["samples"] = samples
     out["target"] = (rtt + 100) / 1000
     return out
 

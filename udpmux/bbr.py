@@ -15,7 +15,8 @@ cut the rate as a loss-based controller (NewReno, congestion.py) does.
                 after the estimate was only the application's, an idle terminal
                 before a download), DRAIN (what STARTUP queued drains), PROBE_BW
                 (gains 1.25, 0.75, then 1 for six rounds, over and over), PROBE_RTT
-                (four messages in flight for 0.2 s when min_rtt is MIN_RTT_WINDOW old)
+                (half the BDP, at least four messages, in flight for 0.2 s when
+                min_rtt is MIN_RTT_WINDOW old: the queue drains, the stream moves)
     window      cwnd_gain x BDP + 3 messages (at least 4 messages)
     pacing      pacing_gain x bandwidth, as a token bucket (pace(now), next_send_at())
     loss        random loss is measured, not punished: the "ambient" loss is the average
@@ -47,7 +48,9 @@ FULL_BW_GROWTH = 1.25               # STARTUP ends when three rounds grew less t
 FULL_BW_ROUNDS = 3
 MIN_RTT_WINDOW = 10.0               # seconds a min_rtt sample stands
 PROBE_RTT_TIME = 0.2
-PROBE_RTT_PACKETS = 4
+PROBE_RTT_PACKETS = 4               # in flight during PROBE_RTT: at least this many
+PROBE_RTT_GAIN = 0.5                # messages, and half the BDP (as BBRv2): the stream
+                                    # keeps moving while the queue drains
 STARTUP_LOSS = 0.2                  # share of a round's bytes lost that ends STARTUP
 LOSS_MIN = 0.02                     # past STARTUP, a round losing more than the larger of
 AMBIENT_FACTOR = 2.0                # this and twice the ambient loss (+ LOSS_MARGIN) is
@@ -294,7 +297,7 @@ class Bbr(CongestionController):
             rate = self.pacing_gain * self.btl_bw
             self.pacing_rate = max(rate, 4 * self.max_datagram / (self.min_rtt or 1.0))
         if self.state == PROBE_RTT:
-            self.cwnd = PROBE_RTT_PACKETS * self.max_datagram
+            self.cwnd = max(PROBE_RTT_PACKETS * self.max_datagram, self.bdp(PROBE_RTT_GAIN))
             return
         target = self.bdp(self.cwnd_gain) + 3 * self.max_datagram
         if not self.filled:
