@@ -997,18 +997,8 @@ def run_link(bench, rtt, loss, repeat):
             r.retrans = link.lost_since(ends[r.direction], done)
         return rows
     finally:
-        status = stop_proc(link.proc, EXIT_TIMEOUT)
-        summary = "link session at %s: up in %s s; " % (where(rtt, loss), fmt(up, ".2f"))
-        summary += "exit status %s" % status if status == 0 else \
-            "EXIT STATUS %s (expected 0)" % status
-        if status != 0:
-            bench.leftovers += 1
-        summary += "; " + reap_public(bench, "link-server")
-        bench.notes.append(summary)
-        errors = [l for l in link.lines if l[2] in ("ERROR", "WARNING", "CRITICAL")
-                  or (l[1] is None and l[3].strip())]
-        for _, pid, lvl, msg in errors[:10]:
-            bench.notes.append("  log: [%s] %s %s" % (pid, lvl, msg))
+        end_link(bench, link, "link session at %s: up in %s s" % (where(rtt, loss),
+                                                                   fmt(up, ".2f")))
 
 
 def run_tcp(bench, cc, rtt, loss, repeat):
@@ -1118,9 +1108,12 @@ def link_session(bench, what):
     return link, up
 
 
-def end_link(bench, link, up, what):
+def end_link(bench, link, head):
+    """Stop a link session by its PID and note how it went, after `head` (what it was
+    and how long it took to come up): its exit status, its link-server gone, and the
+    first warnings and errors it logged."""
     status = stop_proc(link.proc, EXIT_TIMEOUT)
-    summary = "%s: link up in %s s; " % (what, fmt(up, ".2f"))
+    summary = head + "; "
     summary += "exit status %s" % status if status == 0 else \
         "EXIT STATUS %s (expected 0)" % status
     if status != 0:
@@ -1192,7 +1185,7 @@ def scenario_roam(bench, rtt, roams):
             thread.join(5)
             sock.close()
     finally:
-        end_link(bench, link, up, "roam session")
+        end_link(bench, link, "roam session: link up in %s s" % fmt(up, ".2f"))
     out["received"] = len(arrivals)
     if out["error"] is None and len(arrivals) != lines:
         out["error"] = "%d of %d lines" % (len(arrivals), lines)
@@ -1276,7 +1269,7 @@ def scenario_blackout(bench, rtt, size, blackout, timeout):
             out["cost"] = dark.seconds - clean.seconds - blackout
         return out
     finally:
-        end_link(bench, link, up, "blackout session")
+        end_link(bench, link, "blackout session: link up in %s s" % fmt(up, ".2f"))
 
 
 def keys_children(proc):
