@@ -11,11 +11,11 @@ report(now):
                             uot-server or its clients, the link-server; each with its
                             address, state, carrier, path, last handshake and last word
      "flows", "max_flows",  flows now and the bound
-     "counters",            datagrams and bytes in (from clients) and out (to them),
+     "counters"}            datagrams and bytes in (from clients) and out (to them),
                             flows since the start
-     "drops"}               by reason (reasons.py)
 
-and, for `udpmux status --flows MODE`, its flow_list(now).
+with its drops by reason (worker.drops, reasons.py) and the STATUS_FLOWS latest of its
+flow_list(now, limit); `udpmux status --flows MODE` gets the whole flow_list(now).
 
 The default control socket is named after the mode (config.default_control_socket);
 when another daemon of the same mode holds it, this one takes MODE-PID.sock beside it and
@@ -79,8 +79,11 @@ class AgentControl(ControlServer):
 
     def status(self):
         worker = self.worker
+        now = time.monotonic()
         return {**self.head(self.mode), "config": self.config_path,
-                "reload_error": worker.reload_error, **worker.report(time.monotonic())}
+                "reload_error": worker.reload_error, **worker.report(now),
+                "drops": dict(worker.drops.counts),
+                "flow_list": worker.flow_list(now, STATUS_FLOWS)}
 
     def flows(self, name):
         if name != self.mode:

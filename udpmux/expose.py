@@ -421,13 +421,10 @@ class ExposeWorker(Worker):
         if self.tcp and self.carrier is None:
             agentstatus.dialing(relay, self.dialer)
         return {"peers": [relay], "flows": len(self.flows), "max_flows": self.max_flows,
-                "counters": {**self.flows.totals(), "sessions": self.endpoint.sessions},
-                "drops": dict(self.drops.counts),
-                "flow_list": agentstatus.service_flows_report(self.flows, now,
-                                                               agentstatus.STATUS_FLOWS)}
+                "counters": {**self.flows.totals(), "sessions": self.endpoint.sessions}}
 
-    def flow_list(self, now):
-        return agentstatus.service_flows_report(self.flows, now)
+    def flow_list(self, now, limit=None):
+        return agentstatus.service_flows_report(self.flows, now, limit)
 
 
 def main(args):

@@ -742,8 +742,7 @@ class LinkClient(LinkEnd):
                              "bytes_out": st["stream_bytes_sent"]},
                 "stream": {"srtt_ms": round(st["srtt"] * 1000, 1), "cwnd": st["cwnd"],
                            "bytes_in_flight": st["bytes_in_flight"],
-                           "messages_lost": st["messages_lost"]},
-                "drops": dict(self.drops.counts), "flow_list": []}
+                           "messages_lost": st["messages_lost"]}}
 
-    def flow_list(self, now):
+    def flow_list(self, now, limit=None):
         return []

@@ -711,9 +711,7 @@ class PunchWorker(Worker):
         return {"peers": peers, "flows": len(self.table if listen else self.flows),
                 "max_flows": self.max_flows,
                 "counters": agentstatus.table_totals(self.flows) if listen
-                else self.flows.totals(),
-                "drops": dict(self.drops.counts),
-                "flow_list": self.flow_list(now, agentstatus.STATUS_FLOWS)}
+                else self.flows.totals()}
 
     def flow_list(self, now, limit=None):
         if self.side == SIDE_LISTEN:

@@ -297,7 +297,7 @@ class Connection(StreamTable):
         cc.on_packets_acked(newly, now)
         self._working = cc.snapshot()           # the path works: its estimate, kept
         srtt = max(recovery.srtt, GRANULARITY)
-        rate = getattr(cc, "pacing_rate", 0.0) or cc.cwnd / srtt
+        rate = cc.pacing_rate if self._pacing else cc.cwnd / srtt
         ahead = rate * max(UNSENT_RTTS * srtt, UNSENT_TIME)
         self.unsent_limit = max(UNSENT_MIN, min(int(ahead), self.send_buffer))
         lost = recovery.detect_lost(now)

@@ -311,12 +311,10 @@ class UotServer(Worker):
                   "heard_ago": agentstatus.ago(now, c.heard) if c.session else None}
                  for c in self.clients.values()]
         return {"peers": peers, "flows": len(self.flows), "max_flows": self.max_flows,
-                "counters": self.flows.totals(), "drops": dict(self.drops.counts),
-                "flow_list": agentstatus.service_flows_report(self.flows, now,
-                                                               agentstatus.STATUS_FLOWS)}
+                "counters": self.flows.totals()}
 
-    def flow_list(self, now):
-        return agentstatus.service_flows_report(self.flows, now)
+    def flow_list(self, now, limit=None):
+        return agentstatus.service_flows_report(self.flows, now, limit)
 
 
 # -- the client
@@ -495,13 +493,10 @@ class UotClient(Worker):
         if self.carrier is None:
             agentstatus.dialing(server, self.dialer)
         return {"peers": [server], "flows": len(self.table), "max_flows": self.max_flows,
-                "counters": agentstatus.table_totals(self.flows),
-                "drops": dict(self.drops.counts),
-                "flow_list": agentstatus.table_flows_report(self.table, now,
-                                                             agentstatus.STATUS_FLOWS)}
+                "counters": agentstatus.table_totals(self.flows)}
 
-    def flow_list(self, now):
-        return agentstatus.table_flows_report(self.table, now)
+    def flow_list(self, now, limit=None):
+        return agentstatus.table_flows_report(self.table, now, limit)
 
 
 # -- command lines

@@ -228,12 +228,13 @@ class Worker:
         """The loop ended: flush what must survive into shared memory."""
 
     def report(self, now):
-        """Standalone: what `udpmux status` shows (agentstatus.py): peers, flows,
-        max_flows, counters and drops."""
+        """Standalone: what `udpmux status` shows (agentstatus.py) besides self.drops
+        and flow_list(): peers, flows, max_flows and counters."""
         raise NotImplementedError
 
-    def flow_list(self, now):
-        """Standalone: every flow, for `udpmux status --flows`."""
+    def flow_list(self, now, limit=None):
+        """Standalone: the flows, the most recently used first, at most `limit`, for
+        `udpmux status` (and all of them for --flows)."""
         raise NotImplementedError
 
     def apply(self, config, changed):
