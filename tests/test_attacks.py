@@ -5,6 +5,7 @@ Every test runs the real daemons and checks what a user would: where the datagra
 go, what the relay's status says, what the logs say."""
 
 import os
+import random
 import select
 import signal
 import socket
@@ -21,6 +22,7 @@ from procs import (
 )
 from test_relay import LOCAL, Rig
 from udpmux import wire
+from udpmux.endpoint import keepalive_body
 
 # Drops of messages that are genuine but not fresh.
 STALE_REASONS = ("replay", "old", "session")
@@ -549,3 +551,96 @@ def test_replayed_link_messages_from_another_address_change_nothing():
         proc.stderr.close()
         sniffer.close()
         service.close()
+
+
+# -- link after an outage: answering an address not yet proved
+
+@pytest.fixture
+def silent_link(tmp_path):
+    """A link-server and a client made of the library whose stream reaches a TCP echo
+    service.  The client writes, then reads nothing until the server has sent the echo
+    three times (once, and again at two PTOs): the server is in an outage.  Yields the
+    target, the client, the payload and the server's messages kept unread."""
+    from fuzzing import LinkServerTarget
+    target = LinkServerTarget(tmp_path, random.Random(13))
+    try:
+        target.start()
+        client = target.client
+        payload = b"the terminal's next line\n"
+        client.conn.write(client.sid, payload)
+        client.pump()
+        unread, copies = [], 0
+        for left in deadline_loop(what="the echo sent three times unanswered"):
+            ready, _, _ = select.select([client.sock], [], [], left)
+            if ready:
+                msg = client.sock.recv(70000)
+                unread.append(msg)
+                copies += _stream_at_start(msg, client.sid)
+            if copies >= 3:
+                break
+        yield target, client, payload, unread
+    finally:
+        target.stop()
+
+
+def _stream_at_start(msg, sid):
+    """1 when msg carries stream sid's bytes from offset 0, else 0."""
+    mtype, _session, tag, _nonce = wire.parse_header(msg, True)
+    return int(mtype == wire.T_STREAM and tag == sid
+               and wire.STREAM.unpack_from(msg, wire.HEADER_SIZE)[0] == 0)
+
+
+def padded_keepalive(client):
+    """The KEEPALIVE a link client sends from an address the server may not know."""
+    body = keepalive_body(time.monotonic(), size=1232 - wire.HEADER_SIZE - wire.MAC_SIZE)
+    return client.raw(wire.T_KEEPALIVE, 0, body, send=False)
+
+
+def read_echo(client, unread, payload):
+    for msg in unread:
+        client.on_message(msg)
+    for _ in deadline_loop(what="the echo"):
+        client.receive(0.05)
+        if len(client.received) >= len(payload):
+            break
+    assert bytes(client.received) == payload
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="capturing loopback traffic needs root")
+def test_a_raced_word_after_an_outage_gets_no_more_than_it_carried(silent_link):
+    """A stranger got the client's first word after an outage in first, from its own
+    address: the server sends it the challenge and data, no more bytes than the word
+    had, and stays with the client, which then gets the echo."""
+    target, client, payload, unread = silent_link
+    word = padded_keepalive(client)
+    attacker = udp_client(ATTACKER, timeout=0.5)
+    attacker.sendto(word, (LOCAL, target.port))
+    got = drain(attacker)
+    challenge = wire.HEADER_SIZE + wire.KEEPALIVE.size + wire.MAC_SIZE
+    assert challenge < got <= len(word)
+    read_echo(client, unread, payload)
+    assert "moved" not in target.logs()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="capturing loopback traffic needs root")
+def test_after_an_outage_a_client_that_moved_gets_data_before_it_answers(silent_link):
+    """The client's NAT changed during an outage: its first word from the new address
+    brings the echo back there at once, with the challenge, not a round trip later;
+    once it answers, the session moves there."""
+    target, client, payload, unread = silent_link
+    client.sock.close()
+    client.sock = udp_client(LOCAL)
+    client.sock.connect((LOCAL, target.port))
+    client.send(padded_keepalive(client))
+    arrived = []
+    for left in deadline_loop(what="the echo at the new address"):
+        ready, _, _ = select.select([client.sock], [], [], left)
+        if ready:
+            arrived.append(client.sock.recv(70000))
+            if any(_stream_at_start(msg, client.sid) for msg in arrived):
+                break
+    read_echo(client, unread + arrived, payload)
+    for _ in deadline_loop(what="the server to follow"):
+        client.receive(0.05)
+        if "client moved from" in target.logs():
+            break

@@ -69,9 +69,11 @@ def liveness(now, sent, heard, keepalive, dead=None):
     return None
 
 
-def keepalive_body(now, reply=True):
-    """A KEEPALIVE's body: REPLY asked for, the stamp our clock in milliseconds."""
-    return KEEPALIVE.pack(KEEPALIVE_REPLY if reply else 0, int(now * 1000) & 0xFFFFFFFF, 0)
+def keepalive_body(now, reply=True, size=KEEPALIVE.size):
+    """A KEEPALIVE's body: REPLY asked for, the stamp our clock in milliseconds, and zero
+    padding up to `size` bytes."""
+    body = KEEPALIVE.pack(KEEPALIVE_REPLY if reply else 0, int(now * 1000) & 0xFFFFFFFF, 0)
+    return body + bytes(size - len(body)) if size > len(body) else body
 
 
 class Received:

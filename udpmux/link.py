@@ -47,6 +47,7 @@ from udpmux.linkstart import BOOT_TIMEOUT
 from udpmux.localend import Endpoint, Fd
 from udpmux.log import Every
 from udpmux.reasons import R_PROTOCOL, R_SESSION
+from udpmux.recovery import PROBES
 from udpmux.stream import (
     EV_ACKED, EV_NEW, EV_READABLE, EV_RESET, EV_WRITABLE, RESET_REFUSED, Connection,
     ProtocolError, StreamClosed,
@@ -119,6 +120,9 @@ class LinkEnd(Worker):
             return
         # The peer moved, or speaks again after an outage: the path works again.
         restored = got.event == MOVED or self.conn.in_outage()
+        # ... or from an address it has yet to prove, after a silence (a NAT change).
+        unproved = key != got.session.peer and (
+            restored or now - self.heard >= 2 * self.conn.recovery.pto_base)
         if not self.handle(got, now):
             return
         self.heard = now
@@ -129,9 +133,27 @@ class LinkEnd(Worker):
             self.drop(R_PROTOCOL)
             self.fail(f"the other end broke the stream protocol ({exc.reason})")
             return
-        if restored:
+        if unproved:
+            self.to_candidate(key, now)
+        elif restored:
             self.log.debug("the path works again: sending what was in flight at once")
             self.conn.path_changed(now)
+
+    def to_candidate(self, key, now):
+        """After a silence the peer speaks from an address it has yet to prove (its NAT
+        changed), and is being challenged there: the oldest data in flight goes there at
+        once, as much as the address sent us, as QUIC sends on a path it is validating.
+        A stranger who got a raced copy of a message in first gets no more than it sent,
+        and the session stays where it is until the challenge is answered."""
+        conn, session = self.conn, self.session
+        conn.probe_now()
+        for message in conn.messages_to_send(now, PROBES + 1):
+            if session.path.spend(key, message.size):
+                self.sender.add(session.seal(message.mtype, message.tag, message.body), key)
+                conn.on_sent(session.last_sent, message, now)
+            else:
+                conn.on_not_sent(message)
+        self.flush()
 
     def reply(self, msg, to, now):
         """A message the endpoint made (WELCOME, a keepalive, a challenge): sent, and its
@@ -514,8 +536,13 @@ class LinkClient(LinkEnd):
         if self.session is not None:
             # Say something at once from the new port, so that the server follows now,
             # even when we have no data to send.
-            self.send_plain(T_KEEPALIVE, keepalive_body(now), now)
+            self.send_plain(T_KEEPALIVE, self.padded_keepalive(now), now)
             self.flush()
+
+    def padded_keepalive(self, now):
+        """A KEEPALIVE asking for a reply, as large as a packet: sent from where the
+        server may not know us yet, so that it may answer there with as much."""
+        return keepalive_body(now, size=self.packet_size - self.conn.overhead)
 
     def receive(self, msg, key, now):
         return self.endpoint.receive(msg, now)
@@ -643,7 +670,7 @@ class LinkClient(LinkEnd):
             self.log.debug("no answer for %.1f s: a new socket", now - self.heard)
             self.rebind(now)            # which says something at once from the new port
         else:
-            self.send_plain(T_KEEPALIVE, keepalive_body(now), now)
+            self.send_plain(T_KEEPALIVE, self.padded_keepalive(now), now)
             self.flush()
         self.probe_sent = now
 

@@ -304,6 +304,14 @@ class PathCheck:
         self.sent_at = now
         return msg
 
+    def spend(self, key, size):
+        """True when `size` more bytes may go to candidate `key` before it answers: they
+        are counted against what it sent."""
+        if key != self.candidate or size > self.credit:
+            return False
+        self.credit -= size
+        return True
+
     def answers(self, key, msg):
         """True when msg (an authentic KEEPALIVE from key) echoes our challenge to key."""
         if key != self.candidate or not self.stamp:

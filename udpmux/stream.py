@@ -434,6 +434,11 @@ class Connection(StreamTable):
         if lost:
             self._on_lost(lost, now)
             recovery.advance_head()
+        self.probe_now()
+
+    def probe_now(self):
+        """Send PROBES messages at once, whatever the window: new or lost stream bytes
+        when there are some, else the oldest in flight again (a PTO's probes)."""
         self._probes = PROBES
         if not self._sendable and not self._control:
             self._requeue_oldest(PROBES)

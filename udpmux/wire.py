@@ -40,8 +40,11 @@ Bodies by type (offsets from the start of the body):
                   (address: the initiator's, as the responder saw it; epoch: names the
                   responder's flow table, and changes when tags from before mean nothing;
                   responder: names the responder for STALE, the same after its restarts)
-    KEEPALIVE(12) 0 flags u8 (1 = reply, please) | 1 zero 3B | 4 stamp u32 | 8 echo u32
-                  (a path challenge is a KEEPALIVE asking for a reply, with a random stamp)
+    KEEPALIVE(12..) 0 flags u8 (1 = reply, please) | 1 zero 3B | 4 stamp u32 | 8 echo u32 |
+                  12 zero padding, ignored
+                  (a path challenge is a KEEPALIVE asking for a reply, with a random stamp;
+                  a probe from an address the peer may not know yet is padded to a full
+                  packet, so that the peer may answer that address with as much)
     STALE (12)    0 session id the sender does not know u32 | 4 nonce of that message u64
                   (under the stale key of the responder named in WELCOME)
     BYE (1)       0 reason u8
@@ -188,7 +191,6 @@ CLOSE_NAMES = {CLOSE_IDLE: "idle", CLOSE_EVICTED: "evicted", CLOSE_REFUSED: "ref
 BODY_SIZES = {
     T_HELLO: HELLO.size,
     T_WELCOME: WELCOME.size,
-    T_KEEPALIVE: KEEPALIVE.size,
     T_STALE: STALE.size,
     T_BYE: REASON.size,
     T_CLOSE: REASON.size,
@@ -199,7 +201,8 @@ BODY_SIZES = {
     T_PATH: PATH.size,
 }
 # Types whose body size varies, with the least it can be.
-BODY_MINIMUM = {T_DATA: 0, T_STREAM: STREAM.size, T_ACK: ACK.size, T_RENDEZVOUS: 2}
+BODY_MINIMUM = {T_DATA: 0, T_STREAM: STREAM.size, T_ACK: ACK.size, T_RENDEZVOUS: 2,
+                T_KEEPALIVE: KEEPALIVE.size}
 
 class Malformed(Exception):
     """A message that cannot be parsed; .reason is the counted reason."""
