@@ -248,7 +248,8 @@ def test_link_shows_its_server_and_stream(service, servers, tmp_path):
         s.bind((LOCAL, 0))
         listen = s.getsockname()[1]
     proc = subprocess.Popen(link_argv(service.port, "--listen-tcp", f"{LOCAL}:{listen}",
-                                      "--control-socket", control, bind=servers.bind),
+                                      "--control-socket", control, "--buffer", "2M",
+                                      bind=servers.bind),
                             env=env(), stderr=subprocess.DEVNULL)
     try:
         for _ in deadline_loop(what="the link's control socket"):
@@ -264,6 +265,7 @@ def test_link_shows_its_server_and_stream(service, servers, tmp_path):
         got = agent_status(control)
         assert got["mode"] == "link" and got["counters"]["bytes_out"] >= 100_000
         assert "srtt_ms" in got["stream"]
+        assert got["stream"]["buffer"] == 2 << 20
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(WAIT) == 0

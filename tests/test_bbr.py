@@ -60,3 +60,49 @@ def test_after_an_outage_the_window_comes_back_from_the_model():
     cc.on_packet_sent(1200, 10.0, rec)
     cc.on_packets_acked([rec], 10.05)
     assert cc.cwnd >= 0.9 * before
+
+
+# -- windows that follow the path
+
+BUFFER = 32 << 20
+
+
+def grown(rtt, buffer=BUFFER, window_start=256 << 10, megabytes=20):
+    """A download with windows that start small: (simulated seconds, the receiver's
+    largest grant past its reads, its stream's window at the end)."""
+    seen = {"ahead": 0, "window": 0}
+
+    def on_step(sim):
+        st = sim.conns[1]._streams.get(1)
+        if st is not None:
+            seen["ahead"] = max(seen["ahead"], st.rwin - st.roff)
+            seen["window"] = max(seen["window"], st.wsize or window_start)
+
+    sim, seconds, ok = bulk(megabytes, 0.0, rtt=rtt, rate=RATE, queue=256 * 1024,
+                            congestion=Bbr, stream_window=buffer, session_buffer=buffer,
+                            window_start=window_start, on_step=on_step)
+    assert ok, "the stream did not arrive byte-exact"
+    return seconds, seen["ahead"], seen["window"]
+
+
+def test_a_window_grows_until_it_fills_a_long_path():
+    """200 ms at 20 MB/s holds 4 MB: a window that starts at 256 KiB grows past that,
+    and the download takes about as long as with the whole buffer granted at once
+    (simulated seconds: 3.6 against 3.0), where a window that stayed at 256 KiB
+    (1.3 MB/s) would take 16."""
+    seconds, _ahead, window = grown(0.2)
+    fixed, _ahead, _window = grown(0.2, window_start=BUFFER)
+    assert window >= 0.2 * RATE
+    assert seconds < 1.5 * fixed
+
+
+def test_a_window_never_grows_past_the_buffer():
+    limit = 2 << 20
+    _seconds, ahead, window = grown(0.2, buffer=limit)
+    assert window == limit and ahead <= limit
+
+
+def test_on_a_short_path_a_window_stays_small():
+    """1 ms at 20 MB/s holds 20 KB: the window has no reason to grow far."""
+    _seconds, ahead, window = grown(0.001)
+    assert window <= 1 << 20 and ahead <= 1 << 20

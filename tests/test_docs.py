@@ -330,7 +330,7 @@ def check_option_defaults(mode, options, settings):
         elif isinstance(setting.default, float):
             value = float(given)
         else:
-            value = int(given)
+            value = int(given) if given.isdigit() else given    # 32M: the check reads it
         assert setting.check(value) == setting.default, \
             f"{option}: [default: {given}] but config.py says {setting.default!r}"
 
@@ -359,7 +359,8 @@ def test_link_option_defaults_match_config():
     check_option_defaults("link", option_defaults(cli.LINK), config.LINK_SETTINGS)
     server = option_defaults(cli.LINK_SERVER)
     shared = [s for s in config.LINK_SETTINGS if s.option in server]
-    assert {s.name for s in shared} == {"target", "bind", "packet_size", "idle_limit"}
+    assert {s.name for s in shared} == {"target", "bind", "packet_size", "idle_limit",
+                                        "buffer"}
     check_option_defaults("link-server", server, shared)
 
 
@@ -645,8 +646,7 @@ def test_the_mtu_section_has_the_codes_overheads_and_what_follows():
 
 def link_engine():
     """The stream engine as `udpmux link` sets it up for a session."""
-    end = link.LinkServer(None, ("127.0.0.1", 22), None, config.LINK["packet_size"].default,
-                          config.LINK["idle_limit"].default, None)
+    end = link.LinkServer(None, ("127.0.0.1", 22), None, config.link_from_options({}), None)
     link.LinkEnd.setup(end)
     return end.conn
 
@@ -669,7 +669,8 @@ def test_protocol_stream_limits_match_the_code():
         "probes per PTO": stream.PROBES,
         "PTOs in a row before loss": stream.PTO_LOST_AFTER,
         "PTO, at most, link": f"{conn.max_pto:g} s",
-        "stream window, link": f"{conn.stream_window // mib} MiB",
+        "stream window at first, link": f"{conn.window_start >> 10} KiB",
+        "stream window, at most, link": f"{conn.stream_window // mib} MiB",
         "session buffer, link": f"{conn.session_buffer // mib} MiB",
         "peer's streams open at once, link": conn.max_streams,
         "link HELLO repeated after": f"{link.HELLO_FIRST:g} s",

@@ -431,6 +431,9 @@ def test_an_ssh_that_fails_is_reported(service):
     (["--bind", "9-2"], "--bind: '9-2': expected ports from 1 to 65535"),
     (["--packet-size", "100"], "--packet-size: expected 576 to 65507 bytes"),
     (["-t", "nowhere"], "--target: 'nowhere': expected HOST:PORT"),
+    (["--buffer", "64K"], "--buffer: expected 1M to 1G bytes, got 65536"),
+    (["--buffer", "2T"], "--buffer: expected bytes, as a number or with K, M or G (32M), "
+                         "got '2T'"),
 ])
 def test_bad_link_options(args, message):
     out = subprocess.run(udpmux_argv("link", *args, "testhost"), env=env(),

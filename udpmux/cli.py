@@ -37,6 +37,10 @@ def _l(name):
     return default_text(_LINK[name])
 
 
+def _mib(name):
+    return f"{_LINK[name].default >> 20}M"
+
+
 def _p(name):
     return default_text(_PUNCH[name])
 
@@ -149,6 +153,9 @@ Options:
                               [default: {_l("idle_limit")}].
   --linger SECONDS            After the local side closed, how long to wait for the rest
                               to be acknowledged [default: {_l("linger")}].
+  --buffer BYTES              Memory for the streams' bytes, each way and at each end:
+                              a stream's window grows with the path's bandwidth-delay
+                              product up to it; K, M or G multiply [default: {_mib("buffer")}].
   --control-socket PATH       Where `udpmux status` finds this link (default: see
                               udpmux(8)).
   --debug                     Log both ends' session events.
@@ -173,6 +180,8 @@ Options:
   --packet-size BYTES         Largest UDP payload sent [default: {_l("packet_size")}].
   --idle-limit SECONDS        Exit after this long without the client
                               [default: {_l("idle_limit")}].
+  --buffer BYTES              Memory for the streams' bytes, each way
+                              [default: {_mib("buffer")}].
   --debug                     Log session events to standard error (through ssh).
   -h, --help                  Show this text.
 """

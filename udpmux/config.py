@@ -487,6 +487,25 @@ def _packet_size(value):
     return value
 
 
+_MULTIPLES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_SIZE_TEXT = re.compile(r"([0-9]+)([KMG])", re.ASCII)
+BUFFER_LEAST, BUFFER_MOST = 1 << 20, 1 << 30
+
+
+def _buffer(value):
+    """Bytes, as a whole number or with K, M or G (binary multiples): 32M."""
+    if isinstance(value, str):
+        match = _SIZE_TEXT.fullmatch(value.upper())
+        if match is None:
+            raise ValueError(f"expected bytes, as a number or with K, M or G (32M), "
+                             f"got {shown(value)}")
+        value = int(match[1]) * _MULTIPLES[match[2]]
+    value = positive_int(value)
+    if not BUFFER_LEAST <= value <= BUFFER_MOST:
+        raise ValueError(f"expected 1M to 1G bytes, got {value}")
+    return value
+
+
 LINK_SETTINGS = [
     Setting("target", _hostport, "127.0.0.1:22", "the TCP service, as the server sees it"),
     Setting("bind", _port_range, "40000-40999", "the server's UDP port or MIN-MAX range"),
@@ -496,6 +515,8 @@ LINK_SETTINGS = [
             "seconds without a word from the other end before giving up"),
     Setting("linger", positive_number, 30.0,
             "seconds to wait, once the local side closed, for the rest to be acknowledged"),
+    Setting("buffer", _buffer, 32 << 20,
+            "memory for the streams' bytes each way; windows grow to it with the path"),
 ]
 LINK = {s.name: s for s in LINK_SETTINGS}
 
@@ -508,6 +529,7 @@ class LinkConfig:
     packet_size: int
     idle_limit: float
     linger: float
+    buffer: int                 # bytes
 
 
 def link_from_options(args):

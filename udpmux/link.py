@@ -64,8 +64,8 @@ REBIND_AFTER = 3.0                  # seconds without an answer before the clien
 LIVENESS_MIN = 1.0                  # with streams open, a silent server is asked for a word
                                     # after max(this, 2 PTO); unanswered as long, a rebind
 READ_CHUNK = 65536
-STREAM_WINDOW = 8 << 20             # bytes a stream may be ahead of its reader: a 200 ms
-SESSION_BUFFER = 32 << 20           # path at 20 MB/s holds 4 MB; all streams together
+WINDOW_START = 256 << 10            # a stream's window at first: it doubles while its
+                                    # grants come < 2 RTT apart, up to --buffer
 RESET_CONNECT = 2                   # the server could not connect to the target
 WAITING_CONNECTIONS = 64            # local connections held until the session is up
 
@@ -76,17 +76,19 @@ class LinkEnd(Worker):
     """What both ends share: the UDP socket, the session, the stream engine, and the
     pumping of bytes between streams and local endpoints."""
 
-    def __init__(self, name, key, packet_size, idle_limit, log):
+    def __init__(self, name, key, cfg, log):
         super().__init__(name, None, (), log)
         self.key = key
-        self.packet_size = packet_size
-        self.idle_limit = idle_limit
+        self.packet_size = cfg.packet_size
+        self.idle_limit = cfg.idle_limit
+        self.buffer = cfg.buffer        # bytes each way: the largest window, all streams'
 
     def setup(self):
         now = time.monotonic()
         self.conn = Connection(client=isinstance(self, LinkClient),
                                max_message=self.packet_size, congestion=Bbr,
-                               stream_window=STREAM_WINDOW, session_buffer=SESSION_BUFFER)
+                               stream_window=self.buffer, session_buffer=self.buffer,
+                               window_start=WINDOW_START)
         self.endpoints = {}             # sid -> Endpoint
         self.heard = now                # the peer's last authentic message
         self.sent = now
@@ -370,8 +372,8 @@ class LinkEnd(Worker):
 # -- the server
 
 class LinkServer(LinkEnd):
-    def __init__(self, sock, target, key, packet_size, idle_limit, log):
-        super().__init__("link-server", key, packet_size, idle_limit, log)
+    def __init__(self, sock, target, key, cfg, log):
+        super().__init__("link-server", key, cfg, log)
         self.sock = sock
         self.target = target            # (host, port) text, resolved per stream
         self.peer = None
@@ -490,11 +492,11 @@ class LinkServer(LinkEnd):
 class LinkClient(LinkEnd):
     HUP_STOPS = True                    # ssh hangs up its ProxyCommand when it exits
 
-    def __init__(self, server, key, packet_size, idle_limit, linger, listener, log):
-        super().__init__("link", key, packet_size, idle_limit, log)
+    def __init__(self, server, key, cfg, listener, log):
+        super().__init__("link", key, cfg, log)
         self.server = server            # (family, sockaddr)
         self.listener = listener        # a TCP listener, or None for standard I/O
-        self.linger = linger
+        self.linger = cfg.linger
 
     def setup(self):
         super().setup()
@@ -769,7 +771,8 @@ class LinkClient(LinkEnd):
                              "bytes_out": st["stream_bytes_sent"]},
                 "stream": {"srtt_ms": round(st["srtt"] * 1000, 1), "cwnd": st["cwnd"],
                            "bytes_in_flight": st["bytes_in_flight"],
-                           "messages_lost": st["messages_lost"]}}
+                           "messages_lost": st["messages_lost"],
+                           "window": st["window"], "buffer": self.buffer}}
 
     def flow_list(self, now, limit=None):
         return []

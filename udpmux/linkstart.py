@@ -91,7 +91,8 @@ def chain_for_ssh(dest, environ=os.environ):
 def server_command(args, cfg):
     parts = [args["--server-command"], "link-server",
              "--bind", shlex.quote(cfg.bind), "--target", shlex.quote(cfg.target),
-             "--packet-size", str(cfg.packet_size), "--idle-limit", f"{cfg.idle_limit:g}"]
+             "--packet-size", str(cfg.packet_size), "--idle-limit", f"{cfg.idle_limit:g}",
+             "--buffer", str(cfg.buffer)]
     if args["--debug"]:
         parts.append("--debug")
     return " ".join(parts)
@@ -302,8 +303,7 @@ def main(args):
     key = auth.generate_key()
     server, ssh = start_server(args, cfg, key, log)
     log.debug("the server listens at %s", addr.format_endpoint(*server))
-    client = LinkClient(server, key, cfg.packet_size, cfg.idle_limit, cfg.linger, listener,
-                        log)
+    client = LinkClient(server, key, cfg, listener, log)
     try:
         # As ssh's ProxyCommand, link says nothing on the terminal unless asked.
         client.serve(Inspector("link", args.get("--control-socket"), None, log, quiet=True))
@@ -329,6 +329,6 @@ def server_main(args):
     key = auth.read_key("-")
     sock = bind_in_range(*addr.parse_port_range(cfg.bind))
     detach(sock.getsockname()[1], debug)
-    server = LinkServer(sock, (host, port), key, cfg.packet_size, cfg.idle_limit, log)
+    server = LinkServer(sock, (host, port), key, cfg, log)
     server.serve()
     return server.status

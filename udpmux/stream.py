@@ -67,7 +67,9 @@ open streams gets RESET(RESET_REFUSED).
 
 Flow control: before any WINDOW a sender may write INITIAL_WINDOW bytes of a stream;
 the receiver grants more with WINDOW(max offset) as its application reads, up to
-stream_window past the reads (less when many streams share session_buffer), and grants
+the stream's window past the reads (less when many streams share session_buffer: a
+window starts at window_start and doubles while grants come less than two RTTs apart,
+up to stream_window, so it follows the bandwidth-delay product), and grants
 beyond INITIAL_WINDOW only while the session's grants stay within session_buffer: the
 bytes a receiver holds are at most session_buffer + INITIAL_WINDOW per open stream
 (defaults: 16 MiB + 256 x 64 KiB).  Bytes beyond the grant are a protocol error.
@@ -169,6 +171,8 @@ class Connection(StreamTable):
       max_message     the largest whole message (header, body, MAC) to send; 1232 fits
                       a 1280-byte IPv6 path (1280 - 40 IPv6 - 8 UDP)
       stream_window   how far ahead of the application's reads a peer may send on a stream
+      window_start    where a stream's window starts (default: stream_window); it doubles
+                      while grants come less than two RTTs apart, up to stream_window
       session_buffer  bytes granted in all streams at most; also the most bytes write()
                       takes in all streams
       send_buffer     bytes write() takes per stream, sent or not, until acknowledged
@@ -195,13 +199,14 @@ class Connection(StreamTable):
                  session_buffer=16 << 20, send_buffer=None, max_streams=256,
                  initial_rtt=INITIAL_RTT, max_pto=1.0, ack_every=2,
                  max_ack_delay=MAX_ACK_DELAY, overhead=HEADER_SIZE + MAC_SIZE,
-                 congestion=NewReno):
+                 congestion=NewReno, window_start=None):
         self.max_message = max_message
         self.overhead = overhead
         self.mss = max_message - overhead - STREAM.size
         if self.mss < 1:
             raise ValueError("max_message leaves no room for stream bytes")
-        super().__init__(client, stream_window, session_buffer, send_buffer, max_streams)
+        super().__init__(client, stream_window, session_buffer, send_buffer, max_streams,
+                         window_start)
         self.max_pto = max_pto
         self.ack_every = max(1, ack_every)
         self.max_ack_delay = max_ack_delay
@@ -235,6 +240,13 @@ class Connection(StreamTable):
     _head = property(lambda self: self.recovery.head)
     _max_sent = property(lambda self: self.recovery.max_sent)
 
+    def _clock(self):
+        """Windows tune themselves by the engine's clock (the latest arrival) and the
+        RTT, once measured."""
+        if self.last_received is None or not self.recovery.has_sample:
+            return None
+        return self.last_received, self.recovery.srtt
+
     def unreachable_for(self, now):
         """Seconds this end has been waiting for the peer to acknowledge anything new
         (0.0 when everything it sent was acknowledged).  The engine never gives up by
@@ -251,7 +263,9 @@ class Connection(StreamTable):
                    ssthresh=None if cc.ssthresh == float("inf") else int(cc.ssthresh),
                    bytes_in_flight=cc.bytes_in_flight, pto_count=rec.pto_count,
                    streams=len(self._streams), committed=self.committed,
-                   send_buffered=self.send_buffered)
+                   send_buffered=self.send_buffered,
+                   window=max((st.wsize or self.window_start
+                               for st in self._streams.values()), default=0))
         return out
 
     # ------------------------------------------------------------------ network: input

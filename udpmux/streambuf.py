@@ -37,7 +37,8 @@ class Stream:
         "sacked", "retx",
         # receiving: rbuf holds in-order bytes [roff, rend); ooo_* out-of-order chunks
         "rbuf", "roff", "rend", "rmax", "rfinal", "ostarts", "odatas", "obytes",
-        "rwin", "win_pending", "win_acked", "commit", "eof_read", "acked_told",
+        "rwin", "win_pending", "win_acked", "commit", "wsize", "granted_at", "eof_read",
+        "acked_told",
         # resetting
         "reset_code", "reset_pending",
     )
@@ -67,6 +68,8 @@ class Stream:
         self.win_pending = False    # a WINDOW with rwin is to be sent
         self.win_acked = 0
         self.commit = 0             # our share of Connection.committed
+        self.wsize = 0              # how far past the reads we grant (0: the table's start)
+        self.granted_at = None      # when the last grant went out, by the engine's clock
         self.eof_read = False       # the application read up to rfinal
         self.acked_told = False     # EV_ACKED was given
         self.reset_code = None      # we reset the stream with this code

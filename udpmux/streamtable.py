@@ -54,9 +54,11 @@ class StreamTable:
               "duplicate_bytes_received")
 
     def __init__(self, client, stream_window=1 << 20, session_buffer=16 << 20,
-                 send_buffer=None, max_streams=256):
+                 send_buffer=None, max_streams=256, window_start=None):
         self.client = client
         self.stream_window = max(stream_window, 1)
+        self.window_start = self.stream_window if window_start is None \
+            else max(INITIAL_WINDOW, min(window_start, self.stream_window))
         self.session_buffer = session_buffer
         self.send_buffer = stream_window if send_buffer is None else send_buffer
         self.max_streams = max_streams
@@ -150,8 +152,9 @@ class StreamTable:
             return b""
         data = st.read(max_bytes)
         if st.rfinal is None:
-            window = self._window()
+            window = self._window(st)
             if st.roff + window - st.rwin >= (window + 1) // 2:
+                self._tune(st)
                 self._grant(st)
             else:
                 self._commit(st, st.rwin - st.roff)
@@ -344,19 +347,40 @@ class StreamTable:
         self.committed += amount - st.commit
         st.commit = amount
 
-    def _window(self):
-        """How far past its reads a stream may be granted: stream_window, or a fair
-        share of session_buffer when many streams are open (never below the
-        INITIAL_WINDOW every stream has anyway)."""
+    def _window(self, st):
+        """How far past its reads a stream may be granted: its window (window_start,
+        grown by _tune() up to stream_window), or a fair share of session_buffer when
+        many streams are open (never below the INITIAL_WINDOW every stream has anyway)."""
+        size = st.wsize or self.window_start
         share = self.session_buffer // (len(self._streams) or 1)
-        if share >= self.stream_window:
-            return self.stream_window
+        if share >= size:
+            return size
         return share if share > INITIAL_WINDOW else INITIAL_WINDOW
+
+    def _tune(self, st):
+        """Before a grant the reads made due: a stream whose grants come less than two
+        round trips apart is held back by its window, which doubles, up to stream_window.
+        A window so grows to about four times the path's bandwidth-delay product (at a
+        rate R, half a window W is read within 2 RTT while W < 4 x R x RTT), as the
+        receive windows of QUIC stacks and of Linux TCP tune themselves."""
+        clock = self._clock()
+        if clock is None:
+            return
+        now, rtt = clock
+        size = st.wsize or self.window_start
+        if size < self.stream_window and st.granted_at is not None \
+                and now - st.granted_at < 2 * rtt:
+            st.wsize = min(2 * size, self.stream_window)
+        st.granted_at = now
+
+    def _clock(self):
+        """(now, the smoothed RTT) for _tune(), or None: the table alone never tunes."""
+        return None
 
     def _grant(self, st):
         """Raise the stream's grant to _window() past the reads, within the session
         buffer; a WINDOW goes out when it moved."""
-        target = st.roff + self._window()
+        target = st.roff + self._window(st)
         room = self.session_buffer - (self.committed - st.commit)
         if target - st.roff > room:
             target = st.roff + max(room, 0)
