@@ -269,6 +269,18 @@ class Sim:
         return self.now
 
 
+    def drain(self, until=600.0, max_steps=1_000_000):
+        """Go on until neither end has a message in flight: a retransmission sent just
+        before its original was acknowledged waits for its own ACK, or is declared lost.
+        Raises TimeoutError when something stays in flight (a leak)."""
+        steps = self.steps + max_steps
+        while any(conn.bytes_in_flight for conn in self.conns):
+            if self.now > until or self.steps > steps or self.next_time() is None:
+                raise TimeoutError(f"still in flight at t={self.now:.3f}: "
+                                   f"{[c.bytes_in_flight for c in self.conns]} bytes")
+            self.step()
+
+
 def bulk(megabytes, loss, rtt=RTT, rate=RATE, queue=QUEUE, seed=1, on_step=None,
          **conn_settings):
     """One stream of `megabytes` MB from client to server; returns (sim, seconds, ok)."""

@@ -106,6 +106,7 @@ def test_byte_exact_both_ways_on_several_streams(path):
     assert capp.acked == sapp.acked == {1, 3, 5, 7}
     # once both directions ended, both ends forgot the streams
     assert sim.conns[0].stream_ids() == sim.conns[1].stream_ids() == []
+    sim.drain()
     for conn in sim.conns:
         assert conn.bytes_in_flight == 0 and conn.committed == 0 and conn.send_buffered == 0
 
@@ -493,8 +494,8 @@ garbage = st.tuples(st.sampled_from(ENGINE_TYPES + (T_DATA, T_KEEPALIVE)),
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(garbage, min_size=1, max_size=30))
 def test_garbage_raises_protocol_error_only_and_stays_bounded(messages):
-    client, server, _ = connected(max_streams=16, session_buffer=4 << 20)
-    sent = {client: 2, server: 0}
+    client, server, used = connected(max_streams=16, session_buffer=4 << 20)
+    sent = {client: used, server: 0}
     for target in (client, server):
         nonce = 100
         now = 1.0
@@ -769,7 +770,7 @@ def test_on_not_sent_puts_everything_back():
     client.write(sid, b"abc")
     client.finish(sid)
     first = client.messages_to_send(0.0)
-    assert [m.mtype for m in first] == [T_WINDOW, T_STREAM]
+    assert [m.mtype for m in first] == [T_WINDOW, T_WINDOW, T_STREAM]    # WINDOW twice
     for m in first:
         client.on_not_sent(m)
     again = client.messages_to_send(0.0)

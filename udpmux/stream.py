@@ -68,8 +68,8 @@ open streams gets RESET(RESET_REFUSED).
 Flow control: before any WINDOW a sender may write INITIAL_WINDOW bytes of a stream;
 the receiver grants more with WINDOW(max offset) as its application reads, up to
 the stream's window past the reads (less when many streams share session_buffer: a
-window starts at window_start and doubles while grants come less than two RTTs apart,
-up to stream_window, so it follows the bandwidth-delay product), and grants
+window starts at window_start and grows, up to stream_window, while it holds the
+stream back, so it follows the bandwidth-delay product), and grants
 beyond INITIAL_WINDOW only while the session's grants stay within session_buffer: the
 bytes a receiver holds are at most session_buffer + INITIAL_WINDOW per open stream
 (defaults: 16 MiB + 256 x 64 KiB).  Bytes beyond the grant are a protocol error.
@@ -171,8 +171,8 @@ class Connection(StreamTable):
       max_message     the largest whole message (header, body, MAC) to send; 1232 fits
                       a 1280-byte IPv6 path (1280 - 40 IPv6 - 8 UDP)
       stream_window   how far ahead of the application's reads a peer may send on a stream
-      window_start    where a stream's window starts (default: stream_window); it doubles
-                      while grants come less than two RTTs apart, up to stream_window
+      window_start    where a stream's window starts (default: stream_window); it grows
+                      while it holds the stream back, up to stream_window
       session_buffer  bytes granted in all streams at most; also the most bytes write()
                       takes in all streams
       send_buffer     bytes write() takes per stream, sent or not, until acknowledged
@@ -571,8 +571,12 @@ class Connection(StreamTable):
                 continue
             if st.win_pending and st.rfinal is None:
                 st.win_pending = False
-                out.append(Outgoing(T_WINDOW, sid, WINDOW.pack(st.rwin), True,
-                                    size + _WINDOW_SIZE, (st.rwin,)))
+                win = Outgoing(T_WINDOW, sid, WINDOW.pack(st.rwin), True,
+                               size + _WINDOW_SIZE, (st.rwin,))
+                # twice: a lost WINDOW leaves the sender waiting for a PTO, and
+                # with a window that grows with the path, every grant counts
+                out.append(win)
+                out.append(_out(Outgoing, tuple(win)))
             if len(out) >= limit:
                 return
 

@@ -69,7 +69,7 @@ class Stream:
         self.win_acked = 0
         self.commit = 0             # our share of Connection.committed
         self.wsize = 0              # how far past the reads we grant (0: the table's start)
-        self.granted_at = None      # when the last grant went out, by the engine's clock
+        self.granted_at = None      # when the last grant went out, by the engine clock
         self.eof_read = False       # the application read up to rfinal
         self.acked_told = False     # EV_ACKED was given
         self.reset_code = None      # we reset the stream with this code

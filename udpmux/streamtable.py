@@ -31,6 +31,7 @@ EV_ACKED = "acked"              # every byte written and FIN acknowledged by the
 EV_RESET = "reset"              # the peer reset the stream (or refused it); .code says why
 
 REFUSED_MAX = 64                # refused stream ids whose RESET awaits an ACK
+WINDOW_GROWTH = 4               # a window that holds its stream back grows this many times
 
 _STREAM_SIZE = STREAM.size
 _WINDOW_SIZE = WINDOW.size
@@ -245,6 +246,8 @@ class StreamTable:
             self._starved.pop(sid, None)
             if self._starved:
                 self._feed_starved()
+        else:
+            self._held_back(st, rend)
         if st.rend > rend or (fin and st.rfinal == st.rend):
             key = (EV_READABLE, sid)
             if key not in self._events:
@@ -358,20 +361,31 @@ class StreamTable:
         return share if share > INITIAL_WINDOW else INITIAL_WINDOW
 
     def _tune(self, st):
-        """Before a grant the reads made due: a stream whose grants come less than two
-        round trips apart is held back by its window, which doubles, up to stream_window.
-        A window so grows to about four times the path's bandwidth-delay product (at a
-        rate R, half a window W is read within 2 RTT while W < 4 x R x RTT), as the
-        receive windows of QUIC stacks and of Linux TCP tune themselves."""
+        """Before a grant the reads made due: the stream's window grows WINDOW_GROWTH
+        times, up to stream_window, when grants come less than two round trips apart:
+        half a window W is then read within 2 RTT, so at a rate R, W < 4 x R x RTT."""
         clock = self._clock()
         if clock is None:
             return
         now, rtt = clock
-        size = st.wsize or self.window_start
-        if size < self.stream_window and st.granted_at is not None \
-                and now - st.granted_at < 2 * rtt:
-            st.wsize = min(2 * size, self.stream_window)
+        if st.granted_at is not None and now - st.granted_at < 2 * rtt:
+            self._grow(st)
         st.granted_at = now
+
+    def _held_back(self, st, rend):
+        """After bytes arrived: when the peer has sent up to the grant (within an eighth
+        of the window) while the reader keeps up (it had read all but a quarter of the
+        window of what was in order before: the rest is in flight, or held behind a
+        loss), the window is what holds the stream back: it grows, and the grant goes out
+        at once.  A slow reader leaves half its window unread, and no more is granted."""
+        size = st.wsize or self.window_start
+        if st.rwin - st.rmax <= size >> 3 and rend - st.roff <= size >> 2 \
+                and size < self.stream_window and self._clock() is not None:
+            self._grow(st)
+            self._grant(st)
+
+    def _grow(self, st):
+        st.wsize = min(WINDOW_GROWTH * (st.wsize or self.window_start), self.stream_window)
 
     def _clock(self):
         """(now, the smoothed RTT) for _tune(), or None: the table alone never tunes."""
