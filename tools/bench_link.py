@@ -9,6 +9,7 @@
                                      [--scenario-rtt 50] [--roams 3]
                                      [--blackout-megabytes 40] [--blackout-seconds 20]
                                      [--keys-loss 0,1] [--keys-seconds 15]
+                                     [--before TREE]
 
 A benchmark, not a test: run it by hand, as root, on an otherwise idle machine; it is the
 figure link's performance work is judged by.  It builds the network lab of tests/lab.py
@@ -20,6 +21,9 @@ and, for every cell of the matrix --rtt (round trip, ms) x --loss (percent), mov
     bbr       one plain TCP connection, congestion control BBR
     ssh       a real OpenSSH: `ssh root@public cat FILE` (down) or `cat > FILE` (up)
     ssh-link  the same ssh with `udpmux link` as its ProxyCommand (not in the default set)
+    before    `udpmux link` as link runs it, from the source tree --before names (a git
+              worktree of an older commit, say), both ends: the figures before a change,
+              measured in the same run (not in the default set)
 
 Within a cell the tools run one after the other (link, then cubic, then bbr, ...), and
 --repeat N runs the whole row of tools N times before the next cell, so that a slow
@@ -235,12 +239,12 @@ TCP_INFO_RETRANS = struct.Struct("I")   # tcpi_total_retrans: a u32 at byte 100 
 TCP_INFO_RETRANS_AT = 100
 TCP_CA_NAME_MAX = 16
 
-TOOLS = ("link", "cubic", "bbr", "ssh", "ssh-link")
+TOOLS = ("link", "before", "cubic", "bbr", "ssh", "ssh-link")
 DEFAULT_TOOLS = "link,cubic,bbr,ssh"
 TCP_TOOLS = ("cubic", "bbr")    # tool name = congestion control name
 SSH_TOOLS = ("ssh", "ssh-link")
 COLOURS = {"link": "#d62728", "cubic": "#1f77b4", "bbr": "#2ca02c", "ssh": "#9467bd",
-           "ssh-link": "#ff7f0e"}
+           "ssh-link": "#ff7f0e", "before": "#7f7f7f"}
 
 TARGETS = (("5 % loss: 20 MB in under 11 s", 5.0, "seconds", 11.0),
            ("clean path: at least 25 MB/s", 0.0, "rate", 25.0))
@@ -633,20 +637,24 @@ class Link:
     """One `udpmux link --listen-tcp` on outside, its server started through the _ssh
     stand-in on public; its stderr (both ends' log with --debug) is collected."""
 
-    def __init__(self, lab):
+    def __init__(self, lab, root=ROOT):
         self.lab = lab
         ssh = "%s netns exec %s %s %s _ssh --client %s" % (
             shutil.which("ip") or "/usr/sbin/ip", lab.ns("public"), shlex.quote(sys.executable),
             shlex.quote(THIS), lab.public_addr("out"))
-        server = "PYTHONPATH=%s %s -m udpmux" % (shlex.quote(ROOT), shlex.quote(sys.executable))
+        # from root, and with root first on the path, both ends: `python -m` puts the
+        # working directory ahead of PYTHONPATH
+        server = "cd %s && PYTHONPATH=%s %s -m udpmux" % (
+            shlex.quote(root), shlex.quote(root), shlex.quote(sys.executable))
         self.argv = [sys.executable, "-m", "udpmux", "link",
                      "--listen-tcp", "127.0.0.1:%d" % LISTEN_PORT,
                      "--ssh-command", ssh, "--server-command", server,
                      "--target", "127.0.0.1:%d" % TARGET_PORT, "--bind", BIND, "--debug",
                      "root@%s" % lab.addr("public")]
-        env = dict(os.environ, PYTHONPATH=ROOT)
+        env = dict(os.environ, PYTHONPATH=root)
         self.started = time.monotonic()
-        self.proc = lab.popen("outside", self.argv, env=env, stdin=subprocess.DEVNULL,
+        self.proc = lab.popen("outside", self.argv, env=env, cwd=root,
+                              stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines = []                 # (monotonic time, pid, level, message)
         self.cond = threading.Condition()
@@ -961,10 +969,11 @@ def where(rtt, loss):
     return "rtt %g ms, %g %% loss" % (rtt, loss)
 
 
-def run_link(bench, rtt, loss, repeat):
+def run_link(bench, rtt, loss, repeat, tool="link"):
+    """udpmux link, or with tool "before" the link of the tree --before names."""
     rows = []
     lab = bench.lab
-    link = Link(lab)
+    link = Link(lab, bench.before if tool == "before" else ROOT)
     up = None
     try:
         up = link.wait_up()
@@ -972,16 +981,16 @@ def run_link(bench, rtt, loss, repeat):
             why = "the link session did not come up within %d s" % SETUP_TIMEOUT
             if link.proc.poll() is not None:
                 why = "udpmux link exited with status %s" % link.proc.returncode
-            bench.notes.append("link at %s: %s; its log:\n%s" % (
-                where(rtt, loss), why, link.log_text()))
+            bench.notes.append("%s at %s: %s; its log:\n%s" % (
+                tool, where(rtt, loss), why, link.log_text()))
             for direction in bench.directions:
-                r = Result("link", rtt, loss, direction, len(bench.data), repeat)
+                r = Result(tool, rtt, loss, direction, len(bench.data), repeat)
                 r.error = why
                 rows.append(r)
             return rows
         server_pid = link.server_pid
         for direction in bench.directions:
-            r = Result("link", rtt, loss, direction, len(bench.data), repeat)
+            r = Result(tool, rtt, loss, direction, len(bench.data), repeat)
             cpu0, drop0 = link.cpu(), bench.dropped()
             transfer(bench, ("127.0.0.1", LISTEN_PORT), r)
             r.cpu = link.cpu() - cpu0
@@ -1046,8 +1055,8 @@ def run_ssh(bench, tool, rtt, loss, repeat):
 
 
 def run_tool(bench, tool, rtt, loss, repeat):
-    if tool == "link":
-        return run_link(bench, rtt, loss, repeat)
+    if tool in ("link", "before"):
+        return run_link(bench, rtt, loss, repeat, tool)
     if tool in TCP_TOOLS:
         return run_tcp(bench, tool, rtt, loss, repeat)
     return run_ssh(bench, tool, rtt, loss, repeat)
@@ -1754,9 +1763,9 @@ def polyline(points, colour, wide):
         colour, wide, " ".join("%.1f,%.1f" % p for p in points))
 
 
-def git(*args):
+def git(*args, root=ROOT):
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        res = subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True,
+        res = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
                              timeout=10)
         if res.returncode == 0:
             return res.stdout.strip()
@@ -1879,6 +1888,9 @@ def main(argv=None):
                         help="loss percents the keys scenario runs at, comma list [0,1]")
     parser.add_argument("--keys-seconds", type=float, default=15.0,
                         help="seconds of bulk download in each keys session [15]")
+    parser.add_argument("--before", metavar="TREE",
+                        help="a udpmux source tree (e.g. `git worktree add /tmp/old "
+                             "COMMIT`) whose link the tool 'before' runs")
     parser.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     parser.add_argument("--svg", metavar="PATH", help="plot MB/s against loss as SVG")
     args = parser.parse_args(argv)
@@ -1894,6 +1906,12 @@ def main(argv=None):
         parser.error("--tools: some of %s, each once" % ",".join(TOOLS))
     if args.no_tcp:
         tools = [t for t in tools if t not in TCP_TOOLS]
+    if ("before" in tools) != bool(args.before):
+        parser.error("--before TREE and the tool 'before' go together")
+    if args.before:
+        args.before = os.path.abspath(args.before)
+        if not os.path.isfile(os.path.join(args.before, "udpmux", "link.py")):
+            parser.error("--before: %s holds no udpmux/link.py" % args.before)
     if args.repeat < 1:
         parser.error("--repeat: at least 1")
     size = int(args.megabytes * MB)
@@ -1913,6 +1931,11 @@ def main(argv=None):
     print("command: %s" % shlex.join(command))
     info = machine()
     print_machine(info)
+    if args.before:
+        info["before"] = {"tree": args.before, "commit": git("rev-parse", "HEAD",
+                                                            root=args.before)}
+        print("before: udpmux link of %s, commit %s" % (args.before,
+                                                        info["before"]["commit"] or "?"))
     reason = lablib.Lab.unavailable()
     if reason is None and (any(rtts) or (scenarios and args.scenario_rtt)):
         reason = lablib.delay_unavailable()
@@ -1931,6 +1954,7 @@ def main(argv=None):
     lab = lablib.Lab()
     tmp = tempfile.mkdtemp(prefix="bench_link-")
     bench = Bench(lab, data, args.timeout, directions, tmp)
+    bench.before = args.before
     tcp = {}
     try:
         lab.up()
