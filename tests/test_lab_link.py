@@ -201,8 +201,12 @@ def test_a_nat_change_while_only_the_server_sends_over_a_long_path(ssh, delay):
     assert_survives_a_nat_change_mid_download(ssh)
 
 
-def test_a_twenty_second_blackout_in_the_middle_recovers(ssh):
+def test_a_twenty_second_blackout_in_the_middle_recovers(ssh, delay):
+    """A download over a 50 ms round trip with 1 % loss, and 20 s in its middle when
+    UDP does not pass at all: the file arrives whole."""
     lab = ssh.lab
+    lab.set_delay(25)
+    lab.set_loss(1)
     over = threading.Event()
 
     def blackout():

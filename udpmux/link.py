@@ -148,8 +148,8 @@ class LinkEnd(Worker):
         A stranger who got a raced copy of a message in first gets no more than it sent,
         and the session stays where it is until the challenge is answered."""
         conn, session = self.conn, self.session
-        conn.probe_now()
-        for message in conn.messages_to_send(now, PROBES + 1):
+        conn.probe_now(data=True)
+        for message in conn.messages_to_send(now, PROBES + 4):
             if session.path.spend(key, message.size):
                 self.sender.add(session.seal(message.mtype, message.tag, message.body), key)
                 conn.on_sent(session.last_sent, message, now)

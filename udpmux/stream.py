@@ -224,6 +224,7 @@ class Connection(StreamTable):
         self._pacing = hasattr(self.cc, "pace")     # a pacing controller (udpmux/bbr.py)
         self._planned = 0                           # bytes returned, not yet on_sent()
         self._probes = 0
+        self._probe_data = False                    # the probes are to carry stream bytes
         self._working = None            # the window while the path last worked (snapshot)
 
     # the parts' figures, as Connection attributes (read only; the last three are what
@@ -450,15 +451,19 @@ class Connection(StreamTable):
             recovery.advance_head()
         self.probe_now()
 
-    def probe_now(self):
+    def probe_now(self, data=False):
         """Send PROBES messages at once, whatever the window: new or lost stream bytes
-        when there are some, else the oldest in flight again (a PTO's probes)."""
+        when there are some, else the oldest in flight again (a PTO's probes, which a
+        WINDOW or RESET due may be instead).  With data, stream bytes: what the peer
+        waits for most, the oldest in flight, first."""
         self._probes = PROBES
-        if not self._sendable and not self._control:
-            self._requeue_oldest(PROBES)
+        self._probe_data = data
+        if data or not self._sendable and not self._control:
+            self._requeue_oldest(PROBES, data)
 
-    def _requeue_oldest(self, n):
-        """Send the content of the n oldest records in flight again (PTO probes)."""
+    def _requeue_oldest(self, n, data=False):
+        """Send the content of the n oldest records in flight again (PTO probes); with
+        data, of the n oldest that carry stream bytes."""
         streams = self._streams
         for rec in self.recovery.in_flight_records():
             if n <= 0:
@@ -470,6 +475,8 @@ class Connection(StreamTable):
             if mtype == T_STREAM and st.reset_code is None:
                 info = rec[INFO]
                 self._requeue_stream(st, info[0], info[1], info[2])
+            elif data:
+                continue
             elif mtype == T_WINDOW and st.reset_code is None and st.rfinal is None:
                 st.win_pending = True
                 self._control[st.sid] = None
@@ -513,7 +520,9 @@ class Connection(StreamTable):
         probes = self._probes
         if probes:
             self._probes = 0
-            probes -= sum(1 for msg in out if msg.ack_eliciting)
+            if not self._probe_data:
+                probes -= sum(1 for msg in out if msg.ack_eliciting)
+            self._probe_data = False
             while probes > 0 and len(out) < limit:
                 msg = self._next_stream_message()
                 if msg is None:
