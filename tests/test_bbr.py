@@ -125,3 +125,38 @@ def test_a_slow_reader_keeps_its_window_small():
     """A reader of 0.5 MB/s on a 200 ms path needs 100 KB ahead of it, not the buffer."""
     _seconds, ahead, window = grown(0.2, read_rate=0.5e6, megabytes=2)
     assert window <= 1 << 20 and ahead <= 1 << 20
+
+
+# -- a model built while the application sent little
+
+def test_a_round_of_a_few_messages_tells_no_share_lost():
+    """One message of four lost is 25 %, whatever the path's loss: STARTUP goes on, and
+    nothing is taken for congestion."""
+    cc = Bbr(1200, 32 << 20)
+    cc.round_delivered, cc.round_lost = 3 * 1200, 1200
+    cc.new_round()
+    assert cc.state == STARTUP and cc.cap is None
+
+
+def test_a_download_after_an_upload_finds_the_path():
+    """An upload, then a download in the same session, at 50 ms with 10 % loss: the
+    server, which only sent WINDOWs and ACKs while it received, finds the path's
+    bandwidth for the download as a fresh session would (simulated seconds: 1.9 up,
+    1.9 down; 15 down when a loss share taken from rounds of a few messages, or the
+    cap it set, outlived the upload)."""
+    rng = random.Random(1)
+    payload = random.Random(2).randbytes(20_000_000)
+    ends = [Connection(side, congestion=Bbr, stream_window=BUFFER, session_buffer=BUFFER,
+                       window_start=256 << 10) for side in (True, False)]
+    client, server = (App(ends[0], lambda sid: payload, opens=1),
+                      App(ends[1], lambda sid: b"" if sid == 1 else payload))
+    sim = Sim(*ends, Link(rng, 0.025, RATE, 256 * 1024, 0.10),
+              Link(rng, 0.025, RATE, 256 * 1024, 0.10), client, server)
+    up = sim.run()
+    client.data_for = lambda sid: b""
+    client.opens = 0
+    client.start(up)
+    client._add(ends[0].open_stream())
+    down = sim.run(until=up + 60) - up
+    assert bytes(client.got[3]) == payload
+    assert down < 2 * up

@@ -992,9 +992,17 @@ def run_link(bench, rtt, loss, repeat, tool="link"):
         for direction in bench.directions:
             r = Result(tool, rtt, loss, direction, len(bench.data), repeat)
             cpu0, drop0 = link.cpu(), bench.dropped()
+            began = time.monotonic()
             transfer(bench, ("127.0.0.1", LISTEN_PORT), r)
             r.cpu = link.cpu() - cpu0
             r.dropped = bench.dropped() - drop0
+            if r.seconds is None:
+                with link.cond:
+                    tail = [l for l in link.lines if l[0] >= began][-40:]
+                bench.notes.append("%s %s at %s timed out; both ends' log since it began:\n%s"
+                                   % (tool, direction, where(rtt, loss), "\n".join(
+                                       "    %.2f %s %s %s" % (t - began, p, lvl, msg)
+                                       for t, p, lvl, msg in tail)))
             if r.seconds is None and shutil.which("py-spy"):
                 bench.stacks.append(py_spy(link, server_pid, "link %s at %s" % (
                     direction, where(rtt, loss))))

@@ -56,6 +56,7 @@ LOSS_MIN = 0.02                     # past STARTUP, a round losing more than the
 AMBIENT_FACTOR = 2.0                # this and twice the ambient loss (+ LOSS_MARGIN) is
 LOSS_MARGIN = 0.01                  # congested ...
 LOSS_MAX = 0.3                      # ... and always above this
+ROUND_MESSAGES = 20                 # a round of fewer messages' worth tells no share lost
 AMBIENT_WEIGHT = 0.125              # EWMA weight of a cruising round's loss in the ambient
 LOSS_CAP = 0.7                      # in-flight cap after a congested round, of the window
 CAP_GROWTH = 1.05                   # the cap grows this much each clean round
@@ -205,8 +206,11 @@ class Bbr(CongestionController):
         self.bw_app_limited = samples[0][2]
 
     def restart(self):
+        """STARTUP again: the path's bandwidth is measured afresh, without the cap an
+        earlier model's congestion left."""
         self.state = STARTUP
         self.pacing_gain = self.cwnd_gain = HIGH_GAIN
+        self.cap = None
         self.filled = False
         self.full_bw = 0.0
         self.full_bw_count = 0
@@ -217,12 +221,18 @@ class Bbr(CongestionController):
         self.round_end = self.delivered + self.bytes_in_flight
         sent = self.round_delivered + self.round_lost
         share = self.round_lost / sent if sent else 0.0
-        if self.state == PROBE_BW and self.pacing_gain <= 1.0:
+        if sent < ROUND_MESSAGES * self.max_datagram:
+            # too few messages to tell a share lost: one of four is 25 %, at any loss
+            share = 0.0
+        elif self.state == PROBE_BW and self.pacing_gain <= 1.0:
             self.ambient += AMBIENT_WEIGHT * (share - self.ambient)
         if self.state == STARTUP:
             if share > STARTUP_LOSS:
                 self.enter_drain()
-        elif share > min(LOSS_MAX, max(LOSS_MIN, AMBIENT_FACTOR * self.ambient + LOSS_MARGIN)):
+        elif share > min(LOSS_MAX, max(LOSS_MIN, AMBIENT_FACTOR * self.ambient + LOSS_MARGIN)) \
+                and not self.sample_app_limited:
+            # (a round the application did not fill, a receiver's WINDOWs, was no
+            # congestion of ours, whatever it lost)
             # Never below the BDP: loss alone, however heavy, does not starve the path.
             cap = max(self.bdp(), LOSS_CAP * max(self.cwnd, self.bytes_in_flight))
             if self.cap is None or cap < self.cap:
