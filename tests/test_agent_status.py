@@ -249,6 +249,7 @@ def test_link_shows_its_server_and_stream(service, servers, tmp_path):
         listen = s.getsockname()[1]
     proc = subprocess.Popen(link_argv(service.port, "--listen-tcp", f"{LOCAL}:{listen}",
                                       "--control-socket", control, "--buffer", "2M",
+                                      "--congestion", "newreno",
                                       bind=servers.bind),
                             env=env(), stderr=subprocess.DEVNULL)
     try:
@@ -266,6 +267,7 @@ def test_link_shows_its_server_and_stream(service, servers, tmp_path):
         assert got["mode"] == "link" and got["counters"]["bytes_out"] >= 100_000
         assert "srtt_ms" in got["stream"]
         assert got["stream"]["buffer"] == 2 << 20
+        assert got["stream"]["congestion"] == "newreno"
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(WAIT) == 0

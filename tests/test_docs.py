@@ -360,7 +360,7 @@ def test_link_option_defaults_match_config():
     server = option_defaults(cli.LINK_SERVER)
     shared = [s for s in config.LINK_SETTINGS if s.option in server]
     assert {s.name for s in shared} == {"target", "bind", "packet_size", "idle_limit",
-                                        "buffer"}
+                                        "buffer", "congestion"}
     check_option_defaults("link-server", server, shared)
 
 

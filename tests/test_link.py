@@ -168,9 +168,10 @@ def run_link(port, data, *extra, servers, timeout=60):
                           capture_output=True, timeout=timeout)
 
 
-def test_a_stream_both_ways_byte_exact(service, servers):
+@pytest.mark.parametrize("congestion", ["bbr", "newreno"])
+def test_a_stream_both_ways_byte_exact(congestion, service, servers):
     data = os.urandom(5_000_000)
-    out = run_link(service.port, data, servers=servers)
+    out = run_link(service.port, data, "--congestion", congestion, servers=servers)
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout == data
     [pid] = servers.pids()
@@ -432,6 +433,7 @@ def test_an_ssh_that_fails_is_reported(service):
     (["--packet-size", "100"], "--packet-size: expected 576 to 65507 bytes"),
     (["-t", "nowhere"], "--target: 'nowhere': expected HOST:PORT"),
     (["--buffer", "64K"], "--buffer: expected 1M to 1G bytes, got 65536"),
+    (["--congestion", "cubic"], "--congestion: expected bbr or newreno, got 'cubic'"),
     (["--buffer", "2T"], "--buffer: expected bytes, as a number or with K, M or G (32M), "
                          "got '2T'"),
 ])

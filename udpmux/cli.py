@@ -156,6 +156,9 @@ Options:
   --buffer BYTES              Memory for the streams' bytes, each way and at each end:
                               a stream's window grows with the path's bandwidth-delay
                               product up to it; K, M or G multiply [default: {_mib("buffer")}].
+  --congestion NAME           The congestion controller of both ends: bbr, which tells
+                              random loss from congestion, or newreno
+                              [default: {_l("congestion")}].
   --control-socket PATH       Where `udpmux status` finds this link (default: see
                               udpmux(8)).
   --debug                     Log both ends' session events.
@@ -182,6 +185,7 @@ Options:
                               [default: {_l("idle_limit")}].
   --buffer BYTES              Memory for the streams' bytes, each way
                               [default: {_mib("buffer")}].
+  --congestion NAME           bbr or newreno [default: {_l("congestion")}].
   --debug                     Log session events to standard error (through ssh).
   -h, --help                  Show this text.
 """

@@ -506,6 +506,12 @@ def _buffer(value):
     return value
 
 
+def _congestion(value):
+    if value not in ("bbr", "newreno"):
+        raise ValueError(f"expected bbr or newreno, got {shown(value)}")
+    return value
+
+
 LINK_SETTINGS = [
     Setting("target", _hostport, "127.0.0.1:22", "the TCP service, as the server sees it"),
     Setting("bind", _port_range, "40000-40999", "the server's UDP port or MIN-MAX range"),
@@ -517,6 +523,8 @@ LINK_SETTINGS = [
             "seconds to wait, once the local side closed, for the rest to be acknowledged"),
     Setting("buffer", _buffer, 32 << 20,
             "memory for the streams' bytes each way; windows grow to it with the path"),
+    Setting("congestion", _congestion, "bbr",
+            "bbr (a model of the path; random loss is no congestion) or newreno"),
 ]
 LINK = {s.name: s for s in LINK_SETTINGS}
 
@@ -530,6 +538,7 @@ class LinkConfig:
     idle_limit: float
     linger: float
     buffer: int                 # bytes
+    congestion: str             # bbr or newreno
 
 
 def link_from_options(args):

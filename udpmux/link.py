@@ -38,6 +38,7 @@ import time
 from udpmux import addr, agentstatus, sockets, wire
 from udpmux.batchio import Batch
 from udpmux.bbr import Bbr
+from udpmux.congestion import NewReno
 from udpmux.datapath import BATCH, Drops, Sender, each_message
 from udpmux.endpoint import (
     ENDED, LOST, MOVED, NEW, UP, Initiator, Responder, keepalive_body,
@@ -64,6 +65,7 @@ REBIND_AFTER = 3.0                  # seconds without an answer before the clien
 LIVENESS_MIN = 1.0                  # with streams open, a silent server is asked for a word
                                     # after max(this, 2 PTO); unanswered as long, a rebind
 READ_CHUNK = 65536
+CONTROLLERS = {"bbr": Bbr, "newreno": NewReno}     # --congestion
 WINDOW_START = 256 << 10            # a stream's window at first: it doubles while its
                                     # grants come < 2 RTT apart, up to --buffer
 RESET_CONNECT = 2                   # the server could not connect to the target
@@ -82,11 +84,12 @@ class LinkEnd(Worker):
         self.packet_size = cfg.packet_size
         self.idle_limit = cfg.idle_limit
         self.buffer = cfg.buffer        # bytes each way: the largest window, all streams'
+        self.congestion = CONTROLLERS[cfg.congestion]
 
     def setup(self):
         now = time.monotonic()
         self.conn = Connection(client=isinstance(self, LinkClient),
-                               max_message=self.packet_size, congestion=Bbr,
+                               max_message=self.packet_size, congestion=self.congestion,
                                stream_window=self.buffer, session_buffer=self.buffer,
                                window_start=WINDOW_START)
         self.endpoints = {}             # sid -> Endpoint
@@ -772,7 +775,8 @@ class LinkClient(LinkEnd):
                 "stream": {"srtt_ms": round(st["srtt"] * 1000, 1), "cwnd": st["cwnd"],
                            "bytes_in_flight": st["bytes_in_flight"],
                            "messages_lost": st["messages_lost"],
-                           "window": st["window"], "buffer": self.buffer}}
+                           "window": st["window"], "buffer": self.buffer,
+                           "congestion": self.congestion.__name__.lower()}}
 
     def flow_list(self, now, limit=None):
         return []

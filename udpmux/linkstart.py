@@ -92,7 +92,7 @@ def server_command(args, cfg):
     parts = [args["--server-command"], "link-server",
              "--bind", shlex.quote(cfg.bind), "--target", shlex.quote(cfg.target),
              "--packet-size", str(cfg.packet_size), "--idle-limit", f"{cfg.idle_limit:g}",
-             "--buffer", str(cfg.buffer)]
+             "--buffer", str(cfg.buffer), "--congestion", cfg.congestion]
     if args["--debug"]:
         parts.append("--debug")
     return " ".join(parts)
