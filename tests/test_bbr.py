@@ -116,9 +116,10 @@ def test_a_window_never_grows_past_the_buffer():
 
 
 def test_on_a_short_path_a_window_stays_small():
-    """1 ms at 20 MB/s holds 20 KB: the window has no reason to grow."""
+    """1 ms at 20 MB/s holds 20 KB: the window stays far from the 32 MiB it may take
+    (a sender's burst of 64 messages may make it grow once)."""
     _seconds, ahead, window = grown(0.001)
-    assert window == 256 << 10 and ahead <= 256 << 10
+    assert window <= 1 << 20 and ahead <= 1 << 20
 
 
 def test_a_slow_reader_keeps_its_window_small():

@@ -17,7 +17,7 @@ cut the rate as a loss-based controller (NewReno, congestion.py) does.
                 (gains 1.25, 0.75, then 1 for six rounds, over and over), PROBE_RTT
                 (half the BDP, at least four messages, in flight for 0.2 s when
                 min_rtt is MIN_RTT_WINDOW old: the queue drains, the stream moves)
-    window      cwnd_gain x BDP + 3 messages (at least 4 messages)
+    window      cwnd_gain x BDP + 64 messages, a batch (at least 4 messages)
     pacing      pacing_gain x bandwidth, as a token bucket (pace(now), next_send_at())
     loss        random loss is measured, not punished: the "ambient" loss is the average
                 share lost in rounds that cruise (pacing gain at most 1, in flight about
@@ -56,6 +56,8 @@ LOSS_MIN = 0.02                     # past STARTUP, a round losing more than the
 AMBIENT_FACTOR = 2.0                # this and twice the ambient loss (+ LOSS_MARGIN) is
 LOSS_MARGIN = 0.01                  # congested ...
 LOSS_MAX = 0.3                      # ... and always above this
+QUANTUM_PACKETS = 64                # above 2 BDP, the window holds one batch of sends:
+                                    # ACKs come a batch at a time, on a short path too
 ROUND_MESSAGES = 20                 # a round of fewer messages' worth tells no share lost
 AMBIENT_WEIGHT = 0.125              # EWMA weight of a cruising round's loss in the ambient
 LOSS_CAP = 0.7                      # in-flight cap after a congested round, of the window
@@ -309,7 +311,7 @@ class Bbr(CongestionController):
         if self.state == PROBE_RTT:
             self.cwnd = max(PROBE_RTT_PACKETS * self.max_datagram, self.bdp(PROBE_RTT_GAIN))
             return
-        target = self.bdp(self.cwnd_gain) + 3 * self.max_datagram
+        target = self.bdp(self.cwnd_gain) + QUANTUM_PACKETS * self.max_datagram
         if not self.filled:
             cwnd = self.cwnd + acked        # grow as fast as ACKs come, as in slow start
             if cwnd > target and self.btl_bw:
