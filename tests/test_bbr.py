@@ -131,12 +131,15 @@ def test_a_slow_reader_keeps_its_window_small():
 # -- a model built while the application sent little
 
 def test_a_round_of_a_few_messages_tells_no_share_lost():
-    """One message of four lost is 25 %, whatever the path's loss: STARTUP goes on, and
-    nothing is taken for congestion."""
+    """One message of four lost is 25 %, whatever the path's loss: STARTUP goes on,
+    nothing is taken for congestion, and the share is told once 50 messages count."""
     cc = Bbr(1200, 32 << 20)
     cc.round_delivered, cc.round_lost = 3 * 1200, 1200
     cc.new_round()
     assert cc.state == STARTUP and cc.cap is None
+    cc.round_delivered += 46 * 1200             # they count with the next rounds'
+    cc.new_round()
+    assert cc.state == STARTUP and cc.round_lost == 0
 
 
 def test_a_download_after_an_upload_finds_the_path():

@@ -58,7 +58,7 @@ LOSS_MARGIN = 0.01                  # congested ...
 LOSS_MAX = 0.3                      # ... and always above this
 QUANTUM_PACKETS = 64                # above 2 BDP, the window holds one batch of sends:
                                     # ACKs come a batch at a time, on a short path too
-ROUND_MESSAGES = 20                 # a round of fewer messages' worth tells no share lost
+ROUND_MESSAGES = 50                 # a share lost is told over this many messages at least
 AMBIENT_WEIGHT = 0.125              # EWMA weight of a cruising round's loss in the ambient
 LOSS_CAP = 0.7                      # in-flight cap after a congested round, of the window
 CAP_GROWTH = 1.05                   # the cap grows this much each clean round
@@ -224,10 +224,13 @@ class Bbr(CongestionController):
         sent = self.round_delivered + self.round_lost
         share = self.round_lost / sent if sent else 0.0
         if sent < ROUND_MESSAGES * self.max_datagram:
-            # too few messages to tell a share lost: one of four is 25 %, at any loss
+            # too few messages to tell a share lost (one of four is 25 %, at any loss):
+            # they count with the next round's
             share = 0.0
-        elif self.state == PROBE_BW and self.pacing_gain <= 1.0:
-            self.ambient += AMBIENT_WEIGHT * (share - self.ambient)
+        else:
+            self.round_lost = self.round_delivered = 0
+            if self.state == PROBE_BW and self.pacing_gain <= 1.0:
+                self.ambient += AMBIENT_WEIGHT * (share - self.ambient)
         if self.state == STARTUP:
             if share > STARTUP_LOSS:
                 self.enter_drain()
@@ -244,7 +247,6 @@ class Bbr(CongestionController):
             self.cap *= CAP_GROWTH
             if self.cap > self.max_cwnd:
                 self.cap = None
-        self.round_lost = self.round_delivered = 0
         if self.state == STARTUP and not self.sample_app_limited:
             # A round the application did not fill says nothing of the path's bandwidth.
             if self.btl_bw >= self.full_bw * FULL_BW_GROWTH:
