@@ -596,6 +596,23 @@ def public_pids(lab):
     return set()
 
 
+def reap_pidfds(fds):
+    """Wait up to SERVER_GONE s for each process (a pidfd, opened while it was surely
+    ours) to exit by itself; stop those that do not (SIGTERM, then SIGKILL), close every
+    pidfd, and return how many had to be stopped."""
+    left = 0
+    for fd in fds:
+        if not select.select([fd], [], [], SERVER_GONE)[0]:     # not gone by itself
+            left += 1
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(fd, sig)
+                if select.select([fd], [], [], 2.0)[0]:
+                    break
+        os.close(fd)
+    return left
+
+
 def reap_public(bench, what, draining=()):
     """Wait up to SERVER_GONE s for the processes a session started on public to exit;
     stop any left by PID.  Processes named in `draining` (sshd: its session still sending
@@ -843,16 +860,9 @@ class SshMaster:
             how = "closed (ssh -O exit)"
             if self.proc.poll() is None:
                 how = "stopped by PID (status %s)" % stop_proc(self.proc)
-        for fd in started:
-            if not select.select([fd], [], [], SERVER_GONE)[0]:     # not gone by itself
-                self.left_behind = True
-                how += "; ITS PROXYCOMMAND WAS LEFT BEHIND, stopped by PID"
-                for sig in (signal.SIGTERM, signal.SIGKILL):
-                    with contextlib.suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(fd, sig)
-                    if select.select([fd], [], [], 2.0)[0]:
-                        break
-            os.close(fd)
+        if reap_pidfds(started):
+            self.left_behind = True
+            how += "; ITS PROXYCOMMAND WAS LEFT BEHIND, stopped by PID"
         return how
 
 
@@ -1396,16 +1406,10 @@ def scenario_keys(bench, rtt, loss, seconds):
             with contextlib.suppress(OSError):
                 pipe.close()
         how = "ssh exit status %s" % proc.returncode
-        for fd in fds:
-            if not select.select([fd], [], [], SERVER_GONE)[0]:
-                bench.leftovers += 1
-                how += "; ITS PROXYCOMMAND WAS LEFT BEHIND, stopped by PID"
-                for sig in (signal.SIGTERM, signal.SIGKILL):
-                    with contextlib.suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(fd, sig)
-                    if select.select([fd], [], [], 2.0)[0]:
-                        break
-            os.close(fd)
+        left = reap_pidfds(fds)
+        if left:
+            bench.leftovers += left
+            how += "; ITS PROXYCOMMAND WAS LEFT BEHIND, stopped by PID"
         bench.notes.append("keys session at %s: %s; %s" % (
             where(rtt, loss), how, reap_public(bench, "its processes on public",
                                                draining=("sshd",))))
