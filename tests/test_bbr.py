@@ -88,7 +88,7 @@ def grown(rtt, loss=0.0, buffer=BUFFER, window_start=256 << 10, read_rate=None,
         st = ends[1]._streams.get(1)
         if st is not None:
             seen["ahead"] = max(seen["ahead"], st.rwin - st.roff)
-            seen["window"] = max(seen["window"], st.wsize or window_start)
+            seen["window"] = max(seen["window"], st.wsize)
 
     sim.on_step = on_step
     seconds = sim.run()

@@ -66,8 +66,8 @@ LIVENESS_MIN = 1.0                  # with streams open, a silent server is aske
                                     # after max(this, 2 PTO); unanswered as long, a rebind
 READ_CHUNK = 65536
 CONTROLLERS = {"bbr": Bbr, "newreno": NewReno}     # --congestion
-WINDOW_START = 256 << 10            # a stream's window at first: it doubles while its
-                                    # grants come < 2 RTT apart, up to --buffer
+WINDOW_START = 256 << 10            # a stream's window at first: it grows while it holds
+                                    # the stream back, up to --buffer
 RESET_CONNECT = 2                   # the server could not connect to the target
 WAITING_CONNECTIONS = 64            # local connections held until the session is up
 

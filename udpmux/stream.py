@@ -265,8 +265,7 @@ class Connection(StreamTable):
                    bytes_in_flight=cc.bytes_in_flight, pto_count=rec.pto_count,
                    streams=len(self._streams), committed=self.committed,
                    send_buffered=self.send_buffered,
-                   window=max((st.wsize or self.window_start
-                               for st in self._streams.values()), default=0))
+                   window=max((st.wsize for st in self._streams.values()), default=0))
         return out
 
     # ------------------------------------------------------------------ network: input

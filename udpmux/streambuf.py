@@ -43,7 +43,7 @@ class Stream:
         "reset_code", "reset_pending",
     )
 
-    def __init__(self, sid, local):
+    def __init__(self, sid, local, wsize):
         self.sid = sid
         self.local = local
         self.sbuf = bytearray()
@@ -68,7 +68,7 @@ class Stream:
         self.win_pending = False    # a WINDOW with rwin is to be sent
         self.win_acked = 0
         self.commit = 0             # our share of Connection.committed
-        self.wsize = 0              # how far past the reads we grant (0: the table's start)
+        self.wsize = wsize          # how far past the reads we grant, at most
         self.granted_at = None      # when the last grant went out, by the engine clock
         self.eof_read = False       # the application read up to rfinal
         self.acked_told = False     # EV_ACKED was given

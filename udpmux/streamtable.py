@@ -94,7 +94,7 @@ class StreamTable:
         if sid > U32 or len(self._streams) - self._peer_open >= self.max_streams:
             raise StreamClosed(sid)
         self._next_local = sid + 2
-        st = self._streams[sid] = Stream(sid, True)
+        st = self._streams[sid] = Stream(sid, True, self.window_start)
         self._commit(st, INITIAL_WINDOW)
         st.win_pending = True
         self._grant(st)
@@ -312,7 +312,7 @@ class StreamTable:
             self._refused[sid] = True
             self._control[sid] = None
             return None
-        st = self._streams[sid] = Stream(sid, False)
+        st = self._streams[sid] = Stream(sid, False, self.window_start)
         self._peer_open += 1
         self._commit(st, INITIAL_WINDOW)
         self._event(EV_NEW, sid)
@@ -352,9 +352,9 @@ class StreamTable:
 
     def _window(self, st):
         """How far past its reads a stream may be granted: its window (window_start,
-        grown by _tune() up to stream_window), or a fair share of session_buffer when
+        grown by _tune() and _held_back() up to stream_window), or a fair share of session_buffer when
         many streams are open (never below the INITIAL_WINDOW every stream has anyway)."""
-        size = st.wsize or self.window_start
+        size = st.wsize
         share = self.session_buffer // (len(self._streams) or 1)
         if share >= size:
             return size
@@ -378,14 +378,14 @@ class StreamTable:
         window of what was in order before: the rest is in flight, or held behind a
         loss), the window is what holds the stream back: it grows, and the grant goes out
         at once.  A slow reader leaves half its window unread, and no more is granted."""
-        size = st.wsize or self.window_start
+        size = st.wsize
         if st.rwin - st.rmax <= size >> 3 and rend - st.roff <= size >> 2 \
                 and size < self.stream_window and self._clock() is not None:
             self._grow(st)
             self._grant(st)
 
     def _grow(self, st):
-        st.wsize = min(WINDOW_GROWTH * (st.wsize or self.window_start), self.stream_window)
+        st.wsize = min(WINDOW_GROWTH * st.wsize, self.stream_window)
 
     def _clock(self):
         """(now, the smoothed RTT) for _tune(), or None: the table alone never tunes."""
